@@ -71,11 +71,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
-                   importance: dict[str, torch.Tensor] | None = None, progress: bool = True) -> QuantReport:
+                   hessians: dict[str, torch.Tensor] | None = None, progress: bool = True) -> QuantReport:
     """Quantize `model` in place under `scheme`; returns the per-layer report.
 
-    `importance` maps a layer name to E[x^2] per input channel (see `calibration.activation_importance`),
-    used by the `mse` method to weight errors by how much each input channel matters.
+    `hessians` maps a layer name to E[x x^T] of its inputs (see `calibration.input_hessians`): `gptq` needs
+    it; `mse` uses its diagonal to weight errors by how much each input channel matters.
 
     Example:
         >>> report = quantize_model(model, named_scheme("w4w2gateup"), method="mse")  # doctest: +SKIP
@@ -98,7 +98,8 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
             report.layers.append(LayerReport(name, (n, k), KEEP, 16.0, None))
             report.bytes_after += n * k * 2
             continue
-        qw = quantize_weight(lin.weight, cfg, method, importance.get(name) if importance else None)
+        h = hessians.get(name) if hessians else None
+        qw = quantize_weight(lin.weight, cfg, method, importance=None if h is None else torch.diag(h), hessian=h)
         q = QuantLinear.from_quantized(qw, lin.bias, dtype=lin.weight.dtype)
         q.to(lin.weight.device)
         report.layers.append(LayerReport(name, (n, k), cfg.describe(), effective_bits(cfg), sqnr_db(lin.weight, q.weight)))

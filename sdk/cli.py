@@ -50,10 +50,10 @@ def quantize(
     model: str = typer.Argument(..., help="HF model folder, .gguf file, or `smollm2` for the default model"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to create"),
     scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file (see `edge-recover schemes`)"),
-    method: str = typer.Option("mse", help="rtn (min-max reference) or mse (clipping search + least squares)"),
+    method: str = typer.Option("gptq", help="gptq (error feedback, best), mse (clipping search + least squares) or rtn (min-max reference)"),
     block_size: Optional[int] = typer.Option(None, help="override the block size of every rule"),
     rule: List[str] = typer.Option([], help="extra rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable)"),
-    calibration: int = typer.Option(16, help="teacher-sampled sequences for activation importance (0: none)"),
+    calibration: int = typer.Option(32, help="teacher-sampled sequences for calibration statistics (0: none; rtn needs none)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ) -> None:

@@ -1,7 +1,7 @@
 """End-to-end steps that the CLI and programs share: resolve a model spec, quantize, save.
 
 `resolve_model("smollm2")` fetches the default model; anything else is a path. The calibration step
-(teacher samples -> activation importance) runs only for the `mse` method, which uses it.
+(teacher samples -> input Hessians) runs only for the `mse` and `gptq` methods, which use it.
 """
 
 from __future__ import annotations
@@ -24,24 +24,27 @@ def resolve_model(spec: str | Path) -> LoadedModel:
     return load_model(spec)
 
 
-def calibrate(lm: LoadedModel, n: int = 16, seq_len: int = 128, seed: int = 0):
-    """Activation importance from `n` teacher samples (None when n == 0)."""
+def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0):
+    """Input Hessians E[x x^T] of every linear layer from `n` teacher samples (None when n == 0)."""
     if n <= 0:
         return None
-    from .calibration import activation_importance, teacher_samples
+    from .calibration import input_hessians, teacher_samples
 
-    return activation_importance(lm.model, teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed))
+    return input_hessians(lm.model, teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed))
 
 
-def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "mse", calibration: int = 16,
+def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "gptq", calibration: int = 32,
                     seed: int = 0, progress: bool = True) -> QuantReport:
-    """Quantize an already loaded model in place (calibrating first for `mse`)."""
-    importance = calibrate(lm, calibration, seed=seed) if method == "mse" else None
-    return quantize_model(lm.model, scheme, method, importance, progress=progress)
+    """Quantize an already loaded model in place (calibrating first for `mse` and `gptq`)."""
+    from .errors import require
+
+    require(method != "gptq" or calibration > 0, "`gptq` needs calibration samples; pass --calibration N with N > 0 or use --method mse")
+    hessians = calibrate(lm, calibration, seed=seed) if method in ("mse", "gptq") else None
+    return quantize_model(lm.model, scheme, method, hessians, progress=progress)
 
 
 def quantize_to_checkpoint(model: str | Path, scheme: Scheme, method: str, output: str | Path,
-                           calibration: int = 16, seed: int = 0, overwrite: bool = False) -> QuantReport:
+                           calibration: int = 32, seed: int = 0, overwrite: bool = False) -> QuantReport:
     """Load, quantize and write a checkpoint folder; returns the report.
 
     Example:

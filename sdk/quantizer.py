@@ -10,6 +10,9 @@ q in [0, 2**bits) stands for (q - z) * s. Symmetric configs fix z = 2**(bits-1),
 
 Methods:
 - `rtn`: round to nearest on the block's min-max range. The reference.
+- `gptq`: GPTQ (see `gptq.py`): rounds column by column and spreads each column's error over the columns
+  not yet rounded, using the layer's input second moment H = E[x x^T]; each block's grid comes from the
+  `mse` search. Needs `hessian`; the best at 2 bits.
 - `mse`: per-block search for the clipping range that minimises the squared error, then a few rounds of
   alternating least squares on (scale, zero point) with the codes fixed. Errors may be weighted per input
   channel by an importance vector (E[x_k^2] from calibration activations), which turns weight error into
@@ -19,14 +22,14 @@ Methods:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .errors import require
 from .scheme import QuantConfig
 
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "gptq")
 _CLIP_GRID = 20  # candidate shrink factors from 1.0 down to _CLIP_MIN
 _CLIP_MIN = 0.35
 _LS_ROUNDS = 4
@@ -121,10 +124,12 @@ def quantize_weight(
     config: QuantConfig,
     method: str = "rtn",
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a linear weight [N, K] (out, in) to MatMulNBits integers.
 
     `importance` [K] (optional, `mse` only) weights the error of each input channel, e.g. E[x_k^2].
+    `hessian` [K, K] (required by `gptq`) is E[x x^T] of the layer's inputs.
 
     Example:
         >>> qw = quantize_weight(torch.randn(8, 40), QuantConfig(bits=2, block_size=16), method="mse")
@@ -136,6 +141,17 @@ def quantize_weight(
     w = weight.detach().float()
     n, k = w.shape
     qmax = config.levels - 1
+    if method == "gptq":
+        require(hessian is not None and hessian.shape == (k, k),
+                f"`gptq` needs the layer's input Hessian [{k}, {k}]; calibrate first (pipeline.calibrate)")
+        from .gptq import gptq_quantize
+
+        def params(group, imp):
+            qw = quantize_weight(group, replace(config, block_size=_pow2_at_least(group.shape[1])), "mse", imp)
+            return qw.scales[:, 0], qw.zero_points[:, 0].float()
+
+        codes, s, z = gptq_quantize(w, hessian.to(w.device), config.block_size, qmax, params)
+        return QuantizedWeight(codes.to(torch.uint8), s.contiguous(), z.to(torch.uint8), config)
     wb, mask = _blocks(w, config.block_size)
     lo, hi = wb.amin(-1), wb.amax(-1)
     s, z = _minmax_params(lo, hi, config)
@@ -160,6 +176,10 @@ def quantize_weight(
             s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
     codes = _codes(wb, s, z, qmax).reshape(n, -1)[:, :k].to(torch.uint8)
     return QuantizedWeight(codes.contiguous(), s.contiguous(), z.to(torch.uint8).contiguous(), config)
+
+
+def _pow2_at_least(x: int) -> int:
+    return max(16, 1 << (x - 1).bit_length())
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.scheme import KEEP, NAMED_SCHEMES, QuantConfig, Rule, Scheme, load_scheme, named_scheme, parse_rule
+
+
+def test_w4w2gateup_resolution():
+    s = named_scheme("w4w2gateup")
+    assert s.resolve("model.layers.3.mlp.gate_proj").bits == 2
+    assert s.resolve("model.layers.3.mlp.up_proj").bits == 2
+    assert s.resolve("model.layers.3.mlp.down_proj").bits == 4
+    assert s.resolve("model.layers.3.self_attn.o_proj").bits == 4
+    assert s.resolve("lm_head") == KEEP
+
+
+def test_exact_rule_beats_regex_and_order():
+    s = Scheme("t", QuantConfig(4, 32), (Rule(r"mlp", QuantConfig(2, 32)), Rule("model.layers.0.mlp.up_proj", KEEP)))
+    assert s.resolve("model.layers.0.mlp.up_proj") == KEEP
+    assert s.resolve("model.layers.1.mlp.up_proj").bits == 2
+    assert s.resolve("model.layers.1.self_attn.q_proj").bits == 4
+
+
+@pytest.mark.parametrize("name", list(NAMED_SCHEMES))
+def test_json_round_trip(name):
+    s = named_scheme(name).with_block_size(64).with_rules([parse_rule("down_proj$=8:128:sym"), parse_rule("q_proj=keep")])
+    again = Scheme.from_json(json.loads(s.dumps()))
+    assert again == s
+    assert again.resolve("model.layers.0.mlp.down_proj") == QuantConfig(8, 128, True)
+
+
+def test_load_scheme_from_file(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text(named_scheme("w4w2gateup").dumps())
+    assert load_scheme(str(f)) == named_scheme("w4w2gateup")
+    f.write_text("{not json")
+    with pytest.raises(EdgeRecoverError, match="not valid JSON"):
+        load_scheme(str(f))
+
+
+def test_newer_scheme_version_refused():
+    d = named_scheme("w4").to_json() | {"format_version": 99}
+    with pytest.raises(EdgeRecoverError, match="upgrade edge-recover"):
+        Scheme.from_json(d)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: named_scheme("w3"), "unknown scheme 'w3'"),
+    (lambda: QuantConfig(bits=3), "`bits` must be one of"),
+    (lambda: QuantConfig(block_size=48), "power of two >= 16"),
+    (lambda: QuantConfig(block_size=8), "power of two >= 16"),
+    (lambda: parse_rule("gate_proj"), "PATTERN=BITS"),
+    (lambda: parse_rule("gate_proj=x"), "must be integers"),
+    (lambda: parse_rule("gate_proj=6"), "`bits` must be one of"),
+    (lambda: parse_rule("gate(=4"), "not a valid regex"),
+])
+def test_bad_input_errors(bad, match):
+    with pytest.raises(EdgeRecoverError, match=match):
+        bad()
+
+
+def test_rule_that_matches_nothing():
+    s = named_scheme("w4").with_rules([parse_rule("gate_prj=2")])
+    with pytest.raises(EdgeRecoverError, match="matches no linear layer"):
+        s.check_matches(["model.layers.0.mlp.gate_proj"])
