@@ -1,0 +1,111 @@
+"""`edge-recover run` and `edge-recover profile`: thin layers over `Generator` and `profile_packages`.
+
+Nothing heavy is imported at module import time (the CLI shell imports this module on every call).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from edge_recover.errors import EdgeRecoverError
+
+
+def _options(values: List[str]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise EdgeRecoverError(f"`--provider-option` {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise EdgeRecoverError(f"`{what}` must be comma-separated integers like 128,512,1024, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise EdgeRecoverError(f"`{what}` must hold positive integers, got {text!r}")
+    return values
+
+
+def register(app: typer.Typer) -> None:
+    """Add the runtime commands to the `edge-recover` app."""
+
+    @app.command()
+    def run(
+        package: Path = typer.Argument(..., help="package folder written by `edge-recover export`"),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
+        provider: str = typer.Option("cpu", help="cpu, dml, qnn, openvino, vitisai or cuda"),
+        provider_option: List[str] = typer.Option([], help="provider option KEY=VALUE (repeatable)"),
+        fallback_cpu: bool = typer.Option(False, help="run on the CPU provider if the provider is missing"),
+        max_new_tokens: int = typer.Option(128, help="most tokens to generate"),
+        temperature: float = typer.Option(0.0, help="0 = greedy"),
+        top_k: int = typer.Option(0, help="sample among the k most likely tokens (0 = off)"),
+        top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
+        seed: int = typer.Option(0, help="sampling seed"),
+        chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+        threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+        engine: str = typer.Option("ort", help="ort (this runtime) or genai (onnxruntime-genai, if installed)"),
+    ) -> None:
+        """Generate text from a package, streaming tokens to stdout; timings go to stderr."""
+        from .sampling import Sampling
+
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        if engine == "genai":
+            from .genai import genai_generate
+
+            res = genai_generate(package, prompt, max_new_tokens, sampling, chat=chat,
+                                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            typer.echo("")
+            typer.echo(f"[onnxruntime-genai: {res.prompt_tokens} prompt tokens, {len(res.tokens)} new, "
+                       f"decode {res.decode_tok_s:.1f} tok/s]", err=True)
+            return
+        if engine != "ort":
+            raise EdgeRecoverError(f"`--engine` must be ort or genai, got {engine!r}")
+        from .chat import render_chat
+        from .generate import Generator
+
+        gen = Generator(package, provider, threads, _options(provider_option), fallback_cpu)
+        if gen.lm.choice.fell_back:
+            typer.echo(f"warning: {gen.lm.choice.reason}; running on the CPU provider", err=True)
+        text = render_chat(gen.lm.package.path, [{"role": "user", "content": prompt}]) if chat else prompt
+        res = gen.generate(text, max_new_tokens, sampling,
+                           on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        typer.echo("")
+        typer.echo(f"[{gen.lm.describe()}: {res.prompt_tokens} prompt tokens, {len(res.tokens)} new "
+                   f"({res.stop_reason}); prefill {res.prefill_tok_s:.1f} tok/s, TTFT {res.ttft_s * 1e3:.0f} ms, "
+                   f"decode {res.decode_tok_s:.1f} tok/s]", err=True)
+
+    @app.command()
+    def profile(
+        packages: List[Path] = typer.Argument(..., help="package folders; ratios are against the first"),
+        output: Path = typer.Option(..., "-o", "--output", help="report folder to create"),
+        provider: str = typer.Option("cpu", help="cpu, dml, qnn, openvino, vitisai or cuda"),
+        provider_option: List[str] = typer.Option([], help="provider option KEY=VALUE (repeatable)"),
+        fallback_cpu: bool = typer.Option(False, help="profile on the CPU provider if the provider is missing"),
+        prompt_lengths: str = typer.Option("128,512,1024", help="comma-separated prompt lengths in tokens"),
+        new_tokens: int = typer.Option(128, help="tokens decoded per run"),
+        repeats: int = typer.Option(3, help="measured runs per package and prompt length (medians reported)"),
+        warmup: int = typer.Option(1, help="unmeasured runs per package and prompt length first"),
+        threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+        overwrite: bool = typer.Option(False, help="replace an existing report folder"),
+    ) -> None:
+        """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share; write a report folder."""
+        from edge_recover.atomic import check_new_dir
+
+        from .profiler import ProfileSettings, profile_packages
+
+        check_new_dir(output, overwrite)
+        settings = ProfileSettings(provider=provider, provider_options=_options(provider_option),
+                                   fallback=fallback_cpu, prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
+                                   new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads)
+        report = profile_packages([str(p) for p in packages], settings, output, overwrite=overwrite,
+                                  log=lambda s: typer.echo(s, err=True))
+        typer.echo(report.summary())
+        typer.echo(f"wrote {output}/report.md, report.json and plots")

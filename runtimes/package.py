@@ -1,0 +1,173 @@
+"""Open a package folder (the contract in docs/design.md) and read what the runtime needs from it.
+
+`open_package` checks the folder before any session is created: `manifest.json` of kind
+`edge-recover-package`, a `format_version` this runtime knows, `model.onnx`, `config.json`. It reads the
+graph's structure without loading weights (`onnx.load(..., load_external_data=False)`), which gives the
+KV-cache layout, the MatMulNBits bit widths actually in the graph, and the bytes of weights one decoded
+token reads (all initializers, except that an embedding table feeding a Gather costs one row).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.versions import PACKAGE_FORMAT_VERSION
+
+__all__ = ["Package", "GraphStats", "open_package", "graph_stats", "folder_size"]
+
+PACKAGE_KIND = "edge-recover-package"
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """What the ONNX graph says about memory traffic and quantization."""
+
+    weight_bytes: int              # all initializers
+    weight_bytes_per_token: int    # what one decode step reads (embedding tables count one row)
+    matmulnbits_bits: dict[int, int]  # bits -> number of MatMulNBits nodes
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype_bytes: int
+
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of K and V, all layers, for one cached position (what each decode step reads per position)."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.kv_dtype_bytes
+
+
+@dataclass(frozen=True)
+class Package:
+    """A validated package folder.
+
+    Example:
+        >>> pkg = open_package("out/demo/w4w2gateup")  # doctest: +SKIP
+        >>> pkg.context_length, pkg.stats.weight_bytes_per_token  # doctest: +SKIP
+    """
+
+    path: Path
+    manifest: dict
+    config: dict
+    generation_config: dict
+    stats: GraphStats
+    name: str = field(default="")
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + generated) the model was configured for."""
+        return int(self.config.get("max_position_embeddings") or self.config.get("max_sequence_length") or 2048)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from generation_config.json, else config.json."""
+        ids = self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))
+        if ids is None:
+            return []
+        return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+
+    @property
+    def scheme_name(self) -> str:
+        scheme = self.manifest.get("scheme")
+        if isinstance(scheme, str):
+            try:
+                scheme = json.loads(scheme)
+            except ValueError:
+                return scheme
+        if isinstance(scheme, dict):
+            return str(scheme.get("name", "custom"))
+        return "fp32" if scheme is None else str(scheme)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise EdgeRecoverError(f"{what} {str(path)!r} is not valid JSON ({exc}); re-export the package") from None
+    if not isinstance(data, dict):
+        raise EdgeRecoverError(f"{what} {str(path)!r} must hold a JSON object; re-export the package")
+    return data
+
+
+def open_package(path: str | Path) -> Package:
+    """Validate a package folder and read its manifest, configs and graph structure.
+
+    Raises `EdgeRecoverError` for a folder that is not a package, a package of a newer format than this
+    runtime reads, or a package with missing files.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise EdgeRecoverError(f"package {str(p)!r} is not a folder; pass a folder written by `edge-recover export`")
+    mpath = p / "manifest.json"
+    if not mpath.is_file():
+        raise EdgeRecoverError(f"{str(p)!r} is not an edge-recover package (no manifest.json); "
+                               f"pass a folder written by `edge-recover export`")
+    manifest = _read_json(mpath, "manifest")
+    if manifest.get("kind") != PACKAGE_KIND:
+        raise EdgeRecoverError(f"{str(mpath)!r} has kind {manifest.get('kind')!r}, not {PACKAGE_KIND!r}; "
+                               f"pass a folder written by `edge-recover export`")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise EdgeRecoverError(f"{str(mpath)!r} has an invalid format_version {version!r}; re-export the package")
+    if version > PACKAGE_FORMAT_VERSION:
+        raise EdgeRecoverError(f"package {str(p)!r} has format_version {version}, newer than this runtime reads "
+                               f"({PACKAGE_FORMAT_VERSION}); upgrade edge-recover (pip install -U edge-recover)")
+    for name in ("model.onnx", "config.json"):
+        if not (p / name).is_file():
+            raise EdgeRecoverError(f"package {str(p)!r} lacks {name}; re-export it")
+    config = _read_json(p / "config.json", "config")
+    gen_path = p / "generation_config.json"
+    generation = _read_json(gen_path, "generation config") if gen_path.is_file() else {}
+    return Package(p, manifest, config, generation, graph_stats(p / "model.onnx"), name=p.name)
+
+
+def graph_stats(model_file: str | Path) -> GraphStats:
+    """Read weight sizes, MatMulNBits bit widths and the KV layout from an ONNX file, without its weights."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    graph = model.graph
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, rows)
+    for init in graph.initializer:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        count = int(np.prod(init.dims)) if len(init.dims) else 1
+        sizes[init.name] = (count * itemsize, int(init.dims[0]) if len(init.dims) else 1)
+    total = sum(b for b, _ in sizes.values())
+    per_token = total
+    bits: dict[int, int] = {}
+    for node in graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized") and node.input and node.input[0] in sizes:
+            for name in node.input:
+                if name in sizes and name != node.input[1]:
+                    nbytes, rows = sizes[name]
+                    per_token -= nbytes - nbytes // max(rows, 1)
+        if node.op_type == "MatMulNBits":
+            b = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            bits[b] = bits.get(b, 0) + 1
+    kv = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    if not kv or not any(i.name == "input_ids" for i in graph.input):
+        raise EdgeRecoverError(f"{str(model_file)!r} lacks the inputs input_ids / past_key_values.N.key of a "
+                               f"text-generation-with-past graph; re-export the package")
+    t = kv[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+    if len(dims) != 4 or not dims[1] or not dims[3]:
+        raise EdgeRecoverError(f"{str(model_file)!r}: KV input {kv[0].name} has shape {dims}, expected "
+                               f"[batch, kv_heads, seq, head_dim]; re-export the package")
+    kv_bytes = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+    return GraphStats(total, per_token, dict(sorted(bits.items())), len(kv), dims[1], dims[3], kv_bytes)
+
+
+def folder_size(path: str | Path) -> int:
+    """Bytes on disk of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,70 @@
+"""Tiny packages for runtime tests: a random 2-layer Llama with a byte-level tokenizer, exported once per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_recover.versions import PACKAGE_FORMAT_VERSION, library_versions, tool_version
+
+VOCAB = 260
+EOS = 256
+
+
+def make_tiny_hf(path: Path, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (hidden 64, 2 layers, GQA 4/2 heads) with a byte-level BPE tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                      initializer_range=0.1, tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=EOS)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def write_manifest(pkg: Path, source: Path, scheme=None, format_version: int = PACKAGE_FORMAT_VERSION) -> None:
+    """A manifest.json per docs/design.md (what the exporter writes), for an unquantized Optimum export."""
+    manifest = {"format_version": format_version, "kind": "edge-recover-package", "scheme": scheme, "layers": {},
+                "target": "cpu", "source": str(source), "source_hash": "test", "tool_version": tool_version(),
+                "versions": library_versions(), "parity": {}, "adapters": []}
+    (pkg / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def make_fp32_package(hf: Path, out: Path) -> Path:
+    """Optimum `text-generation-with-past` export + tokenizer files + manifest."""
+    import shutil
+
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(hf), output=str(out), task="text-generation-with-past")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf / name).exists() and not (out / name).exists():
+            shutil.copy(hf / name, out / name)
+    write_manifest(out, hf)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_hf, tmp_path_factory) -> Path:
+    return make_fp32_package(tiny_hf, tmp_path_factory.mktemp("pkg") / "fp32")
