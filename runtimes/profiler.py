@@ -1,0 +1,249 @@
+"""Throughput profiler: several packages, several prompt lengths, interleaved, with the roofline beside them.
+
+Fair ratios on a noisy shared machine come from the schedule, not from long runs:
+
+    measure read bandwidth  ->  start one worker process per package (load)
+      -> warm-up: every prompt length x every package (short decode, not recorded)
+      -> repeat r = 0..R-1: for each prompt length: for each package, in an order rotated by r: one run
+      -> medians per (package, prompt length); latency percentiles over all decode steps of all repeats
+
+A run is a random prompt of exactly `prompt_length` ids, a prefill, then `new_tokens` greedy steps with
+stop tokens ignored. The roofline for a run is `bandwidth / (weight bytes per token + KV bytes read at
+the mean decode context)`; `roofline_share` is measured decode tok/s over it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from edge_recover.errors import EdgeRecoverError
+
+from .package import folder_size, graph_stats, open_package
+
+__all__ = ["ProfileSettings", "PackageEntry", "Report", "profile_packages"]
+
+REPORT_KIND = "edge-recover-profile"
+REPORT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What to measure and how often.
+
+    Example:
+        >>> ProfileSettings(prompt_lengths=[128, 512], new_tokens=64).repeats
+        3
+    """
+
+    provider: str = "cpu"
+    provider_options: dict = field(default_factory=dict)
+    fallback: bool = False
+    prompt_lengths: Sequence[int] = (128, 512, 1024)
+    new_tokens: int = 128
+    repeats: int = 3
+    warmup: int = 1
+    warmup_tokens: int = 8
+    threads: Optional[int] = None
+    seed: int = 0
+    bandwidth_mb: int = 512
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise EdgeRecoverError(f"`repeats` must be >= 1, got {self.repeats}")
+        if self.new_tokens < 2:
+            raise EdgeRecoverError(f"`new_tokens` must be >= 2 (decode speed needs a step after the first), "
+                                   f"got {self.new_tokens}")
+        if self.warmup < 0:
+            raise EdgeRecoverError(f"`warmup` must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class PackageEntry:
+    """One thing to profile: an edge-recover package (engine `ort`), or a genai folder (engine `genai`)."""
+
+    path: str
+    label: str = ""
+    engine: str = "ort"
+    python: str = sys.executable   # interpreter for the worker (genai peers may live in another venv)
+
+
+@dataclass
+class Report:
+    """The collected profile; `data` is what report.json holds."""
+
+    data: dict
+
+    def summary(self) -> str:
+        """A short plain-text table: decode tok/s per package and prompt length."""
+        rows = [f"{'package':24s} {'prompt':>7s} {'prefill/s':>10s} {'decode/s':>9s} {'roofline':>9s}"]
+        for r in self.data["results"]:
+            rows.append(f"{r['package'][:24]:24s} {r['prompt_length']:7d} {r['prefill_tok_s']:10.1f} "
+                        f"{r['decode_tok_s']:9.1f} {100 * r['roofline_share']:8.0f}%")
+        return "\n".join(rows)
+
+
+class _Worker:
+    def __init__(self, entry: PackageEntry) -> None:
+        script = str(Path(__file__).with_name("worker.py"))
+        self.entry = entry
+        # -I: isolated, so the script's folder does not shadow modules and only the interpreter's site counts
+        self.proc = subprocess.Popen([entry.python, "-I", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def ask(self, **req) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"profiler worker for {self.entry.path} died (exit {self.proc.wait()}); see stderr")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            if reply.get("user"):
+                raise EdgeRecoverError(f"{self.entry.label}: {reply['error']}")
+            raise RuntimeError(f"profiler worker for {self.entry.path}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.ask(op="quit")
+        except Exception:
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+
+
+def _entries(packages: Sequence[str | PackageEntry]) -> list[PackageEntry]:
+    entries = [p if isinstance(p, PackageEntry) else PackageEntry(str(p)) for p in packages]
+    if not entries:
+        raise EdgeRecoverError("give at least one package folder to profile")
+    seen: dict[str, int] = {}
+    for e in entries:
+        base = e.label or Path(e.path).name
+        seen[base] = seen.get(base, 0) + 1
+        e.label = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    return entries
+
+
+def _describe_package(entry: PackageEntry) -> dict:
+    """Static facts: size, weight bytes per token, KV bytes per position, context length."""
+    if entry.engine == "genai":
+        cfg = json.loads((Path(entry.path) / "genai_config.json").read_text())["model"]
+        stats = graph_stats(Path(entry.path) / cfg["decoder"]["filename"])
+        context, scheme = int(cfg.get("context_length", 4096)), "onnxruntime-genai builder"
+    else:
+        pkg = open_package(entry.path)
+        stats, context, scheme = pkg.stats, pkg.context_length, pkg.scheme_name
+    return {"label": entry.label, "path": str(entry.path), "engine": entry.engine, "scheme": scheme,
+            "size_bytes": folder_size(entry.path), "weight_bytes": stats.weight_bytes,
+            "weight_bytes_per_token": stats.weight_bytes_per_token,
+            "kv_bytes_per_position": stats.kv_bytes_per_position(),
+            "matmulnbits_bits": {str(k): v for k, v in stats.matmulnbits_bits.items()},
+            "context_length": context}
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSettings = ProfileSettings(),
+                     output: Optional[str | Path] = None, overwrite: bool = False,
+                     log: Callable[[str], None] = lambda s: None) -> Report:
+    """Profile `packages` interleaved and (if `output` is given) write report.json, report.md and plots there.
+
+    Example:
+        >>> rep = profile_packages(["out/w4", "out/w4w2gateup"], ProfileSettings(prompt_lengths=[128]),
+        ...                        "out/profile")  # doctest: +SKIP
+        >>> print(rep.summary())  # doctest: +SKIP
+    """
+    from .device import device_info, read_bandwidth
+
+    entries = _entries(packages)
+    described = [_describe_package(e) for e in entries]
+    longest = max(settings.prompt_lengths) + settings.new_tokens
+    for d in described:
+        if longest > d["context_length"]:
+            raise EdgeRecoverError(f"prompt length {max(settings.prompt_lengths)} + {settings.new_tokens} new tokens "
+                                   f"exceeds {d['label']}'s context of {d['context_length']}; lower "
+                                   f"`--prompt-lengths` or `--new-tokens`")
+    device = device_info(settings.threads)
+    log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
+    bandwidth = read_bandwidth(device["threads_used"], settings.bandwidth_mb)
+    log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    workers: list[_Worker] = []
+    runs: dict[tuple[int, int], list[dict]] = {}
+    try:
+        for e, d in zip(entries, described):
+            w = _Worker(e)
+            workers.append(w)
+            info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
+                         options=settings.provider_options, fallback=settings.fallback, threads=settings.threads)
+            d.update(provider=info["provider"], fell_back=info["fell_back"], fallback_reason=info["reason"],
+                     load_s=info["load_s"])
+            log(f"loaded {e.label} on {info['provider']} in {info['load_s']:.1f} s")
+        n_warm = min(settings.warmup_tokens, settings.new_tokens)
+        for _ in range(settings.warmup):
+            for length in settings.prompt_lengths:
+                for w in workers:
+                    w.ask(op="run", prompt_len=length, new_tokens=n_warm, seed=settings.seed + 999)
+        for r in range(settings.repeats):
+            for li, length in enumerate(settings.prompt_lengths):
+                order = list(range(len(workers)))
+                order = order[r % len(order):] + order[: r % len(order)]
+                for pi in order:
+                    t = time.perf_counter()
+                    res = workers[pi].ask(op="run", prompt_len=length, new_tokens=settings.new_tokens,
+                                          seed=settings.seed + li)
+                    runs.setdefault((pi, length), []).append(res)
+                    log(f"  repeat {r + 1}/{settings.repeats} prompt {length} {entries[pi].label}: "
+                        f"{time.perf_counter() - t:.1f} s")
+        for w, d in zip(workers, described):
+            d["peak_rss_bytes"] = w.ask(op="stats")["peak_rss_bytes"]
+    finally:
+        for w in workers:
+            w.close()
+    results = []
+    for pi, d in enumerate(described):
+        for length in settings.prompt_lengths:
+            rs = runs[(pi, length)]
+            decode = [len(x["steps_s"]) / sum(x["steps_s"]) for x in rs]
+            steps = [s for x in rs for s in x["steps_s"]]
+            bytes_per_token = d["weight_bytes_per_token"] + d["kv_bytes_per_position"] * (length + settings.new_tokens / 2)
+            roofline = bandwidth / bytes_per_token
+            med_decode = statistics.median(decode)
+            results.append({
+                "package": d["label"], "prompt_length": length, "new_tokens": settings.new_tokens,
+                "prefill_tok_s": statistics.median(length / x["prefill_s"] for x in rs),
+                "decode_tok_s": med_decode,
+                "ttft_s": statistics.median(x["ttft_s"] for x in rs),
+                "latency_p50_s": _pct(steps, 50), "latency_p95_s": _pct(steps, 95),
+                "bytes_per_token": int(bytes_per_token), "roofline_tok_s": roofline,
+                "roofline_share": med_decode / roofline,
+                "runs": [{"prefill_s": x["prefill_s"], "ttft_s": x["ttft_s"], "decode_tok_s": dt}
+                         for x, dt in zip(rs, decode)],
+            })
+    from edge_recover.versions import tool_version
+
+    data = {"kind": REPORT_KIND, "format_version": REPORT_FORMAT_VERSION, "tool_version": tool_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
+            "bandwidth_bytes_s": bandwidth,
+            "settings": {**asdict(settings), "prompt_lengths": list(settings.prompt_lengths)},
+            "packages": described, "results": results}
+    report = Report(data)
+    if output is not None:
+        from .report import write_report
+
+        write_report(report.data, output, overwrite=overwrite)
+    return report

@@ -1,0 +1,103 @@
+"""Write a profile as a folder: report.json (for device labs to collect), report.md and PNG plots.
+
+Everything here works from the report dict alone (report.json round-trips), so a lab can re-render a
+report collected elsewhere: `write_report(json.load(open("report.json")), "out/again")`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_recover.atomic import atomic_dir
+
+__all__ = ["write_report", "render_markdown", "plot_report", "PLOTS"]
+
+PLOTS = ("decode_tok_s.png", "prefill_tok_s.png")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base and base == base else "-"
+
+
+def render_markdown(data: dict) -> str:
+    """report.md: device, packages, and per prompt length a table with ratios against the first package."""
+    dev, st = data["device"], data["settings"]
+    lines = [f"# Throughput profile ({data['created']})", "",
+             f"{dev['cpu_model']}, {dev['physical_cores']} cores ({dev['logical_cores']} logical), "
+             f"{dev['threads_used']} threads used, {dev['memory_gb']} GiB, {dev['os']}; onnxruntime "
+             f"{dev['onnxruntime']}; measured read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s.", "",
+             f"Provider `{st['provider']}` (options {st['provider_options'] or 'default'}); prompt lengths "
+             f"{', '.join(map(str, st['prompt_lengths']))}; {st['new_tokens']} new tokens; {st['repeats']} "
+             f"interleaved repeats (medians), {st['warmup']} warm-up round(s). Ratios are against "
+             f"`{data['packages'][0]['label']}`.", "",
+             "| package | scheme | provider | size MB | weights read/token MB | MatMulNBits bits | peak RSS MB |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    for p in data["packages"]:
+        bits = ", ".join(f"{b}-bit x{n}" for b, n in p["matmulnbits_bits"].items()) or "none"
+        lines.append(f"| {p['label']} | {p['scheme']} | {p.get('provider', '')} | {_mb(p['size_bytes'])} | "
+                     f"{_mb(p['weight_bytes_per_token'])} | {bits} | {_mb(p.get('peak_rss_bytes', 0))} |")
+    if any(p.get("fell_back") for p in data["packages"]):
+        lines += ["", "**Fell back to the CPU provider:** " +
+                  "; ".join(f"{p['label']}: {p['fallback_reason']}" for p in data["packages"] if p.get("fell_back"))]
+    first = data["packages"][0]["label"]
+    for length in st["prompt_lengths"]:
+        rows = [r for r in data["results"] if r["prompt_length"] == length]
+        base = next((r for r in rows if r["package"] == first), rows[0])
+        lines += ["", f"## Prompt {length} tokens", "",
+                  "| package | prefill tok/s | vs first | decode tok/s | vs first | TTFT ms | p50 ms | p95 ms "
+                  "| roofline tok/s | roofline share |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['package']} | {r['prefill_tok_s']:.1f} | {_ratio(r['prefill_tok_s'], base['prefill_tok_s'])} "
+                         f"| {r['decode_tok_s']:.1f} | {_ratio(r['decode_tok_s'], base['decode_tok_s'])} "
+                         f"| {1e3 * r['ttft_s']:.0f} | {1e3 * r['latency_p50_s']:.1f} | {1e3 * r['latency_p95_s']:.1f} "
+                         f"| {r['roofline_tok_s']:.1f} | {100 * r['roofline_share']:.0f} % |")
+    lines += ["", "Roofline: read bandwidth / (weight bytes per token + KV bytes at the mean decode context).", "",
+              "![decode tokens/s](decode_tok_s.png) ![prefill tokens/s](prefill_tok_s.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_report(data: dict, folder: str | Path) -> list[Path]:
+    """decode_tok_s.png (with each package's roofline dashed) and prefill_tok_s.png, against prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for key, fname, title in (("decode_tok_s", PLOTS[0], "Decode tokens/s"),
+                              ("prefill_tok_s", PLOTS[1], "Prefill tokens/s")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        for i, p in enumerate(data["packages"]):
+            rows = sorted((r for r in data["results"] if r["package"] == p["label"]), key=lambda r: r["prompt_length"])
+            xs = [r["prompt_length"] for r in rows]
+            line, = ax.plot(xs, [r[key] for r in rows], marker="o", label=p["label"])
+            if key == "decode_tok_s":
+                ax.plot(xs, [r["roofline_tok_s"] for r in rows], linestyle="--", color=line.get_color(),
+                        alpha=0.5, label=f"{p['label']} roofline")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title} ({data['settings']['provider']}, {data['device']['threads_used']} threads)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(folder) / fname
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Path:
+    """Write report.json, report.md and the plots into a new folder `output` (all or nothing)."""
+    with atomic_dir(output, overwrite) as tmp:
+        (tmp / "report.json").write_text(json.dumps(data, indent=1))
+        (tmp / "report.md").write_text(render_markdown(data))
+        plot_report(data, tmp)
+    return Path(output)

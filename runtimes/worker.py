@@ -1,0 +1,125 @@
+"""One package in its own process, driven over stdin/stdout by the profiler (JSON lines).
+
+Why a process per package: peak resident memory is then the package's own, and packages loaded side by
+side cannot share allocator arenas or caches. The parent sends one request at a time, so runs never overlap.
+
+Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads"},
+{"op": "run", "prompt_len", "new_tokens", "seed"}, {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
+or {"ok": false, "error": message, "user": bool}.
+
+The genai engine needs only onnxruntime-genai and numpy, so this file also runs as a plain script under
+another interpreter (a venv with onnxruntime-genai but without edge-recover).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def _peak_rss() -> int:
+    """Peak resident bytes of this process image. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec,
+    so it would include the parent's size at fork time."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _OrtEngine:
+    def __init__(self, req: dict) -> None:
+        from edge_recover.runtimes.session import OrtCausalLM
+
+        self.lm = OrtCausalLM(req["package"], req.get("provider", "cpu"), req.get("threads"),
+                              req.get("options") or {}, bool(req.get("fallback")))
+        self.vocab = self.lm.package.vocab_size
+        self.info = {"provider": self.lm.choice.describe(), "fell_back": self.lm.choice.fell_back,
+                     "reason": self.lm.choice.reason, "threads": self.lm.threads,
+                     "session_providers": self.lm.session.get_providers()}
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        from edge_recover.runtimes.generate import generate_ids
+
+        res = generate_ids(self.lm, ids, new_tokens, stop_token_ids=())
+        return {"prefill_s": res.prefill_s, "ttft_s": res.ttft_s, "steps_s": res.step_latencies_s,
+                "tokens": len(res.tokens)}
+
+
+class _GenaiEngine:
+    def __init__(self, req: dict) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(req["package"])
+        if req.get("provider", "cpu") != "cpu":
+            config.clear_providers()
+            config.append_provider(req["provider"])
+        self.model = og.Model(config)
+        with open(os.path.join(req["package"], "genai_config.json")) as f:
+            self.vocab = int(json.load(f)["model"]["vocab_size"])
+        self.info = {"provider": f"{req.get('provider', 'cpu')} (onnxruntime-genai {og.__version__})",
+                     "fell_back": False, "reason": "", "threads": None, "session_providers": []}
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))  # runs the prompt
+        t1 = time.perf_counter()
+        steps, ttft, n = [], 0.0, 0
+        while not gen.is_done():
+            ts = time.perf_counter()
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            now = time.perf_counter()
+            if n:
+                steps.append(now - ts)
+            else:
+                ttft = now - t0
+            n += 1
+        return {"prefill_s": t1 - t0, "ttft_s": ttft, "steps_s": steps, "tokens": n}
+
+
+def main() -> None:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol
+    engine = None
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.get("op")
+        try:
+            if op == "load":
+                t = time.perf_counter()
+                engine = (_GenaiEngine if req.get("engine") == "genai" else _OrtEngine)(req)
+                reply = {"ok": True, "load_s": time.perf_counter() - t, **engine.info}
+            elif op == "run":
+                rng = np.random.default_rng(int(req.get("seed", 0)))
+                ids = rng.integers(0, engine.vocab, size=int(req["prompt_len"])).tolist()
+                reply = {"ok": True, **engine.run(ids, int(req["new_tokens"]))}
+            elif op == "stats":
+                reply = {"ok": True, "peak_rss_bytes": _peak_rss()}
+            elif op == "quit":
+                proto.write(json.dumps({"ok": True}) + "\n")
+                return
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}", "user": False}
+        except Exception as exc:  # reported to the parent, which decides
+            user = type(exc).__name__ == "EdgeRecoverError"
+            reply = {"ok": False, "error": str(exc).splitlines()[0] if str(exc) else repr(exc), "user": user}
+        proto.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    main()

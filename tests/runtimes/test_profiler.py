@@ -1,0 +1,95 @@
+"""The profiler on tiny packages: report structure, markdown tables, plots, and bad settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.runtimes.profiler import PackageEntry, ProfileSettings, profile_packages
+from edge_recover.runtimes.report import PLOTS, write_report
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_package, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prof")
+    second = shutil.copytree(tiny_package, root / "copy")
+    settings = ProfileSettings(prompt_lengths=[8, 24], new_tokens=6, repeats=2, threads=1, bandwidth_mb=64)
+    out = root / "report"
+    profile_packages([str(tiny_package), PackageEntry(str(second), label="second")], settings, out)
+    return out
+
+
+def test_report_json_structure(report_dir, tiny_package):
+    data = json.loads((report_dir / "report.json").read_text())
+    assert data["kind"] == "edge-recover-profile" and data["format_version"] == 1
+    assert data["bandwidth_bytes_s"] > 1e8
+    dev = data["device"]
+    assert dev["threads_used"] == 1 and dev["onnxruntime"] and dev["cpu_model"]
+    assert [p["label"] for p in data["packages"]] == ["fp32", "second"]
+    for p in data["packages"]:
+        assert p["size_bytes"] > p["weight_bytes"] > p["weight_bytes_per_token"] > 0
+        assert 10e6 < p["peak_rss_bytes"] < 300e6 and "CPUExecutionProvider" in p["provider"]
+        assert p["fell_back"] is False
+    assert len(data["results"]) == 4
+    for r in data["results"]:
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
+        assert r["latency_p95_s"] >= r["latency_p50_s"] > 0
+        assert len(r["runs"]) == 2
+        assert r["roofline_share"] == pytest.approx(r["decode_tok_s"] / r["roofline_tok_s"])
+    # identical packages: same bytes per token, and KV traffic grows with the prompt
+    by = {(r["package"], r["prompt_length"]): r for r in data["results"]}
+    assert by[("fp32", 8)]["bytes_per_token"] == by[("second", 8)]["bytes_per_token"]
+    assert by[("fp32", 24)]["bytes_per_token"] - by[("fp32", 8)]["bytes_per_token"] == 16 * 2 * 2 * 2 * 16 * 4
+
+
+def test_report_markdown_and_plots(report_dir):
+    md = (report_dir / "report.md").read_text()
+    assert "## Prompt 8 tokens" in md and "## Prompt 24 tokens" in md
+    assert md.count("| 1.00x |") >= 4  # the first package against itself, prefill and decode, both lengths
+    assert "read bandwidth" in md
+    import matplotlib.image as mpimg
+
+    for name in PLOTS:
+        img = mpimg.imread(report_dir / name)
+        assert img.shape[0] >= 300 and img.shape[1] >= 500
+        assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_report_rerenders_from_json(report_dir, tmp_path):
+    data = json.loads((report_dir / "report.json").read_text())
+    out = write_report(data, tmp_path / "again")
+    assert (out / "report.md").read_text() == (report_dir / "report.md").read_text()
+    with pytest.raises(EdgeRecoverError, match="already exists"):
+        write_report(data, out)
+
+
+def test_too_long_for_context(tiny_package, tmp_path):
+    with pytest.raises(EdgeRecoverError, match="exceeds fp32's context of 96"):
+        profile_packages([str(tiny_package)], ProfileSettings(prompt_lengths=[90], new_tokens=16), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(EdgeRecoverError, match="new_tokens"):
+        ProfileSettings(new_tokens=1)
+    with pytest.raises(EdgeRecoverError, match="not an edge-recover package"):
+        profile_packages([str(tmp_path)], ProfileSettings(prompt_lengths=[8], new_tokens=4))
+
+
+def test_cli_profile(tiny_package, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli-report"
+    proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
+                           str(tiny_package), "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1",
+                           "--threads", "1", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.json").is_file() and "wrote" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
+                           str(tiny_package), "--prompt-lengths", "8,x", "-o", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
