@@ -1,0 +1,212 @@
+"""The export API: a model in, a verified package folder out (the contract of docs/design.md).
+
+    model spec / LoadedModel
+      └─ quantize (only if it has no QuantLinear yet; the target's preferred block size)
+      └─ Optimum export, text-generation-with-past        (torch -> ONNX, float MatMuls)
+      └─ untie transposes, MatMul -> MatMulNBits          (rewrite.py: the QuantLinear integers, checked)
+      └─ fusions (cpu)                                    (fusions.py)
+      └─ target validator                                 (validate.py)
+      └─ tokenizer, config, genai_config.json
+      └─ parity: ORT CPU vs torch                         (verify.py)
+      └─ manifest.json
+    all inside `atomic_dir`: the folder appears complete or not at all.
+
+`read_package_manifest(path)` is what a runtime calls to accept or refuse a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from edge_recover.atomic import atomic_dir, check_new_dir
+from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.models import LoadedModel, check_architecture
+from edge_recover.versions import PACKAGE_FORMAT_VERSION, library_versions, tool_version
+
+from .targets import TargetProfile, resolve_target
+
+PACKAGE_KIND = "edge-recover-package"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST = "manifest.json"
+
+
+def _load(model: "str | Path | LoadedModel") -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        check_architecture(model.model.config)
+        return model
+    from edge_recover.pipeline import resolve_model
+
+    return resolve_model(model)
+
+
+def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: str, calibration: int,
+                      block_size: int | None) -> tuple[dict, str]:
+    """Quantize `lm` in place unless it already is; returns (scheme JSON, method)."""
+    from edge_recover.apply import quantized_layers
+    from edge_recover.pipeline import quantize_loaded
+    from edge_recover.scheme import Scheme, load_scheme
+
+    if quantized_layers(lm.model):
+        qm = lm.quantized_manifest or {}
+        return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
+    sch = scheme if isinstance(scheme, Scheme) else load_scheme(str(scheme))
+    sch = sch.with_block_size(block_size or target.preferred_block_size)
+    quantize_loaded(lm, sch, method=method, calibration=calibration, progress=False)
+    return sch.to_json(), method
+
+
+def _optimum_export(torch_model, out_dir: Path) -> None:
+    """torch -> ONNX through Optimum (task text-generation-with-past: a graph with a KV cache)."""
+    import logging
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_export_from_model(torch_model, out_dir, task="text-generation-with-past", do_validation=False)
+
+
+def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None):
+    """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied)."""
+    import onnx
+
+    from edge_recover.apply import quantized_layers
+
+    from .fusions import apply_fusions
+    from .matmulnbits import IR_VERSION
+    from .rewrite import replace_matmuls, untie_transposes
+
+    layers = {name: q.quantized() for name, q in quantized_layers(lm.model).items()}
+    with tempfile.TemporaryDirectory(prefix="edge-recover-optimum-") as tmp:
+        _optimum_export(lm.model, Path(tmp))
+        graph = onnx.load(str(Path(tmp) / MODEL_FILE))  # external data (if any) is read in
+    untie_transposes(graph)
+    rewritten = replace_matmuls(graph, layers, target)
+    fusions = apply_fusions(graph, lm.model.config) if (target.fuse if fuse is None else fuse) else []
+    graph.ir_version = IR_VERSION
+    return graph, {r.name: r for r in rewritten}, fusions
+
+
+def save_graph(graph, folder: Path) -> None:
+    """model.onnx (graph) + model.onnx.data (all initializers above 1 KiB)."""
+    import onnx
+
+    onnx.save_model(graph, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme="w4w2gateup", target: str = "cpu",
+                   method: str = "mse", vendor: str | None = None, verify: bool = True, overwrite: bool = False,
+                   calibration: int = 16, block_size: int | None = None, fuse: bool | None = None) -> Path:
+    """Export `model` as a package folder at `output` for `target`; returns the folder.
+
+    `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
+    in place when it is not yet). A full-precision model is quantized under `scheme` with the target's
+    preferred block size (or `block_size`); a quantized one keeps its integers and is refused if the target
+    cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
+    when top-1 agreement is below `verify.MIN_TOP1`.
+
+    Example:
+        >>> export_package("smollm2", "out/pkg", scheme="w4w2gateup", target="cpu")  # doctest: +SKIP
+        PosixPath('out/pkg')
+    """
+    from edge_recover.quantizer import METHODS
+
+    prof = resolve_target(target, vendor)
+    require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    out = check_new_dir(output, overwrite)
+    t0 = time.time()
+    lm = _load(model)
+    scheme_json, method_used = _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
+    lm.model.float().eval()
+    graph, rewritten, fusions = build_graph(lm, prof, fuse)
+    from .validate import validate_or_raise
+
+    validate_or_raise(graph, prof, rewritten)
+    with atomic_dir(out, overwrite) as tmp:
+        save_graph(graph, tmp)
+        del graph
+        _write_hf_files(lm, tmp)
+        from .genai import genai_config
+
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(lm.model.config, lm.tokenizer, prof.provider), indent=2))
+        parity = None
+        if verify:
+            from .verify import compare
+
+            parity = compare(tmp / MODEL_FILE, lm.model, lm.tokenizer)
+            require(parity.ok, f"verification failed: ONNX Runtime and torch agree on top-1 for only "
+                               f"{parity.top1_agreement:.1%} of positions (< {parity.threshold:.0%}, max abs diff "
+                               f"{parity.max_abs_diff:.3g}); pass --no-verify to keep the package anyway")
+        manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, parity, time.time() - t0)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def _write_hf_files(lm: LoadedModel, folder: Path) -> None:
+    lm.model.config.save_pretrained(folder)
+    if getattr(lm.model, "generation_config", None) is not None:
+        lm.model.generation_config.save_pretrained(folder)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(folder)
+
+
+def _manifest(lm: LoadedModel, prof: TargetProfile, scheme_json: dict, method: str, rewritten: dict,
+              fusions: list[str], parity, seconds: float) -> dict:
+    containers = [n for n, r in rewritten.items() if r.storage_bits != r.bits]
+    return {
+        "kind": PACKAGE_KIND,
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "architecture": lm.model.config.model_type,
+        "scheme": scheme_json,
+        "method": method,
+        "target": prof.to_json(),
+        "layers": {n: r.to_json() for n, r in rewritten.items()},
+        "containers": {
+            "layers": len(containers),
+            "note": (f"{len(containers)} 2-bit layers stored in 4-bit containers (same codes, scales and zero "
+                     f"points: identical numerics, twice the weight bytes) because {prof.name} has no 2-bit kernel")
+            if containers else "none",
+        },
+        "fusions": fusions,
+        "source": lm.source,
+        "source_hash": lm.source_hash,
+        "tool_version": tool_version(),
+        "versions": library_versions(),
+        "parity": parity.to_json() if parity is not None else None,
+        "adapters": [],
+        "export_seconds": round(seconds, 1),
+    }
+
+
+def read_package_manifest(path: str | Path) -> dict:
+    """Validate that `path` is an edge-recover package and return its manifest.
+
+    Example:
+        >>> read_package_manifest("out/pkg")["target"]["name"]  # doctest: +SKIP
+        'cpu'
+    """
+    p = Path(path).expanduser()
+    require(p.is_dir(), f"package {str(p)!r} is not a folder; pass a folder written by `edge-recover export`")
+    mf = p / MANIFEST
+    require(mf.is_file(), f"{str(p)!r} has no {MANIFEST}; it is not an edge-recover package (run `edge-recover export`)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeRecoverError(f"{str(mf)!r} is not valid JSON ({exc}); re-run `edge-recover export`") from None
+    require(isinstance(manifest, dict) and manifest.get("kind") == PACKAGE_KIND,
+            f"{str(mf)!r} is not an edge-recover package manifest (kind {manifest.get('kind') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    require(isinstance(version, int) and version <= PACKAGE_FORMAT_VERSION,
+            f"package {str(p)!r} has format_version {version!r}, newer than this edge-recover reads "
+            f"({PACKAGE_FORMAT_VERSION}); upgrade edge-recover")
+    model_file = p / manifest.get("model_file", MODEL_FILE)
+    require(model_file.is_file(), f"package {str(p)!r} lacks {model_file.name}; the package is incomplete, re-export it")
+    return manifest

@@ -1,0 +1,79 @@
+"""`genai_config.json`: what onnxruntime-genai needs to load a package folder and generate from it.
+
+The Optimum graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key/value`
+and returns `logits` and `present.{i}.key/value`, with a KV cache that grows by concatenation (so
+`past_present_share_buffer` is false: the cache is not a fixed-size buffer shared between steps). The
+names are written out here so that onnxruntime-genai binds them without a builder of its own.
+"""
+
+from __future__ import annotations
+
+# onnxruntime-genai model types that run a plain decoder-only graph; others fall back to "llama".
+_GENAI_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+
+
+def _token_id(value, fallback: int) -> int:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return fallback if value is None else int(value)
+
+
+def genai_config(config, tokenizer=None, provider: str | None = None, context_length: int | None = None,
+                 filename: str = "model.onnx", threads: int | None = None) -> dict:
+    """The genai_config.json dict for a Hugging Face `config` exported by Optimum.
+
+    Example:
+        >>> genai_config(model.config)["model"]["decoder"]["inputs"]["past_key_names"]  # doctest: +SKIP
+        'past_key_values.%d.key'
+    """
+    heads = config.num_attention_heads
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    eos = _token_id(getattr(tokenizer, "eos_token_id", None), _token_id(config.eos_token_id, 0))
+    bos = _token_id(getattr(config, "bos_token_id", None), eos)
+    pad = _token_id(getattr(tokenizer, "pad_token_id", None), eos)
+    ctx = int(context_length or min(getattr(config, "max_position_embeddings", 2048), 4096))
+    session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if provider and provider != "CPUExecutionProvider":
+        short = {"DmlExecutionProvider": "dml", "QNNExecutionProvider": "qnn",
+                 "OpenVINOExecutionProvider": "OpenVINO", "VitisAIExecutionProvider": "VitisAI"}.get(provider)
+        if short:
+            session_options["provider_options"] = [{short: {}}]
+    if threads:
+        session_options["intra_op_num_threads"] = threads
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": ctx,
+            "decoder": {
+                "session_options": session_options,
+                "filename": filename,
+                "head_size": int(head_size),
+                "hidden_size": int(config.hidden_size),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": int(heads),
+                "num_hidden_layers": int(config.num_hidden_layers),
+                "num_key_value_heads": int(getattr(config, "num_key_value_heads", heads)),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": config.model_type if config.model_type in _GENAI_TYPES else "llama",
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,140 @@
+"""Target profiles: what each ONNX Runtime provider's MatMulNBits kernels take, as data.
+
+A `TargetProfile` says, for one deployment target, which bit widths and block sizes its kernels run
+natively, the accuracy level and activation dtype it wants, the block size to quantize with when we start
+from a full-precision model, which contrib ops the graph may hold, and what happens to a layer whose bit
+width it cannot run:
+
+    layer bits ∈ native_bits            ──► emitted as is
+    layer bits = 2, 4 ∈ native_bits     ──► 2-bit codes stored in a 4-bit container (same scale, same
+                                            zero point: identical numerics, 2x the bytes), reported
+    otherwise                           ──► refused with a message that names the layer and the fix
+
+Sources (see /work/shared/FACTS.md): ORT's ContribOperators.md and the kernels of ORT 1.31 (CPU 2/4/8-bit,
+2-bit fast from block 64 up with accuracy_level 4); DirectML and CUDA run 4/8-bit only; OpenVINO maps
+2 -> u2 and 4 -> u4; QNN HTP takes 2/4-bit in blocks of 32/64 (onnxruntime-qnn); VitisAI (Ryzen AI NPU):
+4-bit, no evidence of 2-bit. `npu` is an alias that picks one of the NPU targets by `vendor`.
+
+Example:
+    >>> resolve_target("npu", vendor="qualcomm").name
+    'qnn'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.scheme import QuantConfig
+
+# Fused contrib ops the cpu exporter may emit (exporters/fusions.py); other targets get plain ONNX + MatMulNBits.
+CPU_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                 "GroupQueryAttention", "MultiHeadAttention")
+ALL_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """What one target's kernels take. Frozen data; `edge-recover targets` prints these."""
+
+    name: str
+    provider: str  # ONNX Runtime execution provider name
+    description: str
+    native_bits: tuple[int, ...]  # bit widths MatMulNBits runs natively on this provider
+    block_sizes: tuple[int, ...]  # block sizes it takes
+    preferred_block_size: int  # used when quantizing a full-precision model for this target
+    accuracy_level: int  # MatMulNBits accuracy_level attribute (4: int8 activations on CPU)
+    activation_dtype: str  # the dtype the provider computes activations in
+    contrib_ops: tuple[str, ...] = ("MatMulNBits",)  # com.microsoft ops a graph for this target may hold
+    fuse: bool = False  # apply the ORT-fused-op rewrites (cpu only)
+    source: str = ""
+
+    def storage_bits(self, bits: int) -> int:
+        """The bit width a layer of `bits` is stored with on this target (a container when not native)."""
+        if bits in self.native_bits:
+            return bits
+        if bits == 2 and 4 in self.native_bits:
+            return 4
+        raise EdgeRecoverError(
+            f"target {self.name!r} cannot run {bits}-bit MatMulNBits (it takes {self._bits()}); "
+            f"use a scheme with those bit widths (e.g. --scheme w4) or another `--target`"
+        )
+
+    def check_config(self, layer: str, config: QuantConfig) -> None:
+        """Refuse a layer whose block size this target cannot take (pre-quantized checkpoints keep theirs)."""
+        self.storage_bits(config.bits)
+        require(
+            config.block_size in self.block_sizes,
+            f"layer {layer!r} is quantized with block_size {config.block_size}, which target {self.name!r} does not "
+            f"take (it takes {', '.join(map(str, self.block_sizes))}); re-quantize with "
+            f"`--block-size {self.preferred_block_size}` or export for another `--target`",
+        )
+
+    def _bits(self) -> str:
+        return "/".join(map(str, self.native_bits)) + "-bit"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        container = " (2-bit stored in 4-bit containers)" if 2 not in self.native_bits and 4 in self.native_bits else ""
+        return (f"{self.name:9s} {self.provider:30s} {self._bits()}{container}; blocks "
+                f"{','.join(map(str, self.block_sizes))} (default {self.preferred_block_size}); "
+                f"accuracy_level {self.accuracy_level}; activations {self.activation_dtype}"
+                + ("; fused ops" if self.fuse else ""))
+
+
+TARGETS: dict[str, TargetProfile] = {
+    "cpu": TargetProfile(
+        "cpu", "CPUExecutionProvider", "x86/ARM CPU: 2/4/8-bit native (ORT >= 1.24)",
+        native_bits=(2, 4, 8), block_sizes=ALL_BLOCKS, preferred_block_size=64, accuracy_level=4,
+        activation_dtype="float32", contrib_ops=("MatMulNBits",) + CPU_FUSED_OPS, fuse=True,
+        source="FACTS.md: 2-bit bs32 is slower than 4-bit; bs64/bs128 2-bit beat 4-bit; accuracy_level 0 is a slow path",
+    ),
+    "dml": TargetProfile(
+        "dml", "DmlExecutionProvider", "DirectML (Windows GPUs/NPUs): 4/8-bit only, dequantize + GEMM",
+        native_bits=(4, 8), block_sizes=(16, 32, 64, 128), preferred_block_size=32, accuracy_level=0,
+        activation_dtype="float16", source="FACTS.md: DirectML EP MatMulNBits is 4/8-bit",
+    ),
+    "qnn": TargetProfile(
+        "qnn", "QNNExecutionProvider", "Qualcomm Hexagon NPU (QNN HTP)",
+        native_bits=(2, 4), block_sizes=(32, 64), preferred_block_size=64, accuracy_level=0,
+        activation_dtype="float16", source="FACTS.md: QNN HTP takes 2/4-bit with block 32/64 (onnxruntime-qnn)",
+    ),
+    "openvino": TargetProfile(
+        "openvino", "OpenVINOExecutionProvider", "Intel CPU/GPU/NPU through OpenVINO (2 -> u2, 4 -> u4, 8 -> u8)",
+        native_bits=(2, 4, 8), block_sizes=(16, 32, 64, 128, 256), preferred_block_size=64, accuracy_level=0,
+        activation_dtype="float16", source="FACTS.md: the OpenVINO EP maps 2-bit to u2 and 4-bit to u4",
+    ),
+    "vitisai": TargetProfile(
+        "vitisai", "VitisAIExecutionProvider", "AMD Ryzen AI NPU: 4-bit, 2-bit codes in 4-bit containers",
+        native_bits=(4,), block_sizes=(32, 64, 128), preferred_block_size=128, accuracy_level=0,
+        activation_dtype="bfloat16", source="FACTS.md: no evidence of 2-bit on VitisAI; Ryzen AI LLM flow uses int4 g128",
+    ),
+}
+
+# `--target npu --vendor V` picks the NPU target of vendor V; without a vendor, the documented default.
+NPU_VENDORS = {"amd": "vitisai", "qualcomm": "qnn", "intel": "openvino"}
+DEFAULT_NPU_VENDOR = "amd"  # Ryzen AI: the platform of the W4/W2-GateUp paper
+
+
+def resolve_target(target: str, vendor: str | None = None) -> TargetProfile:
+    """The profile for `target` (`cpu`, `dml`, `npu`, `qnn`, `openvino`, `vitisai`); `vendor` only with `npu`.
+
+    Example:
+        >>> resolve_target("npu").name  # the default NPU vendor is AMD
+        'vitisai'
+    """
+    names = ", ".join([*TARGETS, "npu"])
+    if target == "npu":
+        vendor = vendor or DEFAULT_NPU_VENDOR
+        require(vendor in NPU_VENDORS,
+                f"unknown `vendor` {vendor!r} for target npu; choose one of {', '.join(NPU_VENDORS)}")
+        return TARGETS[NPU_VENDORS[vendor]]
+    require(target in TARGETS, f"unknown `target` {target!r}; choose one of {names} (see `edge-recover targets`)")
+    if vendor is not None:
+        expected = {v: k for k, v in NPU_VENDORS.items()}.get(target)
+        require(vendor == expected,
+                f"`vendor` {vendor!r} does not go with target {target!r}; use `--target npu --vendor {vendor}` "
+                f"or drop --vendor")
+    return TARGETS[target]

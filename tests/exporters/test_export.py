@@ -1,0 +1,90 @@
+"""Packages from tiny random Llama/Qwen3 models: per scheme and target, the graph holds the expected
+MatMulNBits bits per layer with the very integers of the torch model, passes its validator, and matches torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edge_recover.apply import quantized_layers
+from edge_recover.exporters.api import export_package, read_package_manifest
+from edge_recover.exporters.targets import TARGETS
+from edge_recover.exporters.validate import validate
+from edge_recover.packing import unpack_codes, unpack_zero_points
+
+from .conftest import make_loaded
+
+
+def _mnb_nodes(model: onnx.ModelProto) -> dict[str, dict]:
+    return {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+
+
+def _expected_bits(layer: str, scheme: str) -> int:
+    return 2 if scheme == "w4w2gateup" and layer.endswith(("gate_proj", "up_proj")) else 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("scheme", ["w4", "w4w2gateup"])
+@pytest.mark.parametrize("target", ["cpu", "dml", "qnn", "openvino", "vitisai"])
+def test_package_per_scheme_and_target(tmp_path, arch, scheme, target):
+    lm = make_loaded(arch)
+    pkg = export_package(lm, tmp_path / "pkg", scheme=scheme, target=target, method="rtn", calibration=0)
+    manifest = read_package_manifest(pkg)
+    prof = TARGETS[target]
+    graph = onnx.load(str(pkg / "model.onnx"))
+    assert validate(graph, prof, None) == []
+    nodes = _mnb_nodes(graph)
+    qlayers = quantized_layers(lm.model)
+    assert len(nodes) == len(qlayers) == 2 * 7  # q k v o gate up down per layer; lm_head kept
+    inits = {i.name: numpy_helper.to_array(i, base_dir=str(pkg)) for i in graph.graph.initializer}
+    for name, q in qlayers.items():
+        bits = _expected_bits(name, scheme)
+        storage = bits if bits in prof.native_bits else 4
+        node_name = "/" + name.replace("model.layers.", "model/layers.").replace(".self_attn.", "/self_attn/").replace(".mlp.", "/mlp/") + "/MatMulNBits"
+        attrs = nodes[node_name]
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (storage, prof.preferred_block_size, prof.accuracy_level)
+        assert manifest["layers"][name]["bits"] == bits and manifest["layers"][name]["storage_bits"] == storage
+        # the very integers of the torch QuantLinear
+        codes = unpack_codes(inits[f"{name}.qweight"], storage, q.in_features)
+        zps = unpack_zero_points(inits[f"{name}.qzeros"], storage, q.scales.shape[1])
+        np.testing.assert_array_equal(codes, q.codes.numpy())
+        np.testing.assert_array_equal(zps, q.zero_points.numpy())
+        np.testing.assert_array_equal(inits[f"{name}.scales"], q.scales.numpy().reshape(-1))
+    parity = manifest["parity"]
+    assert parity["top1_agreement"] >= 0.98
+    # accuracy_level 0 (exact fp32 dequantization) must match torch closely; level 4 (int8 activations) roughly
+    rel = parity["max_abs_diff"] / parity["logit_scale"]
+    assert rel < (0.05 if prof.accuracy_level == 4 else 1e-3), rel
+    assert manifest["containers"]["layers"] == (4 if scheme == "w4w2gateup" and 2 not in prof.native_bits else 0)
+
+
+def test_no_transpose_of_weights_and_tied_embedding_is_own_initializer(tmp_path):
+    pkg = export_package(make_loaded("llama"), tmp_path / "pkg", scheme="w4", method="rtn", calibration=0)
+    graph = onnx.load(str(pkg / "model.onnx"))
+    inits = {i.name for i in graph.graph.initializer}
+    assert not [n.name for n in graph.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    gathers = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in inits and "embed" in n.input[0]]
+    assert len(gathers) == 1
+    head = next(n for n in graph.graph.node if n.name == "/lm_head/MatMul")
+    assert head.input[1] in inits and head.input[1] != gathers[0].input[0]
+    assert graph.ir_version <= 10
+
+
+def test_package_files_and_genai_config(tmp_path, tiny_dirs):
+    pkg = export_package(tiny_dirs["qwen3"], tmp_path / "pkg", scheme="w4w2gateup", method="mse", calibration=2)
+    for f in ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "config.json",
+              "genai_config.json", "manifest.json"):
+        assert (pkg / f).is_file(), f
+    m = read_package_manifest(pkg)
+    assert m["kind"] == "edge-recover-package" and m["format_version"] == 1
+    assert m["scheme"]["name"] == "w4w2gateup" and m["method"] == "mse"
+    assert m["source_hash"].startswith("sha256:") and "onnxruntime" in m["versions"]
+    gc = json.loads((pkg / "genai_config.json").read_text())["model"]
+    sess_inputs = {i.name for i in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.input}
+    assert gc["decoder"]["inputs"]["past_key_names"] % 1 in sess_inputs
+    assert gc["decoder"]["num_hidden_layers"] == 2 and gc["decoder"]["head_size"] == 16 and gc["type"] == "qwen3"
