@@ -29,7 +29,7 @@ from edge_recover.errors import EdgeRecoverError
 
 from .package import folder_size, graph_stats, open_package
 
-__all__ = ["ProfileSettings", "PackageEntry", "Report", "profile_packages"]
+__all__ = ["ProfileSettings", "PackageEntry", "Report", "Worker", "profile_packages"]
 
 REPORT_KIND = "edge-recover-profile"
 REPORT_FORMAT_VERSION = 1
@@ -91,7 +91,9 @@ class Report:
         return "\n".join(rows)
 
 
-class _Worker:
+class Worker:
+    """A package in its own process (runtimes/worker.py); `ask(op=..., ...)` sends one request."""
+
     def __init__(self, entry: PackageEntry) -> None:
         script = str(Path(__file__).with_name("worker.py"))
         self.entry = entry
@@ -182,11 +184,11 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
     bandwidth = read_bandwidth(device["threads_used"], settings.bandwidth_mb)
     log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    workers: list[_Worker] = []
+    workers: list[Worker] = []
     runs: dict[tuple[int, int], list[dict]] = {}
     try:
         for e, d in zip(entries, described):
-            w = _Worker(e)
+            w = Worker(e)
             workers.append(w)
             info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
                          options=settings.provider_options, fallback=settings.fallback, threads=settings.threads)

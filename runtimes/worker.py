@@ -4,7 +4,8 @@ Why a process per package: peak resident memory is then the package's own, and p
 side cannot share allocator arenas or caches. The parent sends one request at a time, so runs never overlap.
 
 Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads"},
-{"op": "run", "prompt_len", "new_tokens", "seed"}, {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
+{"op": "run", "prompt_len", "new_tokens", "seed"} or {"op": "run", "ids", "new_tokens"} (greedy; the reply's
+"ids" are the generated tokens), {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
 or {"ok": false, "error": message, "user": bool}.
 
 The genai engine needs only onnxruntime-genai and numpy, so this file also runs as a plain script under
@@ -51,7 +52,7 @@ class _OrtEngine:
 
         res = generate_ids(self.lm, ids, new_tokens, stop_token_ids=())
         return {"prefill_s": res.prefill_s, "ttft_s": res.ttft_s, "steps_s": res.step_latencies_s,
-                "tokens": len(res.tokens)}
+                "tokens": len(res.tokens), "ids": res.tokens}
 
 
 class _GenaiEngine:
@@ -104,10 +105,12 @@ def main() -> None:
                 t = time.perf_counter()
                 engine = (_GenaiEngine if req.get("engine") == "genai" else _OrtEngine)(req)
                 reply = {"ok": True, "load_s": time.perf_counter() - t, **engine.info}
-            elif op == "run":
-                rng = np.random.default_rng(int(req.get("seed", 0)))
-                ids = rng.integers(0, engine.vocab, size=int(req["prompt_len"])).tolist()
-                reply = {"ok": True, **engine.run(ids, int(req["new_tokens"]))}
+            elif op == "run":  # timings of a random prompt of prompt_len ids (or of the given ids)
+                ids = req.get("ids")
+                if ids is None:
+                    rng = np.random.default_rng(int(req.get("seed", 0)))
+                    ids = rng.integers(0, engine.vocab, size=int(req["prompt_len"])).tolist()
+                reply = {"ok": True, **engine.run(list(ids), int(req["new_tokens"]))}
             elif op == "stats":
                 reply = {"ok": True, "peak_rss_bytes": _peak_rss()}
             elif op == "quit":

@@ -1,0 +1,73 @@
+"""Device-lab script: profile a set of packages on each provider this machine has, collect the reports.
+
+    .venv/bin/python examples/device_lab.py out/demo/fp32 out/demo/w4 out/demo/w4w2gateup -o out/lab
+    .venv/bin/python examples/device_lab.py PKG... --providers cpu,openvino --prompt-lengths 128,512 -o out/lab
+
+For each provider it writes out/lab/<host>-<provider>/ (report.json, report.md, plots) and at the end
+out/lab/index.md: one row per (host, provider, package, prompt length), gathered from every report.json
+under out/lab, so reports copied in from other lab machines are collected too. A provider that is not
+installed is listed as skipped, with the reason, rather than silently measured on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.runtimes.profiler import ProfileSettings, profile_packages
+from edge_recover.runtimes.providers import resolve_provider
+
+
+def collect(lab: Path) -> str:
+    """index.md rows from every report.json under `lab`."""
+    rows = ["| report | cpu | provider | package | prompt | prefill tok/s | decode tok/s | roofline share |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for path in sorted(lab.glob("*/report.json")):
+        data = json.loads(path.read_text())
+        for r in data["results"]:
+            rows.append(f"| {path.parent.name} | {data['device']['cpu_model']} | {data['settings']['provider']} | "
+                        f"{r['package']} | {r['prompt_length']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+                        f"| {100 * r['roofline_share']:.0f} % |")
+    return "\n".join(["# Device-lab results", "", *rows, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("packages", nargs="+")
+    ap.add_argument("-o", "--output", default="out/lab")
+    ap.add_argument("--providers", default="cpu,openvino,qnn,dml,vitisai,cuda")
+    ap.add_argument("--prompt-lengths", default="128,512,1024")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    lab = Path(args.output)
+    host = platform.node() or "host"
+    settings_base = dict(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
+                         new_tokens=args.new_tokens, repeats=args.repeats)
+    for provider in args.providers.split(","):
+        try:
+            resolve_provider(provider)
+        except EdgeRecoverError as exc:
+            print(f"skipped {provider}: {exc}", file=sys.stderr)
+            continue
+        out = lab / f"{host}-{provider}"
+        print(f"profiling on {provider} -> {out}", file=sys.stderr)
+        try:
+            report = profile_packages(args.packages, ProfileSettings(provider=provider, **settings_base), out,
+                                      overwrite=True, log=lambda s: print(s, file=sys.stderr))
+        except EdgeRecoverError as exc:
+            print(f"error on {provider}: {exc}", file=sys.stderr)
+            continue
+        print(report.summary())
+    lab.mkdir(parents=True, exist_ok=True)
+    (lab / "index.md").write_text(collect(lab))
+    print(f"wrote {lab / 'index.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The app-integration examples run on a tiny package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_chat_once(tiny_package):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "chat.py"), str(tiny_package), "--once", "hello",
+                           "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("bot> ") and "tok/s" in proc.stderr
+
+
+def test_chat_bad_package(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "chat.py"), str(tmp_path), "--once", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not an edge-recover package" in proc.stderr
+
+
+def test_device_lab_collects(tiny_package, tmp_path):
+    lab = tmp_path / "lab"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "device_lab.py"), str(tiny_package), "-o", str(lab),
+                           "--providers", "cpu,qnn", "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped qnn" in proc.stderr and "onnxruntime-qnn" in proc.stderr
+    reports = list(lab.glob("*-cpu/report.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["results"][0]["prompt_length"] == 8
+    index = (lab / "index.md").read_text()
+    assert index.count("| fp32 | 8 |") == 1
