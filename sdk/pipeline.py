@@ -37,7 +37,9 @@ def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "gptq", calib
                     seed: int = 0, progress: bool = True) -> QuantReport:
     """Quantize an already loaded model in place (calibrating first for `mse` and `gptq`)."""
     from .errors import require
+    from .quantizer import check_method
 
+    check_method(method)
     require(method != "gptq" or calibration > 0, "`gptq` needs calibration samples; pass --calibration N with N > 0 or use --method mse")
     hessians = calibrate(lm, calibration, seed=seed) if method in ("mse", "gptq") else None
     return quantize_model(lm.model, scheme, method, hessians, progress=progress)
@@ -53,6 +55,9 @@ def quantize_to_checkpoint(model: str | Path, scheme: Scheme, method: str, outpu
     from .checkpoint import save_quantized
     from .errors import require
 
+    from .quantizer import check_method
+
+    check_method(method)
     lm = resolve_model(model)
     require(lm.quantized_manifest is None, f"{str(model)!r} is already quantized; pass the full-precision model")
     report = quantize_loaded(lm, scheme, method, calibration, seed)

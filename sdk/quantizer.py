@@ -119,6 +119,11 @@ def _least_squares(wb, q, weight, z, cfg: QuantConfig):
     return s, z
 
 
+def check_method(method: str) -> None:
+    """Refuse an unknown quantization method by name, before any long work starts."""
+    require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+
+
 def quantize_weight(
     weight: torch.Tensor,
     config: QuantConfig,
@@ -136,7 +141,7 @@ def quantize_weight(
         >>> qw.codes.shape, qw.scales.shape
         (torch.Size([8, 40]), torch.Size([8, 3]))
     """
-    require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method)
     require(weight.ndim == 2, f"a linear weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     w = weight.detach().float()
     n, k = w.shape

@@ -1,0 +1,5 @@
+"""`python -m edge_recover` runs the CLI."""
+
+from .cli import main
+
+main()
