@@ -68,3 +68,25 @@ def tiny_hf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_package(tiny_hf, tmp_path_factory) -> Path:
     return make_fp32_package(tiny_hf, tmp_path_factory.mktemp("pkg") / "fp32")
+
+
+def export_quantized(hf: Path, out: Path, target: str = "cpu", scheme: str = "w4w2gateup"):
+    """A real package from the exporter (RTN, no calibration: fast); returns (folder, quantized torch model)."""
+    from edge_recover.exporters.api import export_package
+    from edge_recover.models import load_model
+
+    lm = load_model(hf)
+    folder = export_package(lm, out, scheme=scheme, target=target, method="rtn", calibration=0)
+    return folder, lm.model  # export quantizes `lm` in place: the torch model holds the package's integers
+
+
+@pytest.fixture(scope="session")
+def tiny_w4w2(tiny_hf, tmp_path_factory):
+    """(package folder, torch model with the same integers), exported for the cpu target."""
+    return export_quantized(tiny_hf, tmp_path_factory.mktemp("pkg") / "w4w2gateup")
+
+
+@pytest.fixture(scope="session")
+def tiny_w4w2_openvino(tiny_hf, tmp_path_factory):
+    """(package folder, torch model), exported for the openvino target (plain ONNX + MatMulNBits)."""
+    return export_quantized(tiny_hf, tmp_path_factory.mktemp("pkg") / "w4w2gateup-ov", target="openvino")

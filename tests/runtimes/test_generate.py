@@ -18,7 +18,11 @@ def torch_greedy(hf_dir, prompt, n):
     """Reference: the HF model, full forward each step, argmax."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    return torch_greedy_model(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), prompt, n)
+
+
+def torch_greedy_model(model, prompt, n):
+    """Greedy tokens of a torch causal LM without a KV cache (the reference path)."""
     ids = torch.tensor([prompt])
     out = []
     with torch.no_grad():
