@@ -1,0 +1,90 @@
+"""`edge-recover recover` and `edge-recover eval`: thin wrappers over `distill.recover` and
+`evaluation.evaluate_recovery`. No torch import at module import time (the CLI must start fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("recover")(recover_cmd)
+    app.command("eval")(eval_cmd)
+
+
+def recover_cmd(
+    model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
+    output: Path = typer.Option(..., "-o", "--output", help="adapter folder to create"),
+    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
+    method: str = typer.Option("mse", help="quantizer method for the student (see `edge-recover quantize`)"),
+    quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),
+    samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
+    seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
+    rank: int = typer.Option(32, help="LoRA rank"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank)"),
+    targets: str = typer.Option("all", help="`all` quantized layers, `2bit` (those the scheme puts at 2 bits) or regexes"),
+    epochs: int = typer.Option(2, help="passes over the synthetic data"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine)"),
+    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    batch_size: int = typer.Option(16, help="sequences per micro-batch"),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+    seed: int = typer.Option(0, help="seed for sampling, LoRA init and data order"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in the work folder"),
+    work_dir: Optional[Path] = typer.Option(None, help="dataset, checkpoints and metrics (default OUTPUT.work)"),
+    dataset: Optional[Path] = typer.Option(None, help="reuse (or create) the synthetic dataset at this path"),
+    checkpoint_every: int = typer.Option(200, help="optimizer steps between checkpoints"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+) -> None:
+    """Recover-LoRA: distil the full-precision teacher into LoRA adapters on the quantized student."""
+    from edge_recover.atomic import check_new_dir
+    from edge_recover.scheme import load_scheme
+
+    from .distill import RecoverConfig, recover
+
+    check_new_dir(output, overwrite)
+    cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
+                        lr=lr, temperature=temperature, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+                        method=method, checkpoint_every=checkpoint_every)
+    result = recover(model, load_scheme(scheme), output, cfg, work_dir=work_dir, device=device, resume=resume,
+                     quantized=quantized, dataset=dataset, overwrite=overwrite)
+    r = result.report
+    typer.echo(f"KL on held-out teacher samples: {r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token "
+               f"({r['step']} steps, {r['seconds'] / 60:.1f} min)")
+    typer.echo(f"wrote {output}")
+
+
+def eval_cmd(
+    model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
+    text: Path = typer.Option(..., help="UTF-8 text file to score (never used in training)"),
+    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
+    adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
+    quantized: Optional[Path] = typer.Option(None, help="quantized checkpoint to use instead of quantizing MODEL"),
+    method: Optional[str] = typer.Option(None, help="quantizer method (default: the adapter's, else mse)"),
+    seq_len: int = typer.Option(512, help="tokens per scored window"),
+    max_windows: Optional[int] = typer.Option(None, help="score at most this many windows"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+) -> None:
+    """Perplexity, cross-entropy, KL and top-1 agreement vs the teacher; with an adapter, the recovery share."""
+    from edge_recover.scheme import load_scheme
+
+    from .evaluation import evaluate_recovery
+
+    figs = evaluate_recovery(model, load_scheme(scheme), text, adapter=adapter, quantized=quantized, method=method,
+                             seq_len=seq_len, max_windows=max_windows, device=device)
+    rows = [("full precision", figs["ppl_fp"], figs["ce_fp"], None, None),
+            ("quantized", figs["ppl_quant"], figs["ce_quant"], figs["kl_quant"], figs["top1_quant"])]
+    if "ppl_recovered" in figs:
+        rows.append(("recovered", figs["ppl_recovered"], figs["ce_recovered"], figs["kl_recovered"], figs["top1_recovered"]))
+    typer.echo(f"{'model':<16}{'ppl':>10}{'CE':>9}{'KL':>9}{'top-1':>8}")
+    for name, ppl, ce, kl, top1 in rows:
+        typer.echo(f"{name:<16}{ppl:>10.2f}{ce:>9.4f}{'' if kl is None else f'{kl:.4f}':>9}"
+                   f"{'' if top1 is None else f'{top1:.3f}':>8}")
+    if "recovery_pct" in figs:
+        typer.echo(f"recovery: {figs['recovery_pct']:.1f} % of the cross-entropy gap ({figs['tokens']} tokens)")
+    if json_out:
+        json_out.write_text(json.dumps(figs, indent=2))

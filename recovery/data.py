@@ -1,0 +1,208 @@
+"""Synthetic distillation data: the full-precision teacher writes its own text, no corpus and no labels.
+
+Generation is a plain KV-cache sampling loop over a batch (no `generate()`): one forward per new token for
+the whole batch, top-p sampling on the GPU, and no stopping at EOS, so every row is exactly `seq_len`
+tokens and the batch never shrinks. On a GPU this makes data generation a small part of a recovery run
+(`generate()` was the bottleneck of the plain recipe in FACTS.md).
+
+Diversity strategy (what keeps 10k samples from collapsing onto a few favourite continuations):
+- every row starts from its own first token, drawn uniformly from the ordinary vocabulary (special tokens
+  excluded), so the samples cover topics, languages and code roughly as the vocabulary does;
+- every row gets its own sampling temperature, drawn uniformly from `temperatures` (default 0.8-1.2):
+  cooler rows are fluent, likely text (what the model is used for), warmer rows visit the tail of the
+  distribution, where the 2-bit student is most wrong;
+- top-p 0.95 cuts the garbage tail that pure sampling at temperature > 1 would otherwise drift into.
+An EOS does not end a row: the teacher simply starts a new piece of text after it, as it would in use.
+
+The result is saved as one safetensors file (`input_ids` int32 [N, T], `temperature` f32 [N]) whose header
+metadata holds the settings as JSON (seed included) and the teacher's source hash, so it can be reused by
+later runs and is refused for another teacher. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from edge_recover.errors import EdgeRecoverError, require
+
+DATASET_KIND = "edge-recover-synthetic-dataset"
+DATASET_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How the teacher samples the synthetic data set.
+
+    Example:
+        >>> SampleSettings(samples=8, seq_len=32).tokens
+        256
+    """
+
+    samples: int = 10_000
+    seq_len: int = 256
+    seed: int = 0
+    top_p: float = 0.95
+    temperature_min: float = 0.8
+    temperature_max: float = 1.2
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.samples, int) and self.samples > 0,
+                f"`samples` must be a positive integer, got {self.samples!r}; try 10000 (GPU) or 64 (a quick CPU run)")
+        require(isinstance(self.seq_len, int) and self.seq_len >= 8,
+                f"`seq_len` must be an integer >= 8, got {self.seq_len!r}; try 256")
+        require(0.0 < self.top_p <= 1.0, f"`top_p` must be in (0, 1], got {self.top_p!r}")
+        require(0.0 < self.temperature_min <= self.temperature_max,
+                f"temperatures must satisfy 0 < min <= max, got {self.temperature_min!r}..{self.temperature_max!r}")
+        require(self.batch_size > 0, f"`batch_size` must be positive, got {self.batch_size!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seq_len
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SyntheticDataset:
+    """Teacher samples: `input_ids` int64 [N, T], per-row `temperature` [N], and where they came from."""
+
+    input_ids: torch.Tensor
+    temperature: torch.Tensor
+    settings: SampleSettings
+    teacher_hash: str
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (tensors + settings JSON in the header), atomically."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": DATASET_KIND, "format_version": DATASET_FORMAT_VERSION, "settings": self.settings.to_json(),
+                "teacher_hash": self.teacher_hash, "seconds": self.seconds}
+        tmp = p.with_name(f".{p.name}.partial")
+        save_file({"input_ids": self.input_ids.to(torch.int32).contiguous(),
+                   "temperature": self.temperature.float().contiguous()},
+                  str(tmp), metadata={"edge_recover": json.dumps(meta)})
+        tmp.replace(p)
+        return p
+
+
+def load_dataset(path: str | Path, teacher_hash: str | None = None) -> SyntheticDataset:
+    """Read a data set written by `SyntheticDataset.save`; refuse a corrupt file or one from another teacher.
+
+    Example:
+        >>> ds = load_dataset("out/run.work/dataset.safetensors")  # doctest: +SKIP
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    require(p.is_file(), f"dataset {str(p)!r} does not exist; run `edge-recover recover` to generate one")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["edge_recover"])
+            ids = f.get_tensor("input_ids").long()
+            temps = f.get_tensor("temperature").float()
+    except Exception as exc:  # safetensors raises several types for a damaged header or body
+        raise EdgeRecoverError(f"dataset {str(p)!r} is corrupt or not an edge-recover dataset "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else '?'}); "
+                               "delete it and run again to regenerate") from None
+    require(meta.get("kind") == DATASET_KIND, f"{str(p)!r} is not an edge-recover dataset; delete it and run again")
+    require(meta.get("format_version", 0) <= DATASET_FORMAT_VERSION,
+            f"dataset {str(p)!r} was written by a newer edge-recover; upgrade or regenerate it")
+    settings = SampleSettings(**meta["settings"])
+    require(ids.ndim == 2 and ids.shape == (settings.samples, settings.seq_len) and temps.shape == (settings.samples,),
+            f"dataset {str(p)!r} holds {tuple(ids.shape)} tokens but its settings say "
+            f"({settings.samples}, {settings.seq_len}); it is corrupt: delete it and run again")
+    if teacher_hash is not None:
+        require(meta.get("teacher_hash") == teacher_hash,
+                f"dataset {str(p)!r} was sampled from another teacher ({meta.get('teacher_hash')}, this one is "
+                f"{teacher_hash}); pass another `--dataset` or delete it to regenerate")
+    return SyntheticDataset(ids, temps, settings, meta.get("teacher_hash", ""), meta.get("seconds", 0.0))
+
+
+def ordinary_token_pool(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ids a row may start from: every token id below `vocab_size` that is not a special token."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    n = min(len(tokenizer), vocab_size) if tokenizer is not None else vocab_size
+    pool = torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
+    require(pool.numel() > 0, "the tokenizer has no ordinary tokens to start samples from")
+    return pool
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits) [B, V] restricted to the top-p nucleus; returns [B]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the first token always stays
+        sorted_p = sorted_p * keep
+        pick = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, pick).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: str, device: str | torch.device | None = None,
+                     progress: bool = True) -> SyntheticDataset:
+    """Let `model` (the teacher) write `settings.samples` rows of `settings.seq_len` tokens.
+
+    Example:
+        >>> ds = generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=64), lm.source_hash)  # doctest: +SKIP
+    """
+    import time
+
+    t0 = time.perf_counter()
+    device = torch.device(device or next(model.parameters()).device)
+    cpu_gen = torch.Generator().manual_seed(settings.seed)
+    pool = ordinary_token_pool(tokenizer, model.config.vocab_size)
+    first = pool[torch.randint(len(pool), (settings.samples,), generator=cpu_gen)]
+    temps = settings.temperature_min + (settings.temperature_max - settings.temperature_min) * torch.rand(
+        settings.samples, generator=cpu_gen)
+    dev_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
+    out = torch.empty(settings.samples, settings.seq_len, dtype=torch.long)
+    starts = range(0, settings.samples, settings.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.tokens, desc="teacher samples", unit="tok", unit_scale=True, leave=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    for start in starts:
+        end = min(start + settings.batch_size, settings.samples)
+        ids = first[start:end].view(-1, 1).to(device)
+        inv_t = (1.0 / temps[start:end]).view(-1, 1).to(device)
+        rows = [ids]
+        with autocast:
+            step = model(input_ids=ids, use_cache=True)
+            for _ in range(settings.seq_len - 1):
+                nxt = sample_top_p(step.logits[:, -1].float() * inv_t, settings.top_p, dev_gen).view(-1, 1)
+                rows.append(nxt)
+                step = model(input_ids=nxt, past_key_values=step.past_key_values, use_cache=True)
+        out[start:end] = torch.cat(rows, dim=1).cpu()
+        del step
+        if bar is not None:
+            bar.update((end - start) * settings.seq_len)
+    if bar is not None:
+        bar.close()
+    return SyntheticDataset(out, temps, settings, teacher_hash, seconds=time.perf_counter() - t0)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def split_holdout(n: int, share: float = 0.02, minimum: int = 4, maximum: int = 256) -> int:
+    """How many rows (taken from the end) a run keeps aside to measure KL before and after training."""
+    return max(min(minimum, n // 2), min(maximum, math.ceil(n * share)))

@@ -1,0 +1,398 @@
+"""Recover-LoRA distillation: train LoRA on the quantized student to match the teacher's next-token distributions.
+
+    teacher (full precision) ──samples──► dataset.safetensors [N, T]
+                │                               │ batches (seeded order per epoch)
+                ▼ logits (no grad, on the fly)  ▼
+          KL(teacher/τ ‖ student/τ)·τ²  ◄── student = QuantLinear integers (frozen) + LoRA A·B (trained)
+
+The loss is the token-level KL divergence over the full vocabulary, computed in fp32 from bf16-autocast
+logits. The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
+student step, cheaper than reading cached top-k logits back from disk, and exact.
+
+Runs go through `accelerate` (CPU or one GPU, bf16 autocast on CUDA). Gradient accumulation is explicit:
+one optimizer step = `grad_accum` micro-batches, and everything (LR schedule, logging, checkpoints, resume)
+counts optimizer steps. The schedule is linear warm-up then cosine decay, a pure function of the step, so a
+resumed run sets the same learning rate as an uninterrupted one. The data order of epoch e is a
+permutation seeded by (seed, e), and LoRA dropout is off, so nothing random is left to restore: a
+checkpoint (LoRA tensors + AdamW state + step, written atomically into WORK/checkpoint) is the full state,
+and `--resume` continues bit-for-bit on the same device (tests check this on the CPU).
+
+Work folder (default OUTPUT.work): dataset.safetensors (reusable), checkpoint/, metrics.jsonl.
+Output folder (written all-or-nothing at the end): PEFT adapter_config.json + adapter_model.safetensors,
+edge_recover_adapter.json (base hash, scheme, method, integer hash), recovery_report.json, metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edge_recover.errors import require
+
+from .data import SampleSettings, SyntheticDataset, generate_dataset, load_dataset, split_holdout
+from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, load_student_checkpoint, quant_hash,
+                      quantize_student, resolve_targets)
+
+REPORT_NAME = "recovery_report.json"
+# Fields that do not change the training trajectory: they may differ between a run and its resume.
+_RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Every setting of a recovery run (the CLI options map one to one).
+
+    Example:
+        >>> RecoverConfig(samples=64, seq_len=32, rank=8).optimizer_steps
+        4
+    """
+
+    samples: int = 10_000
+    seq_len: int = 256
+    rank: int = 32
+    alpha: float | None = None  # None: 2 * rank
+    targets: str = "all"
+    epochs: int = 2
+    lr: float = 1e-3
+    warmup: float = 0.05  # share of optimizer steps with linear warm-up
+    min_lr: float = 0.05  # cosine floor, as a share of `lr`
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    method: str = "mse"
+    calibration: int = 16
+    top_p: float = 0.95
+    temperature_min: float = 0.8
+    temperature_max: float = 1.2
+    bf16: bool = True
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps; schedule unchanged
+    checkpoint_every: int = 200
+    log_every: int = 10
+    gen_batch_size: int = 512
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.rank, int) and self.rank > 0, f"`--rank` must be a positive integer, got {self.rank!r}; try 32")
+        require(isinstance(self.samples, int) and self.samples > 0,
+                f"`--samples` must be a positive integer, got {self.samples!r}; try 10000 (GPU) or 64 (CPU)")
+        require(self.epochs > 0, f"`--epochs` must be positive, got {self.epochs!r}")
+        require(self.lr > 0, f"`--lr` must be positive, got {self.lr!r}; try 1e-3")
+        require(self.temperature > 0, f"`--temperature` must be positive, got {self.temperature!r}; try 1.0")
+        require(self.batch_size > 0 and self.grad_accum > 0,
+                f"`--batch-size` and `--grad-accum` must be positive, got {self.batch_size!r} and {self.grad_accum!r}")
+        require(self.alpha is None or self.alpha > 0, f"`--alpha` must be positive, got {self.alpha!r}; try 2 * rank")
+        require(0 <= self.warmup < 1, f"`warmup` must be in [0, 1), got {self.warmup!r}")
+        require(self.max_steps is None or self.max_steps > 0, f"`max_steps` must be positive, got {self.max_steps!r}")
+        require(self.train_rows >= self.rows_per_step,
+                f"`--samples` {self.samples} leaves {self.train_rows} training rows, fewer than one optimizer step "
+                f"({self.batch_size} x {self.grad_accum}); raise `--samples` or lower `--batch-size`")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def holdout(self) -> int:
+        return split_holdout(self.samples)
+
+    @property
+    def train_rows(self) -> int:
+        return self.samples - self.holdout
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_rows // self.rows_per_step
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def sample_settings(self) -> SampleSettings:
+        return SampleSettings(samples=self.samples, seq_len=self.seq_len, seed=self.seed, top_p=self.top_p,
+                              temperature_min=self.temperature_min, temperature_max=self.temperature_max,
+                              batch_size=self.gen_batch_size)
+
+    def trajectory(self) -> dict:
+        """The settings a resumed run must share with the run it continues."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUN_ONLY}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RecoverResult:
+    """What `recover` returns: the JSON report, and the trained student and teacher (on the run's device)."""
+
+    report: dict
+    student: object  # peft.PeftModel
+    teacher: object
+
+
+def lr_at(step: int, cfg: RecoverConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine down to min_lr * lr."""
+    total = cfg.optimizer_steps
+    warm = max(1, int(round(cfg.warmup * total))) if cfg.warmup > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) of softmax(logits / τ), times τ² (Hinton); logits [B, T, V].
+
+    Example:
+        >>> x = torch.randn(2, 3, 5)
+        >>> float(kd_loss(x, x))
+        0.0
+    """
+    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    return kl.mean() * temperature * temperature
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of one epoch: a permutation seeded by (seed, epoch), the same on every machine."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autocast) -> float:
+    """Mean per-token KL(teacher ‖ student) at temperature 1 over rows `ids` [N, T]."""
+    total, count = 0.0, 0
+    for batch in ids.split(batch_size):
+        batch = batch.to(device)
+        with autocast():
+            t = teacher(input_ids=batch).logits
+            s = student(input_ids=batch).logits
+        total += kd_loss(s, t).item() * batch.numel()
+        count += batch.numel()
+    return total / count
+
+
+def _write_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from edge_recover.atomic import atomic_dir
+
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "lora.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _read_checkpoint(path: Path, model, optimizer, cfg: RecoverConfig, qhash: str) -> dict:
+    from safetensors.torch import load_file
+
+    from edge_recover.errors import EdgeRecoverError
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "lora.safetensors"))
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EdgeRecoverError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}); delete it to start "
+                               "over, or rerun without `--resume` into a new output") from None
+    saved = state.get("config", {})
+    diff = sorted(k for k, v in cfg.trajectory().items() if saved.get(k) != v)
+    require(not diff, f"`--resume`: the checkpoint in {str(path)!r} was made with other settings ({', '.join(diff)}: "
+                      f"{', '.join(f'{saved.get(k)!r}' for k in diff)}); pass the same options to continue")
+    require(state.get("quant_hash") == qhash,
+            f"`--resume`: the checkpoint in {str(path)!r} was trained on other quantized integers; "
+            "use the same MODEL, `--scheme` and `--method`")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    require(set(params) == set(tensors), f"`--resume`: checkpoint {str(path)!r} does not match the LoRA layout")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(opt_state)
+    return state
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from, so the log reads as one run."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def recover(teacher, scheme, output: str | Path, cfg: RecoverConfig, *, work_dir: str | Path | None = None,
+            device: str = "auto", resume: bool = False, quantized: str | Path | None = None,
+            dataset: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> "RecoverResult":
+    """Run Recover-LoRA for `teacher` (a `LoadedModel` or a model spec) under `scheme`.
+
+    The result's report has `status` "done" (adapter written to `output`) or "stopped" (`cfg.max_steps`
+    reached; a checkpoint in the work folder, continue with `resume=True`).
+
+    Example:
+        >>> report = recover("smollm2", named_scheme("w4w2gateup"), "out/adapter", RecoverConfig())  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+
+    from edge_recover.atomic import atomic_dir, check_new_dir
+    from edge_recover.models import LoadedModel
+    from edge_recover.pipeline import resolve_model
+
+    t_start = time.perf_counter()
+    output = check_new_dir(output, overwrite)
+    work = Path(work_dir) if work_dir else output.with_name(output.name + ".work")
+    ckpt = work / "checkpoint"
+    if resume:
+        require((ckpt / "state.json").is_file(), f"`--resume`: no checkpoint in {str(ckpt)!r}; run without `--resume`")
+    else:
+        require(not (ckpt / "state.json").is_file(),
+                f"a checkpoint of an earlier run is in {str(ckpt)!r}; pass `--resume` to continue it, or delete "
+                "that folder to start over")
+    require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
+            f"`--device` must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        require(torch.cuda.is_available(), f"`--device {device}`: no CUDA device is visible; use `--device cpu`")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+
+    lm = teacher if isinstance(teacher, LoadedModel) else resolve_model(teacher)
+    require(lm.quantized_manifest is None,
+            f"{lm.source!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
+
+    # Student base first, on the CPU (the same integers as `edge-recover quantize` makes there).
+    if quantized is not None:
+        base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
+        method = qmanifest["method"]
+    else:
+        base, _ = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed, progress=progress)
+        method = cfg.method
+    qhash = quant_hash(base)
+    targets = resolve_targets(base, cfg.targets)
+
+    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if (use_cuda and cfg.bf16) else "no")
+    dev = acc.device
+    teacher_model = lm.model.to(dev).eval()
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+
+    data_path = Path(dataset) if dataset else work / "dataset.safetensors"
+    if data_path.is_file():
+        ds = load_dataset(data_path, teacher_hash=lm.source_hash)
+        want = cfg.sample_settings()
+        require(replace(ds.settings, batch_size=1) == replace(want, batch_size=1),
+                f"dataset {str(data_path)!r} was sampled with other settings ({ds.settings.samples} x {ds.settings.seq_len}, "
+                f"seed {ds.settings.seed}); pass matching `--samples/--seq-len/--seed` or another `--dataset`")
+    else:
+        ds = generate_dataset(teacher_model, lm.tokenizer, cfg.sample_settings(), lm.source_hash, device=dev,
+                              progress=progress)
+        ds.save(data_path)
+    train_ids, hold_ids = ds.input_ids[: cfg.train_rows], ds.input_ids[cfg.train_rows:]
+
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    student = add_lora(base, targets, cfg.rank, cfg.lora_alpha).to(dev)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    autocast = acc.autocast
+
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+    if resume:
+        state = _read_checkpoint(ckpt, student, optimizer, cfg, qhash)
+        step, kl_before, prior_seconds = state["step"], state["kl_before"], state["seconds"]
+        _trim_metrics(metrics_path, step)
+    else:
+        step, prior_seconds = 0, 0.0
+        metrics_path.write_text("")
+        student.eval()
+        kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, autocast)
+
+    total = cfg.optimizer_steps
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="recover", unit="step")
+    t_train = time.perf_counter()
+    tokens_since, t_log = 0, time.perf_counter()
+
+    def checkpoint_state() -> dict:
+        return {"step": step, "config": cfg.trajectory(), "quant_hash": qhash, "kl_before": kl_before,
+                "seconds": prior_seconds + time.perf_counter() - t_start}
+
+    student.train()
+    with open(metrics_path, "a") as log:
+        while step < stop_at:
+            epoch, in_epoch = divmod(step, cfg.steps_per_epoch)
+            order = epoch_order(cfg.train_rows, cfg.seed, epoch)
+            rows = order[in_epoch * cfg.rows_per_step:(in_epoch + 1) * cfg.rows_per_step]
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in rows.split(cfg.batch_size):
+                batch = train_ids[micro].to(dev)
+                with torch.no_grad(), autocast():
+                    t_logits = teacher_model(input_ids=batch).logits
+                with autocast():
+                    s_logits = student(input_ids=batch).logits
+                loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
+                acc.backward(loss)
+                loss_sum += loss.item()
+                tokens_since += batch.numel()
+                del t_logits, s_logits, loss
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                rec = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens_per_s": tokens_since / max(now - t_log, 1e-9), "seconds": now - t_train}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tokens_since, t_log = 0, now
+            if step % cfg.checkpoint_every == 0 or step == stop_at:
+                _write_checkpoint(ckpt, student, optimizer, checkpoint_state())
+    if bar is not None:
+        bar.close()
+
+    report = {"status": "done" if step >= total else "stopped", "step": step, "optimizer_steps": total,
+              "config": cfg.to_json(), "scheme": scheme.to_json(), "method": method, "targets": len(targets),
+              "trainable_parameters": sum(p.numel() for p in params), "base_source_hash": lm.source_hash,
+              "quant_hash": qhash, "dataset": {"path": str(data_path), **ds.settings.to_json(),
+                                                "generate_seconds": ds.seconds},
+              "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev),
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+    if report["status"] == "stopped":
+        report["seconds"] = prior_seconds + time.perf_counter() - t_start
+        return RecoverResult(report, student, teacher_model)
+    student.eval()
+    report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, autocast)
+    report["seconds"] = prior_seconds + time.perf_counter() - t_start
+    report["train_seconds"] = time.perf_counter() - t_train
+    with atomic_dir(output, overwrite) as tmp:
+        student.save_pretrained(str(tmp))
+        meta = adapter_metadata(lm.source_hash, scheme, method, qhash, targets, cfg.rank, cfg.lora_alpha,
+                                calibration=None if quantized else {"samples": cfg.calibration, "seed": cfg.seed})
+        (tmp / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+    report["adapter"] = str(output)
+    return RecoverResult(report, student, teacher_model)
