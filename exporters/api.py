@@ -110,7 +110,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     in place when it is not yet). A full-precision model is quantized under `scheme` with the target's
     preferred block size (or `block_size`); a quantized one keeps its integers and is refused if the target
     cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
-    when top-1 agreement is below `verify.MIN_TOP1`.
+    when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py).
 
     Example:
         >>> export_package("smollm2", "out/pkg", scheme="w4w2gateup", target="cpu")  # doctest: +SKIP
@@ -138,12 +138,13 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(lm.model.config, lm.tokenizer, prof.provider), indent=2))
         parity = None
         if verify:
-            from .verify import compare
+            from .verify import verify_package
 
-            parity = compare(tmp / MODEL_FILE, lm.model, lm.tokenizer)
-            require(parity.ok, f"verification failed: ONNX Runtime and torch agree on top-1 for only "
-                               f"{parity.top1_agreement:.1%} of positions (< {parity.threshold:.0%}, max abs diff "
-                               f"{parity.max_abs_diff:.3g}); pass --no-verify to keep the package anyway")
+            parity = verify_package(tmp / MODEL_FILE, lm.model, lm.tokenizer, prof.accuracy_level)
+            ex = parity["exact"]
+            require(parity["ok"], f"verification failed: ONNX Runtime (exact dequantization) and torch agree on "
+                                  f"top-1 for only {ex['top1_agreement']:.1%} of positions (< {ex['threshold']:.0%}, "
+                                  f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
         manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, parity, time.time() - t0)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -180,7 +181,7 @@ def _manifest(lm: LoadedModel, prof: TargetProfile, scheme_json: dict, method: s
         "source_hash": lm.source_hash,
         "tool_version": tool_version(),
         "versions": library_versions(),
-        "parity": parity.to_json() if parity is not None else None,
+        "parity": parity,
         "adapters": [],
         "export_seconds": round(seconds, 1),
     }

@@ -13,8 +13,8 @@ integers transposed (`_check_weight`); anything else raises.
 
 Two more rewrites make the graph fast:
 - `untie_transposes`: a tied lm_head is exported as `Transpose(embed_tokens.weight) -> MatMul`, which
-  transposes the whole vocabulary matrix on every decode step (FACTS.md). The transpose is folded into
-  its own initializer; the embedding keeps its own for the Gather.
+  transposes the whole vocabulary matrix on every decode step (FACTS.md). The transpose is folded into an
+  initializer once, and the embedding Gather reads that same matrix along axis 1, so it is stored once.
 - unused float weights are dropped, so the package holds each tensor once.
 """
 
@@ -62,24 +62,56 @@ def node_name_for(layer: str) -> str:
     return "/" + "/".join(out)
 
 
+def _input_rank(model: onnx.ModelProto, name: str) -> int | None:
+    for i in model.graph.input:
+        if i.name == name:
+            return len(i.type.tensor_type.shape.dim)
+    return None
+
+
 def untie_transposes(model: onnx.ModelProto) -> list[str]:
-    """Fold every `Transpose(initializer)` into a new initializer; returns the folded node names."""
+    """Fold every `Transpose(initializer)` into a new initializer; returns the folded node names.
+
+    A tied embedding then reads the transposed matrix too, so the package holds the vocabulary matrix once:
+
+        Gather(E [V, K], ids)                     ──►  Transpose(Gather(E_t [K, V], ids, axis=1), perm=[1, .., 0])
+        MatMul(x, Transpose(E))                   ──►  MatMul(x, E_t)
+
+    The Gather then reads K strided values per token (cheap) instead of a second copy of V x K floats.
+    """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     folded = []
     keep = []
+    transposed: dict[str, str] = {}  # source initializer -> its transposed initializer
     for node in g.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         if node.op_type == "Transpose" and node.input[0] in inits:
             arr = numpy_helper.to_array(inits[node.input[0]])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             t = np.ascontiguousarray(np.transpose(arr, perm))
             g.initializer.append(numpy_helper.from_array(t, node.output[0]))
             folded.append(node.name)
+            if arr.ndim == 2 and perm in (None, [1, 0]):
+                transposed[node.input[0]] = node.output[0]
         else:
             keep.append(node)
+    out = []
+    for node in keep:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        rank = _input_rank(model, node.input[1]) if node.op_type == "Gather" else None
+        if node.op_type == "Gather" and node.input[0] in transposed and axis == 0 and rank:
+            gathered = f"{node.output[0]}_t"
+            out.append(onnx.helper.make_node("Gather", [transposed[node.input[0]], node.input[1]], [gathered],
+                                             name=node.name, axis=1))
+            out.append(onnx.helper.make_node("Transpose", [gathered], [node.output[0]], name=f"{node.name}/Transpose",
+                                             perm=[*range(1, rank + 1), 0]))
+            folded.append(node.name)
+        else:
+            out.append(node)
     if folded:
         del g.node[:]
-        g.node.extend(keep)
+        g.node.extend(out)
+        drop_unused_initializers(model)
     return folded
 
 

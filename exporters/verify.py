@@ -7,8 +7,15 @@ in two steps that together exercise the whole KV-cache contract:
     decode   ids[-1:] with past = present.*    ──► logits[:, -1]
 
 and compares the logits at every position: top-1 agreement (the fraction of positions whose argmax is the
-same) and max abs difference. CPU targets run MatMulNBits with accuracy_level 4 (int8 activations), an
-approximation, so agreement, not exact equality, is the pass criterion; the max difference is reported.
+same) and max abs difference.
+
+Two graphs are compared, because CPU targets run MatMulNBits at accuracy_level 4 (int8 activations), an
+approximation whose noise a badly quantized model (2-bit SmolLM2 before recovery) amplifies into flipped
+near-ties:
+- the exact graph (every MatMulNBits at accuracy_level 0: fp32 dequantization) must agree with torch on
+  top-1 for at least `MIN_TOP1` of the positions; this proves the integers and the mapping are right, and
+  it is the pass criterion;
+- the shipped graph's figures are recorded next to it (what the target actually computes).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Water boils at a temperature of one hundred degrees",
 )
-MIN_TOP1 = 0.9  # below this agreement the export fails unless verification is turned off
+MIN_TOP1 = 0.95  # exact-graph agreement below this fails the export unless verification is turned off
 
 
 @dataclass
@@ -118,3 +125,46 @@ def compare(model_path: str | Path, torch_model, tokenizer, prompts=DEFAULT_PROM
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += ref.shape[0]
     return Parity(len(prompts), total, agree / max(total, 1), max_diff, float(np.mean(diffs)), scale, threshold)
+
+
+def ort_perplexity(model_path: str | Path, windows, threads: int = 2) -> tuple[float, int]:
+    """(perplexity, scored tokens) of a package graph on `windows` [n, T] ids, each scored in full from an
+    empty past, exactly as `edge_recover.evaluate.evaluate` scores the torch model."""
+    sess = session(model_path, threads=threads)
+    nll, count = 0.0, 0
+    for row in np.asarray(windows):
+        logits, _ = run_step(sess, row[None], empty_past(sess), 0)
+        lg = logits[0, :-1].astype(np.float64)
+        lg -= lg.max(-1, keepdims=True)
+        logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+        count += len(row) - 1
+    return float(np.exp(nll / count)), count
+
+
+def with_accuracy_level(model_path: str | Path, level: int, folder: str | Path) -> Path:
+    """A copy of the graph at `model_path` with every MatMulNBits at `level`, written into `folder`."""
+    import onnx
+
+    m = onnx.load(str(model_path))
+    for n in m.graph.node:
+        for a in n.attribute:
+            if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = level
+    out = Path(folder) / "model.onnx"
+    onnx.save_model(m, str(out), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    return out
+
+
+def verify_package(model_path: str | Path, torch_model, tokenizer, accuracy_level: int,
+                   threshold: float = MIN_TOP1) -> dict:
+    """Parity of the exact graph (the gate) and of the shipped graph; `ok` says whether the export passes."""
+    import tempfile
+
+    shipped = compare(model_path, torch_model, tokenizer, threshold=0.0)
+    if accuracy_level == 0:
+        exact = compare(model_path, torch_model, tokenizer, threshold=threshold)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edge-recover-verify-") as tmp:
+            exact = compare(with_accuracy_level(model_path, 0, tmp), torch_model, tokenizer, threshold=threshold)
+    return {**shipped.to_json(), "accuracy_level": accuracy_level, "exact": exact.to_json(), "ok": exact.ok}
