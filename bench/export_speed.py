@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "out" / "bench-export"
 GENAI_VENV = ROOT / ".venv-genai"
-GENAI_PKGS = ["torch==2.13.0", "transformers>=5,<6", "onnxruntime-genai==0.18.0", "onnx", "safetensors", "protobuf"]
+GENAI_PKGS = ["torch==2.13.0", "transformers>=5,<6", "onnxruntime-genai==0.18.0", "onnx", "onnx-ir", "onnxscript", "safetensors", "protobuf"]
 VARIANTS = {"ours-w4": ("w4", []), "ours-w4w2gateup": ("w4w2gateup", []),
             "ours-w4+head8": ("w4", ["lm_head=8"]), "ours-w4w2gateup+head8": ("w4w2gateup", ["lm_head=8"])}
 
