@@ -19,7 +19,9 @@ def recover_cmd(
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
     output: Path = typer.Option(..., "-o", "--output", help="adapter folder to create"),
     scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
-    method: str = typer.Option("mse", help="quantizer method for the student (see `edge-recover quantize`)"),
+    method: str = typer.Option("gptq", help="quantizer method for the student (see `edge-recover quantize`)"),
+    calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
+    save_quantized: Optional[Path] = typer.Option(None, help="also write the student's quantized checkpoint here"),
     quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),
     samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
     seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
@@ -48,9 +50,10 @@ def recover_cmd(
     check_new_dir(output, overwrite)
     cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
                         lr=lr, temperature=temperature, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-                        method=method, checkpoint_every=checkpoint_every)
+                        method=method, calibration=calibration, checkpoint_every=checkpoint_every)
     result = recover(model, load_scheme(scheme), output, cfg, work_dir=work_dir, device=device, resume=resume,
-                     quantized=quantized, dataset=dataset, overwrite=overwrite)
+                     quantized=quantized, dataset=dataset, save_quantized_to=save_quantized,
+                     overwrite=overwrite)
     r = result.report
     typer.echo(f"KL on held-out teacher samples: {r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token "
                f"({r['step']} steps, {r['seconds'] / 60:.1f} min)")
@@ -63,7 +66,7 @@ def eval_cmd(
     scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
     adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
     quantized: Optional[Path] = typer.Option(None, help="quantized checkpoint to use instead of quantizing MODEL"),
-    method: Optional[str] = typer.Option(None, help="quantizer method (default: the adapter's, else mse)"),
+    method: Optional[str] = typer.Option(None, help="quantizer method (default: the adapter's, else gptq)"),
     seq_len: int = typer.Option(512, help="tokens per scored window"),
     max_windows: Optional[int] = typer.Option(None, help="score at most this many windows"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),

@@ -69,8 +69,8 @@ class RecoverConfig:
     seed: int = 0
     batch_size: int = 16
     grad_accum: int = 1
-    method: str = "mse"
-    calibration: int = 16
+    method: str = "gptq"
+    calibration: int = 32
     top_p: float = 0.95
     temperature_min: float = 0.8
     temperature_max: float = 1.2
@@ -236,7 +236,8 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def recover(teacher, scheme, output: str | Path, cfg: RecoverConfig, *, work_dir: str | Path | None = None,
             device: str = "auto", resume: bool = False, quantized: str | Path | None = None,
-            dataset: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> "RecoverResult":
+            dataset: str | Path | None = None, save_quantized_to: str | Path | None = None, overwrite: bool = False,
+            progress: bool = True) -> "RecoverResult":
     """Run Recover-LoRA for `teacher` (a `LoadedModel` or a model spec) under `scheme`.
 
     The result's report has `status` "done" (adapter written to `output`) or "stopped" (`cfg.max_steps`
@@ -276,8 +277,13 @@ def recover(teacher, scheme, output: str | Path, cfg: RecoverConfig, *, work_dir
         base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
         method = qmanifest["method"]
     else:
-        base, _ = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed, progress=progress)
+        base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
+                                         progress=progress)
         method = cfg.method
+        if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
+            from edge_recover.checkpoint import save_quantized
+
+            save_quantized(LoadedModel(base, lm.tokenizer, lm.source, lm.source_hash), save_quantized_to, qreport)
     qhash = quant_hash(base)
     targets = resolve_targets(base, cfg.targets)
 

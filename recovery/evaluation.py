@@ -49,7 +49,7 @@ def compare(teacher, student, windows: torch.Tensor, batch_size: int = 4, progre
 
 
 def evaluate_recovery(model: str | Path, scheme, text_file: str | Path, *, adapter: str | Path | None = None,
-                      quantized: str | Path | None = None, method: str | None = None, calibration: int = 16,
+                      quantized: str | Path | None = None, method: str | None = None, calibration: int = 32,
                       seed: int = 0, seq_len: int = 512, max_windows: int | None = None, device: str = "auto",
                       batch_size: int = 4, progress: bool = True) -> dict:
     """Load the teacher `model`, quantize it under `scheme` (or load `quantized`), add `adapter`, compare.
@@ -68,7 +68,7 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path, *, adapt
     require(p.is_file(), f"`--text` {str(p)!r} does not exist; pass a UTF-8 text file")
     text = p.read_text(encoding="utf-8", errors="replace")
     meta = read_adapter_metadata(adapter) if adapter else None
-    method = method or (meta["method"] if meta else "mse")
+    method = method or (meta["method"] if meta else "gptq")
     if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
         calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
     lm = resolve_model(model)

@@ -51,7 +51,7 @@ def test_output_is_a_peft_adapter_with_provenance(run, tiny_model):
     assert meta["scheme"]["name"] == "w4w2gateup" and meta["base_source_hash"] == res.report["base_source_hash"]
     # a fresh quantization of the same teacher gives the same integers, and the adapter reproduces the student
     lm = load_model(tiny_model)
-    base, _ = quantize_student(lm, SCHEME, "mse", calibration=4, seed=0, progress=False)
+    base, _ = quantize_student(lm, SCHEME, "gptq", calibration=4, seed=0, progress=False)
     assert quant_hash(base) == meta["quant_hash"]
     recovered = load_adapter(base, out, lm.source_hash, SCHEME)
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 16))
@@ -85,12 +85,12 @@ def test_resume_after_interruption_equals_uninterrupted(run, tiny_model, tmp_pat
 def test_adapter_from_another_base_or_scheme_is_refused(run, other_tiny_model, tiny_model):
     root, _ = run
     other = load_model(other_tiny_model)
-    base, _ = quantize_student(other, SCHEME, "mse", calibration=4, progress=False)
+    base, _ = quantize_student(other, SCHEME, "gptq", calibration=4, progress=False)
     with pytest.raises(EdgeRecoverError, match="another base model"):
         load_adapter(base, root / "adapter", other.source_hash, SCHEME)
     lm = load_model(tiny_model)
     w4 = named_scheme("w4")
-    base4, _ = quantize_student(lm, w4, "mse", calibration=4, progress=False)
+    base4, _ = quantize_student(lm, w4, "gptq", calibration=4, progress=False)
     with pytest.raises(EdgeRecoverError, match="scheme 'w4w2gateup'"):
         load_adapter(base4, root / "adapter", lm.source_hash, w4)
     rtn, _ = quantize_student(lm, SCHEME, "rtn", progress=False)
