@@ -33,7 +33,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, block_size: int, qmax:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(k) * damp * torch.diag(h).mean()
+    h += torch.eye(k, device=h.device) * damp * torch.diag(h).mean()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     diag_h = torch.diag(hessian).float().clamp_min(1e-8)
 

