@@ -85,7 +85,7 @@ def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Sche
     """A quantized checkpoint folder as the student base; it must come from `teacher` (and `scheme`)."""
     from edge_recover.models import load_model
 
-    q = load_model(path)
+    q = load_model(path, base=teacher)
     require(q.quantized_manifest is not None, f"`--quantized` {str(path)!r} is not an edge-recover quantized checkpoint")
     require(q.source_hash == teacher.source_hash,
             f"`--quantized` {str(path)!r} was made from another model ({q.source_hash}; the teacher is "

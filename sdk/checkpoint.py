@@ -7,6 +7,12 @@
     edge_recover_quantized.json                             scheme, method, per-layer configs, source hash,
                                                             versions, quantization report
 
+A *slim* checkpoint (`slim=True`, `edge-recover quantize --slim`) leaves the kept tensors (embeddings,
+norms, anything not quantized) out: it holds only the integers and is loaded together with its source
+model (`base=`), whose weights must hash to the recorded source hash. For SmolLM2 that is 45 MB instead
+of 170 MB: small enough to ship integers between machines (GPTQ is not bit-reproducible across torch
+builds, so the integers a recovery trained against travel with it instead of being made again).
+
 The integers are stored packed in the exporter's layout, so the checkpoint is also what `export` packs.
 Loading uses safetensors only (no pickle).
 """
@@ -40,8 +46,9 @@ def _packed_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overwrite: bool = False) -> Path:
-    """Write `lm` (already quantized in place) as a checkpoint folder, all-or-nothing."""
+def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overwrite: bool = False,
+                   slim: bool = False) -> Path:
+    """Write `lm` (already quantized in place) as a checkpoint folder, all-or-nothing (`slim`: integers only)."""
     from safetensors.torch import save_file
 
     model = lm.model
@@ -56,7 +63,7 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
         skip.update({f"{name}.weight", f"{name}.codes", f"{name}.scales", f"{name}.zero_points"})
     seen_ptrs = set()
     for key, t in model.state_dict().items():
-        if key in skip:
+        if key in skip or slim:
             continue
         ptr = t.data_ptr()
         if ptr in seen_ptrs:  # tied weights (lm_head = embed_tokens) are stored once
@@ -69,6 +76,7 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
         "scheme": report.scheme, "method": report.method,
         "layers": layers_meta,
         "source": lm.source, "source_hash": lm.source_hash,
+        "kept_weights": "from_source" if slim else "included",
         "versions": library_versions(),
         "report": report.to_json(),
     }
@@ -92,8 +100,15 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_quantized(path: str | Path, dtype=None) -> LoadedModel:
-    """Load a checkpoint written by `save_quantized`; the QuantLinear integers are bit-identical."""
+def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path | None" = None) -> LoadedModel:
+    """Load a checkpoint written by `save_quantized`; the QuantLinear integers are bit-identical.
+
+    A slim checkpoint takes its kept tensors from `base` (a loaded model or a path; default: the recorded
+    source path), which must be the very model it was quantized from.
+
+    Example:
+        >>> lm = load_quantized("out/smollm2-w4w2", base="smollm2")  # doctest: +SKIP
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +121,8 @@ def load_quantized(path: str | Path, dtype=None) -> LoadedModel:
         tensors = load_file(str(p / "model.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise EdgeRecoverError(f"{str(p / 'model.safetensors')!r} is corrupt or missing ({exc}); re-run `edge-recover quantize`") from None
+    if manifest.get("kept_weights") == "from_source":
+        tensors.update(_kept_from_base(p, manifest, base))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     for name, meta in manifest["layers"].items():
         cfg = QuantConfig.from_json({k: meta[k] for k in ("bits", "block_size", "symmetric")})
@@ -131,6 +148,26 @@ def load_quantized(path: str | Path, dtype=None) -> LoadedModel:
     model.eval()
     tok = AutoTokenizer.from_pretrained(p)
     return LoadedModel(model, tok, manifest["source"], manifest["source_hash"], quantized_manifest=manifest)
+
+
+def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]:
+    """The kept (unquantized) tensors of a slim checkpoint, taken from its source model."""
+    from .models import load_model
+    from .pipeline import resolve_model
+
+    if base is None:
+        require(Path(manifest["source"]).exists(),
+                f"{str(path)!r} is a slim checkpoint and its source {manifest['source']!r} is not here; "
+                f"pass the source model (`--base MODEL`)")
+        base = manifest["source"]
+    if not isinstance(base, LoadedModel):
+        base = resolve_model(base) if str(base) == "smollm2" else load_model(base)
+    require(base.source_hash == manifest["source_hash"],
+            f"{str(path)!r} was quantized from another model ({manifest['source_hash'][:19]}; `base` is "
+            f"{base.source_hash[:19]}); pass the model it was made from")
+    qnames = set(manifest["layers"])
+    return {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in base.model.state_dict().items()
+            if k.rsplit(".", 1)[0] not in qnames}
 
 
 def unpacked_equal(a: QuantizedWeight, b: QuantizedWeight) -> bool:

@@ -56,6 +56,7 @@ def quantize(
     calibration: int = typer.Option(32, help="teacher-sampled sequences for calibration statistics (0: none; rtn needs none)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    slim: bool = typer.Option(False, help="store only the integers; loading then needs the source model"),
 ) -> None:
     """Quantize a model and write a checkpoint (safetensors + config + manifest) with a per-layer report."""
     from .atomic import check_new_dir
@@ -64,7 +65,7 @@ def quantize(
 
     check_new_dir(output, overwrite)
     sch = load_scheme(scheme, rule, block_size)
-    report = quantize_to_checkpoint(model, sch, method, output, calibration=calibration, seed=seed, overwrite=overwrite)
+    report = quantize_to_checkpoint(model, sch, method, output, calibration=calibration, seed=seed, overwrite=overwrite, slim=slim)
     _print_report(report)
     typer.echo(f"wrote {output}")
 

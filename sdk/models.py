@@ -1,7 +1,7 @@
 """Loading causal LMs: a Hugging Face folder, a `.gguf` file, or an edge-recover quantized checkpoint.
 
 `load_model` returns a `LoadedModel` (model, tokenizer, where it came from and a content hash of the
-source) so that every later step can record provenance in its manifest. GGUF files go through
+source's weights) so that every later step can record provenance in its manifest. GGUF files go through
 transformers' GGUF reader (weights are de-quantized to fp32: the Q4_1 weights of SmolLM2 are then an
 exact fp32 teacher) and get their tokenizer repaired (see `fix_tokenizer`).
 """
@@ -34,17 +34,28 @@ class LoadedModel:
     quantized_manifest: dict | None = None  # set when loaded from an edge-recover checkpoint
 
 
-def hash_path(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 over the bytes of a file, or of the weight and config files of a folder (sorted by name)."""
+def weights_hash(model) -> str:
+    """sha256 over the model's weights (names, shapes, fp32 bytes, in name order): the model's identity.
+
+    A content hash of the tensors, not of files, so the same weights loaded from a `.gguf` file or from the
+    Hugging Face folder made of it, on any machine and transformers version, hash the same. Tied tensors
+    count once.
+
+    Example:
+        >>> weights_hash(load_model("smollm2").model)  # doctest: +SKIP
+        'sha256:...'
+    """
+    import torch
+
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in {".safetensors", ".json", ".gguf", ".bin"} and p.name != "manifest.json"
-    )
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
+    seen = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        data = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(data.shape)};".encode())
+        h.update(data.numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
 
@@ -102,8 +113,10 @@ def _load_hf(path: Path, gguf_file: str | None = None, dtype=None):
     return model, tokenizer
 
 
-def load_model(path: str | Path, dtype=None) -> LoadedModel:
+def load_model(path: str | Path, dtype=None, base=None) -> LoadedModel:
     """Load a causal LM from a HF folder, a `.gguf` file or an edge-recover quantized checkpoint.
+
+    `base` is the source model of a slim checkpoint (see `checkpoint.load_quantized`).
 
     Example:
         >>> lm = load_model("~/.cache/edge-recover/smollm2-135m")  # doctest: +SKIP
@@ -115,11 +128,11 @@ def load_model(path: str | Path, dtype=None) -> LoadedModel:
     if p.is_file():
         require(p.suffix == ".gguf", f"model file {str(p)!r} is not a .gguf file; pass a .gguf file or a HF model folder")
         model, tok = _load_hf(p.parent, gguf_file=p.name, dtype=dtype)
-        return LoadedModel(model, tok, str(p), hash_path(p))
+        return LoadedModel(model, tok, str(p), weights_hash(model))
     if (p / QUANTIZED_MARKER).is_file():
         from .checkpoint import load_quantized
 
-        return load_quantized(p, dtype=dtype)
+        return load_quantized(p, dtype=dtype, base=base)
     require((p / "config.json").is_file(), f"{str(p)!r} has no config.json; pass a Hugging Face model folder or a .gguf file")
     model, tok = _load_hf(p, dtype=dtype)
-    return LoadedModel(model, tok, str(p), hash_path(p))
+    return LoadedModel(model, tok, str(p), weights_hash(model))

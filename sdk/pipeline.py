@@ -46,7 +46,8 @@ def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "gptq", calib
 
 
 def quantize_to_checkpoint(model: str | Path, scheme: Scheme, method: str, output: str | Path,
-                           calibration: int = 32, seed: int = 0, overwrite: bool = False) -> QuantReport:
+                           calibration: int = 32, seed: int = 0, overwrite: bool = False,
+                           slim: bool = False) -> QuantReport:
     """Load, quantize and write a checkpoint folder; returns the report.
 
     Example:
@@ -61,5 +62,5 @@ def quantize_to_checkpoint(model: str | Path, scheme: Scheme, method: str, outpu
     lm = resolve_model(model)
     require(lm.quantized_manifest is None, f"{str(model)!r} is already quantized; pass the full-precision model")
     report = quantize_loaded(lm, scheme, method, calibration, seed)
-    save_quantized(lm, output, report, overwrite=overwrite)
+    save_quantized(lm, output, report, overwrite=overwrite, slim=slim)
     return report

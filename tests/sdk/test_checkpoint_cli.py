@@ -36,6 +36,31 @@ def test_checkpoint_round_trip(arch_fixture, request, tmp_path):
     torch.testing.assert_close(back.model(input_ids=ids).logits, expected)
 
 
+def test_slim_checkpoint_takes_kept_weights_from_its_source(tiny_llama_dir, tiny_qwen3_dir, tmp_path):
+    lm = load_model(tiny_llama_dir)
+    report = quantize_model(lm.model, named_scheme("w4w2gateup"), "rtn", progress=False)
+    save_quantized(lm, tmp_path / "full", report)
+    save_quantized(lm, tmp_path / "slim", report, slim=True)
+    assert (tmp_path / "slim/model.safetensors").stat().st_size < (tmp_path / "full/model.safetensors").stat().st_size / 2
+    ids = torch.randint(0, 200, (1, 9))
+    back = load_model(tmp_path / "slim", base=tiny_llama_dir)  # also the default: the recorded source path
+    torch.testing.assert_close(back.model(input_ids=ids).logits, lm.model(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(EdgeRecoverError, match="quantized from another model"):
+        load_model(tmp_path / "slim", base=tiny_qwen3_dir)
+
+
+def test_source_hash_is_of_the_weights_not_the_files(tiny_llama_dir, tmp_path):
+    lm = load_model(tiny_llama_dir)
+    lm.model.save_pretrained(tmp_path / "copy")  # other file bytes (metadata), same tensors
+    lm.tokenizer.save_pretrained(tmp_path / "copy")
+    assert load_model(tmp_path / "copy").source_hash == lm.source_hash
+    with torch.no_grad():
+        lm.model.model.norm.weight[0] += 1e-3
+    lm.model.save_pretrained(tmp_path / "changed")
+    lm.tokenizer.save_pretrained(tmp_path / "changed")
+    assert load_model(tmp_path / "changed").source_hash != lm.source_hash
+
+
 def test_save_refuses_existing_folder_and_leaves_nothing(tiny_llama_dir, tmp_path):
     lm = load_model(tiny_llama_dir)
     report = quantize_model(lm.model, named_scheme("w4"), "rtn", progress=False)
