@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=None)
     ap.add_argument("--targets", default="all")
+    ap.add_argument("--init", default="zero", choices=["zero", "residual"])
+    ap.add_argument("--quantized", default=None, help="train against this quantized checkpoint (slim ones too)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -87,7 +89,7 @@ def main(argv=None) -> dict:
     for stale in (out_dir, out_dir.with_name(out_dir.name + ".work"), work / f"quantized-{args.tag}"):
         shutil.rmtree(stale, ignore_errors=True)
     cfg = RecoverConfig(samples=args.samples, seq_len=args.seq_len, rank=args.rank, alpha=args.alpha,
-                        targets=args.targets, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
+                        targets=args.targets, init=args.init, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
                         batch_size=args.batch_size, method=args.method, gen_batch_size=args.gen_batch_size,
                         calibration=args.calibration, checkpoint_every=10_000)
     w4 = None
@@ -102,7 +104,9 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
     res = recover(lm, scheme, out_dir, cfg, device="cuda" if use_cuda else "cpu", dataset=dataset,
-                  save_quantized_to=work / f"quantized-{args.tag}", progress=sys.stderr.isatty())
+                  quantized=args.quantized,
+                  save_quantized_to=None if args.quantized else work / f"quantized-{args.tag}",
+                  progress=sys.stderr.isatty())
     minutes = (time.perf_counter() - t0) / 60
     _say(f"recovery {minutes:.2f} min (generate {res.report['dataset']['generate_seconds']:.0f} s, "
          f"train {res.report['train_seconds']:.0f} s); kl holdout {res.report['kl_before']:.4f} -> {res.report['kl_after']:.4f}")
@@ -118,7 +122,7 @@ def main(argv=None) -> dict:
         "eval_seq_len": args.eval_seq_len,
         "generate_seconds": r["dataset"]["generate_seconds"], "train_seconds": r["train_seconds"],
         "kl_holdout_before": r["kl_before"], "kl_holdout_after": r["kl_after"],
-        "settings": {k: r["config"][k] for k in ("samples", "seq_len", "rank", "alpha", "targets", "epochs", "lr",
+        "settings": {k: r["config"][k] for k in ("samples", "seq_len", "rank", "alpha", "targets", "init", "epochs", "lr",
                                                  "warmup", "min_lr", "temperature", "batch_size", "grad_accum",
                                                  "calibration", "top_p", "temperature_min", "temperature_max")},
         "optimizer_steps": r["optimizer_steps"], "trainable_parameters": r["trainable_parameters"],
@@ -147,7 +151,8 @@ def main(argv=None) -> dict:
             data = f.read_bytes()
             for i in range(0, len(data), limit):
                 (dest / f"{f.name}.part{i // limit}").write_bytes(data[i:i + limit])
-        shutil.copy(work / f"quantized-{args.tag}" / "edge_recover_quantized.json", dest / "quantized_manifest.json")
+        qdir = Path(args.quantized) if args.quantized else work / f"quantized-{args.tag}"
+        shutil.copy(qdir / "edge_recover_quantized.json", dest / "quantized_manifest.json")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
     return result
 

@@ -28,6 +28,7 @@ def recover_cmd(
     rank: int = typer.Option(32, help="LoRA rank"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank)"),
     targets: str = typer.Option("all", help="`all` quantized layers, `2bit` (those the scheme puts at 2 bits) or regexes"),
+    init: str = typer.Option("zero", help="LoRA start: `zero` (PEFT's) or `residual` (top-r SVD of the quantization error)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
     lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine)"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
@@ -48,7 +49,7 @@ def recover_cmd(
     from .distill import RecoverConfig, recover
 
     check_new_dir(output, overwrite)
-    cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
+    cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init, epochs=epochs,
                         lr=lr, temperature=temperature, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
                         method=method, calibration=calibration, checkpoint_every=checkpoint_every)
     result = recover(model, load_scheme(scheme), output, cfg, work_dir=work_dir, device=device, resume=resume,

@@ -152,3 +152,29 @@ def test_cli_eval_and_errors(run, tiny_model, tmp_path):
     wrong = subprocess.run(exe + ["eval", str(tiny_model), "--text", str(text), "--adapter", str(root / "adapter"),
                                   "--scheme", "w4", "--device", "cpu"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "scheme" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_residual_init_starts_at_the_best_rank_r_fix(tiny_model):
+    from edge_recover.recovery.student import add_lora, init_lora_from_residual, resolve_targets
+
+    lm = load_model(tiny_model)
+    base, _ = quantize_student(lm, SCHEME, "rtn", calibration=0, progress=False)
+    targets = resolve_targets(base, "all")
+    student = add_lora(base, targets, rank=4, alpha=8.0)
+    shares = init_lora_from_residual(student, lm.model, targets)
+    assert set(shares) == set(targets) and all(0 < s < 1 for s in shares.values())
+    with torch.no_grad():
+        for name in targets:
+            layer = student.base_model.model.get_submodule(name)
+            delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+            resid = lm.model.get_submodule(name).weight - layer.base_layer.weight
+            sv = torch.linalg.svdvals(resid)
+            left = torch.linalg.matrix_norm(resid - delta) ** 2  # Eckart-Young: exactly the tail of the spectrum
+            torch.testing.assert_close(left, (sv[4:] ** 2).sum(), rtol=1e-4, atol=1e-6)
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        t = lm.model(input_ids=ids).logits
+        with student.disable_adapter():
+            kl_q = kd_loss(student(input_ids=ids).logits, t).item()
+        kl_init = kd_loss(student(input_ids=ids).logits, t).item()
+    assert kl_init < kl_q, (kl_init, kl_q)
