@@ -29,7 +29,8 @@ EVAL_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGE_RECOVER_CACHE", Path.home() / ".cache" / "edge-recover")).expanduser()
+    """Where fetched assets live: `$EDGE_RECOVER_CACHE`, or ~/.cache/edge-recover when unset or empty."""
+    return Path(os.environ.get("EDGE_RECOVER_CACHE") or Path.home() / ".cache" / "edge-recover").expanduser()
 
 
 def _pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
