@@ -72,23 +72,35 @@ def _optimum_export(torch_model, out_dir: Path) -> None:
         onnx_export_from_model(torch_model, out_dir, task="text-generation-with-past", do_validation=False)
 
 
-def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None):
-    """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied)."""
+# Above this many bytes of float weights in quantized layers, export through placeholders (rewrite.py).
+LOW_MEMORY_BYTES = 2 << 30
+
+
+def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None, low_memory: bool = False,
+                restore: bool = True):
+    """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
+
+    `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
+    all in memory; same graph function); `restore=False` then leaves those float weights freed.
+    """
+    import contextlib
+
     import onnx
 
     from edge_recover.apply import quantized_layers
 
     from .fusions import apply_fusions
     from .matmulnbits import IR_VERSION
-    from .rewrite import replace_matmuls, untie_transposes
+    from .rewrite import low_memory_weights, replace_matmuls, untie_transposes
 
     layers = {name: q.quantized() for name, q in quantized_layers(lm.model).items()}
-    with tempfile.TemporaryDirectory(prefix="edge-recover-optimum-") as tmp:
+    swap = low_memory_weights(lm.model, restore) if low_memory else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="edge-recover-optimum-") as tmp, swap as placeholders:
         _optimum_export(lm.model, Path(tmp))
         graph = onnx.load(str(Path(tmp) / MODEL_FILE))  # external data (if any) is read in
     untie_transposes(graph)
-    rewritten = replace_matmuls(graph, layers, target)
-    fusions = apply_fusions(graph, lm.model.config) if (target.fuse if fuse is None else fuse) else []
+    rewritten = replace_matmuls(graph, layers, target, placeholders)
+    fusions = apply_fusions(graph, lm.model) if (target.fuse if fuse is None else fuse) else []
     graph.ir_version = IR_VERSION
     return graph, {r.name: r for r in rewritten}, fusions
 
@@ -103,14 +115,17 @@ def save_graph(graph, folder: Path) -> None:
 
 def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme="w4w2gateup", target: str = "cpu",
                    method: str = "mse", vendor: str | None = None, verify: bool = True, overwrite: bool = False,
-                   calibration: int = 16, block_size: int | None = None, fuse: bool | None = None) -> Path:
+                   calibration: int = 16, block_size: int | None = None, fuse: bool | None = None,
+                   low_memory: bool | None = None) -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
     in place when it is not yet). A full-precision model is quantized under `scheme` with the target's
     preferred block size (or `block_size`); a quantized one keeps its integers and is refused if the target
     cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
-    when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py).
+    when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py). `low_memory`
+    (default: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`) exports through shared
+    placeholder weights, so a 1.7B model exports on a 24 GiB machine (rewrite.low_memory_weights).
 
     Example:
         >>> export_package("smollm2", "out/pkg", scheme="w4w2gateup", target="cpu")  # doctest: +SKIP
@@ -125,7 +140,13 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     lm = _load(model)
     scheme_json, method_used = _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
     lm.model.float().eval()
-    graph, rewritten, fusions = build_graph(lm, prof, fuse)
+    if low_memory is None:
+        from edge_recover.apply import quantized_layers
+
+        low_memory = sum(4 * q.weight.numel() for q in quantized_layers(lm.model).values()) > LOW_MEMORY_BYTES
+    # a model loaded here and not verified needs no float weights after the export
+    graph, rewritten, fusions = build_graph(lm, prof, fuse, low_memory=low_memory,
+                                            restore=verify or isinstance(model, LoadedModel))
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)

@@ -1,8 +1,248 @@
-"""ORT fused-op rewrites for the cpu target (placeholder: no fusions yet)."""
+"""Fused attention for the cpu target: one GroupQueryAttention node per layer instead of Optimum's ~100.
+
+Optimum exports attention op by op: views (Shape/Gather/Unsqueeze/Concat/Reshape), rotary embedding
+(Slice/Neg/Concat/Mul/Add), the KV concatenation, a causal mask built from `attention_mask` (Range, Where,
+Expand, ...), MatMul/Softmax/MatMul. ONNX Runtime's own session optimizer fuses the RMS norms
+(SimplifiedLayerNormalization) and SiLU but none of the attention, so the decode step runs thousands of
+tiny kernels. This module replaces each layer's attention by com.microsoft GroupQueryAttention with
+rotary inside (`do_rotary=1`), the op onnxruntime-genai's builder emits:
+
+    q_proj ─► [Reshape ─► SimplifiedLayerNorm(q_norm) ─► Reshape] ─┐   (Qwen3 only: per-head RMS norm)
+    k_proj ─► [Reshape ─► SimplifiedLayerNorm(k_norm) ─► Reshape] ─┤
+    v_proj ───────────────────────────────────────────────────────┤
+    past_key_values.i.key / .value ───────────────────────────────┤
+    seqlens_k, total_sequence_length (from attention_mask) ───────┤
+    cos_cache, sin_cache (the model's own rotary module) ─────────┴─► GroupQueryAttention ─► o_proj
+                                                                          └─► present.i.key / .value
+
+Anchors are names, not op patterns: the projection nodes `/model/layers.i/self_attn/{q,k,v,o}_proj/...`
+(MatMulNBits or MatMul), the graph inputs/outputs `past_key_values.i.*` / `present.i.*`, and the torch
+module's norm weights and rotary tables; everything Optimum had between them is dead code and is removed.
+Inputs and outputs keep their names and layouts ([batch, kv_heads, seq, head_dim], a cache that grows by
+concatenation), so runtimes/session.py and onnxruntime-genai run the fused graph unchanged.
+
+Refused (left unfused, the reason recorded): sliding-window attention, attention biases, partial rotary,
+layouts where an anchor is missing. GroupQueryAttention takes positions from `seqlens_k` (the count of
+ones in `attention_mask`), which is right for left-aligned batches without padding: what the runtime feeds.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-def apply_fusions(graph, config) -> list[str]:
-    """Apply the fusions that pay on CPU; returns their names (none yet)."""
-    return []
+from edge_recover.errors import EdgeRecoverError
+
+MS = "com.microsoft"
+FUSED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+_SEQLENS = "/model/attn_mask/seqlens_k"
+_TOTAL = "/model/attn_mask/total_seq_len"
+
+
+def fusion_plan(model) -> tuple[bool, str]:
+    """Whether `model` (a HF causal LM) can get fused attention, and why not when it cannot.
+
+    Example:
+        >>> fusion_plan(model)  # doctest: +SKIP
+        (True, '')
+    """
+    cfg = model.config
+    if cfg.model_type not in FUSED_ARCHS:
+        return False, f"architecture {cfg.model_type!r} has no fused-attention mapping (fused: {', '.join(FUSED_ARCHS)})"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return False, "sliding-window attention is not mapped to GroupQueryAttention"
+    if getattr(cfg, "attention_bias", False):
+        return False, "attention projections with bias are not mapped"
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return False, "partial rotary embeddings are not mapped"
+    return True, ""
+
+
+def _rotary_tables(model) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, head_dim / 2] from the model's own rotary module (rope scaling included)."""
+    import torch
+
+    rot = model.model.rotary_emb
+    n = int(model.config.max_position_embeddings)
+    dim = _head_dim(model.config)
+    with torch.no_grad():
+        x = torch.zeros(1, 1, dim, dtype=torch.float32)
+        cos, sin = rot(x, torch.arange(n).unsqueeze(0))
+    cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
+    half = dim // 2
+    # HF duplicates the half-table ([f, f]); GroupQueryAttention wants one half (non-interleaved rotate_half)
+    if not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+        raise EdgeRecoverError("internal: the rotary tables are not of the rotate_half layout; export with fuse=False")
+    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+
+
+def _head_dim(cfg) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _producer_index(graph) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _proj(by_name: dict, layer: int, proj: str) -> onnx.NodeProto:
+    for op in ("MatMulNBits", "MatMul"):
+        node = by_name.get(f"/model/layers.{layer}/self_attn/{proj}/{op}")
+        if node is not None:
+            return node
+    raise EdgeRecoverError(f"fusion: no node for layer {layer} {proj} (expected /model/layers.{layer}/self_attn/"
+                           f"{proj}/MatMulNBits or /MatMul); export with fuse=False")
+
+
+def _projected(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
+    """The projection's result as attention reads it: past any Add chain after it (a LoRA sidecar's
+    `base + B(A(x))`), up to the first node that is not a lone Add."""
+    name = node.output[0]
+    while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type == "Add":
+        name = consumers[name][0].output[0]
+    return name
+
+
+def _mask_nodes() -> list[onnx.NodeProto]:
+    """seqlens_k = sum(attention_mask) - 1 (int32 [batch]); total_sequence_length = mask width (int32 scalar)."""
+    mk = helper.make_node
+    p = "/model/attn_mask"
+    return [
+        mk("ReduceSum", ["attention_mask", f"{p}/axes"], [f"{p}/sum"], name=f"{p}/ReduceSum", keepdims=0),
+        mk("Sub", [f"{p}/sum", f"{p}/one"], [f"{p}/sum_m1"], name=f"{p}/Sub"),
+        mk("Cast", [f"{p}/sum_m1"], [_SEQLENS], name=f"{p}/Cast", to=TensorProto.INT32),
+        mk("Shape", ["attention_mask"], [f"{p}/shape"], name=f"{p}/Shape"),
+        mk("Gather", [f"{p}/shape", f"{p}/one"], [f"{p}/width"], name=f"{p}/Gather", axis=0),
+        mk("Cast", [f"{p}/width"], [_TOTAL], name=f"{p}/Cast_1", to=TensorProto.INT32),
+    ]
+
+
+def _head_norm(x: str, weight: str, heads: int, dim: int, eps: float, prefix: str) -> tuple[list, list, str]:
+    """Per-head RMS norm (Qwen3 q_norm/k_norm): [B, S, heads*dim] -> [B, S, heads, dim] -> norm -> back."""
+    mk = helper.make_node
+    inits = [numpy_helper.from_array(np.array([0, 0, heads, dim], np.int64), f"{prefix}/shape_4d"),
+             numpy_helper.from_array(np.array([0, 0, heads * dim], np.int64), f"{prefix}/shape_3d")]
+    nodes = [
+        mk("Reshape", [x, f"{prefix}/shape_4d"], [f"{prefix}/heads"], name=f"{prefix}/Reshape"),
+        mk("SimplifiedLayerNormalization", [f"{prefix}/heads", weight], [f"{prefix}/normed"],
+           name=f"{prefix}/SimplifiedLayerNormalization", axis=-1, epsilon=eps, stash_type=1),
+        mk("Reshape", [f"{prefix}/normed", f"{prefix}/shape_3d"], [f"{prefix}/output_0"], name=f"{prefix}/Reshape_1"),
+    ]
+    return nodes, inits, f"{prefix}/output_0"
+
+
+def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
+    """Replace every layer's attention in `graph_model` by GroupQueryAttention (in place); returns the layer count.
+
+    `model` is the torch model the graph was exported from (config, norm weights, rotary tables).
+    """
+    cfg = model.config
+    g = graph_model.graph
+    by_name = {n.name: n for n in g.node}
+    heads, kv_heads, dim = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), _head_dim(cfg)
+    eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+    outputs = {o.name for o in g.output}
+    producers = _producer_index(g)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    cos, sin = _rotary_tables(model)
+    inits = [numpy_helper.from_array(cos, "/model/rotary/cos_cache"), numpy_helper.from_array(sin, "/model/rotary/sin_cache"),
+             numpy_helper.from_array(np.array([1], np.int64), "/model/attn_mask/axes"),
+             numpy_helper.from_array(np.array(1, np.int64), "/model/attn_mask/one")]
+    new_before: dict[str, list[onnx.NodeProto]] = {}  # o_proj node name -> nodes to insert before it
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        q, k, v, o = (_proj(by_name, i, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        ok_, ov_ = f"present.{i}.key", f"present.{i}.value"
+        if not {ok_, ov_} <= outputs:
+            raise EdgeRecoverError(f"fusion: graph outputs {ok_}/{ov_} missing; export with fuse=False")
+        prefix = f"/model/layers.{i}/self_attn"
+        nodes: list[onnx.NodeProto] = []
+        q_in, k_in, v_in = (_projected(p, consumers) for p in (q, k, v))
+        for which, norm_mod in (("q", getattr(attn, "q_norm", None)), ("k", getattr(attn, "k_norm", None))):
+            if norm_mod is None:
+                continue
+            w_name = f"model.layers.{i}.self_attn.{which}_norm.weight.fused"
+            inits.append(numpy_helper.from_array(norm_mod.weight.detach().float().numpy(), w_name))
+            n_heads = heads if which == "q" else kv_heads
+            src = q_in if which == "q" else k_in
+            nn_, ni, out = _head_norm(src, w_name, n_heads, dim, float(getattr(norm_mod, "variance_epsilon", eps)),
+                                      f"{prefix}/{which}_norm")
+            nodes += nn_
+            inits += ni
+            if which == "q":
+                q_in = out
+            else:
+                k_in = out
+        # the old producers of present.i.* become dead: give their outputs another name
+        for name in (ok_, ov_):
+            old = producers.get(name)
+            if old is not None:
+                old.output[list(old.output).index(name)] = f"{name}/unfused"
+        attn_out = f"{prefix}/GroupQueryAttention/output_0"
+        nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [q_in, k_in, v_in, pk, pv, _SEQLENS, _TOTAL, "/model/rotary/cos_cache", "/model/rotary/sin_cache"],
+            [attn_out, ok_, ov_], name=f"{prefix}/GroupQueryAttention", domain=MS,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=float(getattr(attn, "scaling", dim ** -0.5)), local_window_size=-1))
+        old_in = o.input[0]
+        for reader in consumers.get(old_in, []):  # o_proj, and a sidecar's LoRA branch beside it
+            for j, name in enumerate(reader.input):
+                if name == old_in:
+                    reader.input[j] = attn_out
+        new_before[o.name] = nodes
+    ordered = _mask_nodes()
+    for node in g.node:
+        ordered += new_before.get(node.name, [])
+        ordered.append(node)
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(inits)
+    remove_dead_nodes(graph_model)
+    if not any(op.domain == MS for op in graph_model.opset_import):
+        graph_model.opset_import.append(helper.make_opsetid(MS, 1))
+    return len(layers)
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes whose outputs nothing reads (walking back from the graph outputs), then unused initializers."""
+    from .rewrite import drop_unused_initializers
+
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed |= {i for i in node.input if i}
+            for a in node.attribute:  # subgraphs read outer names
+                if a.g is not None:
+                    needed |= {i for sn in a.g.node for i in sn.input}
+    removed = len(g.node) - len(keep)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    drop_unused_initializers(model)
+    return removed
+
+
+def apply_fusions(graph: onnx.ModelProto, model) -> list[str]:
+    """Apply the fusions that pay on CPU to `graph` (exported from torch `model`); returns what was applied.
+
+    Returns e.g. `["GroupQueryAttention x28 (rotary inside)"]`, or `["none: <reason>"]` when the
+    architecture is not mapped (the graph is then left as Optimum made it).
+
+    Example:
+        >>> apply_fusions(graph, lm.model)  # doctest: +SKIP
+        ['GroupQueryAttention x2 (rotary inside, q_norm/k_norm as SimplifiedLayerNormalization)']
+    """
+    ok, reason = fusion_plan(model)
+    if not ok:
+        return [f"none: {reason}"]
+    n = fuse_attention(graph, model)
+    extra = ", q_norm/k_norm as SimplifiedLayerNormalization" if hasattr(model.model.layers[0].self_attn, "q_norm") else ""
+    return [f"GroupQueryAttention x{n} (rotary inside{extra})"]

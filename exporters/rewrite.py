@@ -16,11 +16,22 @@ Two more rewrites make the graph fast:
   transposes the whole vocabulary matrix on every decode step (FACTS.md). The transpose is folded into an
   initializer once, and the embedding Gather reads that same matrix along axis 1, so it is stored once.
 - unused float weights are dropped, so the package holds each tensor once.
+
+The low-memory path (`low_memory_weights`, for models whose float weights do not fit twice in RAM, such as
+a 1.7B model on a 24 GiB machine): during the Optimum export every QuantLinear's float weight is swapped for
+a placeholder shared by all layers of the same (shape, role) — one `gate_proj` placeholder for all 28
+layers — so the exporter serialises about one layer of float weights instead of all of them. Roles get
+distinct values, or ONNX common-subexpression elimination would merge k/v or gate/up (same input, same
+weight). The graph is the same Optimum graph; only the float initializers that the MatMulNBits rewrite
+replaces anyway differ. Its check is weaker than the exact-weight check (it proves the role and shape of
+each MatMul, the node name proves the layer index), and a test compares the outputs of both paths.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -115,6 +126,72 @@ def untie_transposes(model: onnx.ModelProto) -> list[str]:
     return folded
 
 
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _placeholder(shape: tuple[int, int], role: int) -> np.ndarray:
+    """Deterministic float values [N, K], distinct per role (never equal to another role's placeholder)."""
+    n, k = shape
+    return (np.linspace(-1.0, 1.0, n * k, dtype=np.float32).reshape(n, k) + np.float32(2 * role + 3))
+
+
+@dataclass
+class Placeholders:
+    """What `low_memory_weights` swapped in: layer -> (shape, role index); the expected ONNX weights by key."""
+
+    keys: dict[str, tuple[tuple[int, int], int]]
+
+    def expected_transposed(self, layer: str) -> np.ndarray:
+        shape, role = self.keys[layer]
+        return _placeholder(shape, role).T
+
+
+@contextmanager
+def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
+    """Swap every QuantLinear's float weight for a placeholder shared per (shape, role) while the block runs.
+
+    On exit with `restore`, each layer gets its own float weight back, rebuilt from its integers (what torch
+    forward and verification need); without it the float weights stay freed (a model loaded only to export).
+
+    Example:
+        >>> with low_memory_weights(lm.model) as ph:  # doctest: +SKIP
+        ...     _optimum_export(lm.model, tmp)
+    """
+    import torch
+
+    from edge_recover.apply import quantized_layers
+
+    layers = quantized_layers(model)
+    shared: dict[tuple, torch.nn.Parameter] = {}
+    keys: dict[str, tuple[tuple[int, int], int]] = {}
+    roles = {r: i for i, r in enumerate(ROLES)}
+    for name, q in layers.items():
+        role = roles.setdefault(name.rsplit(".", 1)[-1], len(roles))
+        key = (tuple(q.weight.shape), role)
+        if key not in shared:
+            shared[key] = torch.nn.Parameter(torch.from_numpy(_placeholder(*key)), requires_grad=False)
+        q.weight = shared[key]
+        keys[name] = key
+    shared.clear()
+    try:
+        yield Placeholders(keys)
+    finally:
+        for q in layers.values():
+            q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            if restore:
+                q.refresh_weight()
+
+
+def _resolve_initializer(name: str, producers: dict[str, onnx.NodeProto], inits: dict) -> str | None:
+    """The initializer `name` reads, through the Identity nodes the exporter adds for deduplicated tensors."""
+    while name not in inits:
+        node = producers.get(name)
+        if node is None or node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return name
+
+
 def _check_weight(layer: str, w_t: np.ndarray, qw: QuantizedWeight) -> None:
     n, k = qw.shape
     if w_t.shape != (k, n):
@@ -135,12 +212,29 @@ def _stored(qw: QuantizedWeight, storage_bits: int) -> QuantizedWeight:
     return QuantizedWeight(qw.codes, qw.scales, qw.zero_points, cfg)
 
 
-def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight],
-                    target: TargetProfile) -> list[RewrittenLayer]:
-    """Swap the MatMul of each layer in `layers` (name -> integers) for a MatMulNBits node, in place."""
+def _check_placeholder(layer: str, init: str, w_t: np.ndarray, ph: Placeholders, seen: dict[str, tuple]) -> None:
+    key = ph.keys[layer]
+    if seen.get(init) == key:
+        return
+    expected = ph.expected_transposed(layer)
+    if w_t.shape != expected.shape or not np.array_equal(w_t, expected):
+        raise EdgeRecoverError(f"internal: the ONNX weight of {layer!r} is not its low-memory placeholder; the graph "
+                               "does not match the model, refusing to export (retry with low_memory=False)")
+    seen[init] = key
+
+
+def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight], target: TargetProfile,
+                    placeholders: Placeholders | None = None) -> list[RewrittenLayer]:
+    """Swap the MatMul of each layer in `layers` (name -> integers) for a MatMulNBits node, in place.
+
+    With `placeholders` (the graph was exported under `low_memory_weights`), each MatMul must read its
+    (shape, role) placeholder instead of the layer's dequantized weight.
+    """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     by_name = {n.name: n for n in g.node}
+    producers = {o: n for n in g.node for o in n.output}
+    seen: dict[str, tuple] = {}
     new_inits = []
     done: list[RewrittenLayer] = []
     for layer, qw in layers.items():
@@ -149,10 +243,13 @@ def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight],
         if node is None or node.op_type != "MatMul":
             raise EdgeRecoverError(f"cannot find the MatMul of layer {layer!r} (expected node {base}/MatMul) in the "
                                    "exported graph; this architecture's export is not supported")
-        w_name = node.input[1]
-        if w_name not in inits:
-            raise EdgeRecoverError(f"internal: the MatMul of {layer!r} does not read an initializer ({w_name!r})")
-        _check_weight(layer, numpy_helper.to_array(inits[w_name]), qw)
+        w_name = _resolve_initializer(node.input[1], producers, inits)
+        if w_name is None:
+            raise EdgeRecoverError(f"internal: the MatMul of {layer!r} does not read an initializer ({node.input[1]!r})")
+        if placeholders is None:
+            _check_weight(layer, numpy_helper.to_array(inits[w_name]), qw)
+        elif seen.get(w_name) != placeholders.keys[layer]:
+            _check_placeholder(layer, w_name, numpy_helper.to_array(inits[w_name]), placeholders, seen)
         target.check_config(layer, qw.config)
         storage = target.storage_bits(qw.config.bits)
         prefix = layer
@@ -162,10 +259,21 @@ def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight],
         node.CopyFrom(new)
         done.append(RewrittenLayer(layer, new.name, qw.config.bits, storage, qw.config.block_size, qw.shape))
     g.initializer.extend(new_inits)
+    _drop_dead_identities(model)
     drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def _drop_dead_identities(model: onnx.ModelProto) -> None:
+    """Remove Identity nodes whose output nothing reads any more (the deduplicated float weights)."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [n for n in g.node if n.op_type != "Identity" or n.output[0] in used]
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> int:
