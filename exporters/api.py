@@ -76,10 +76,11 @@ def _optimum_export(torch_model, out_dir: Path) -> None:
 LOW_MEMORY_BYTES = 2 << 30
 
 
-def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None, low_memory: bool = False,
-                restore: bool = True):
+def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None, sidecar=None,
+                low_memory: bool = False, restore: bool = True):
     """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
 
+    `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
     `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
     all in memory; same graph function); `restore=False` then leaves those float weights freed.
     """
@@ -100,6 +101,8 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
         graph = onnx.load(str(Path(tmp) / MODEL_FILE))  # external data (if any) is read in
     untie_transposes(graph)
     rewritten = replace_matmuls(graph, layers, target, placeholders)
+    if sidecar is not None:
+        sidecar.apply(graph, {r.name: r for r in rewritten})
     fusions = apply_fusions(graph, lm.model) if (target.fuse if fuse is None else fuse) else []
     graph.ir_version = IR_VERSION
     return graph, {r.name: r for r in rewritten}, fusions
@@ -116,7 +119,9 @@ def save_graph(graph, folder: Path) -> None:
 def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme="w4w2gateup", target: str = "cpu",
                    method: str = "mse", vendor: str | None = None, verify: bool = True, overwrite: bool = False,
                    calibration: int = 16, block_size: int | None = None, fuse: bool | None = None,
-                   low_memory: bool | None = None) -> Path:
+                   low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
+                   adapter_name: str | None = None, merge_method: str | None = None,
+                   merge_calibration: int | None = None, eval_text: str | None = None) -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
@@ -127,6 +132,12 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     (default: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`) exports through shared
     placeholder weights, so a 1.7B model exports on a 24 GiB machine (rewrite.low_memory_weights).
 
+    `adapter` (a folder of `edge-recover recover`, trained on this model's integers) goes into the package
+    as `adapter_mode` `sidecar` (LoRA nodes beside the MatMulNBits, weights as overridable graph inputs,
+    plus `adapters/NAME.onnx_adapter`; lora.py) or `merge` (folded into the weights and re-quantized with
+    `merge_method`, default the adapter's quantizer method; merge.py, `eval_text` feeds its survival
+    figures). Parity is then checked against the torch model with the adapter (PEFT), or merged.
+
     Example:
         >>> export_package("smollm2", "out/pkg", scheme="w4w2gateup", target="cpu")  # doctest: +SKIP
         PosixPath('out/pkg')
@@ -135,18 +146,27 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
 
     prof = resolve_target(target, vendor)
     require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    from . import adapter_export
+
+    plan = adapter_export.plan_adapter(adapter, adapter_mode, adapter_name, prof) if adapter is not None else None
     out = check_new_dir(output, overwrite)
     t0 = time.time()
     lm = _load(model)
+    if plan is not None:
+        adapter_export.quantize_for(lm, plan)
     scheme_json, method_used = _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
     lm.model.float().eval()
+    if plan is not None:
+        adapter_export.bind_base(lm, plan, scheme_json)
+        if plan.mode == "merge":
+            adapter_export.merge(lm, plan, merge_method, merge_calibration, eval_text)
     if low_memory is None:
         from edge_recover.apply import quantized_layers
 
         low_memory = sum(4 * q.weight.numel() for q in quantized_layers(lm.model).values()) > LOW_MEMORY_BYTES
     # a model loaded here and not verified needs no float weights after the export
-    graph, rewritten, fusions = build_graph(lm, prof, fuse, low_memory=low_memory,
-                                            restore=verify or isinstance(model, LoadedModel))
+    graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
+                                            low_memory=low_memory, restore=verify or isinstance(model, LoadedModel))
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)
@@ -161,12 +181,15 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
         if verify:
             from .verify import verify_package
 
-            parity = verify_package(tmp / MODEL_FILE, lm.model, lm.tokenizer, prof.accuracy_level)
+            reference = adapter_export.reference(lm, plan) if plan is not None else lm.model
+            parity = verify_package(tmp / MODEL_FILE, reference, lm.tokenizer, prof.accuracy_level)
             ex = parity["exact"]
             require(parity["ok"], f"verification failed: ONNX Runtime (exact dequantization) and torch agree on "
                                   f"top-1 for only {ex['top1_agreement']:.1%} of positions (< {ex['threshold']:.0%}, "
                                   f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
         manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, parity, time.time() - t0)
+        if plan is not None:
+            manifest.update(adapter_export.write(plan, tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 

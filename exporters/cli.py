@@ -1,4 +1,4 @@
-"""CLI commands of the exporter: `edge-recover export` and `edge-recover targets`.
+"""CLI commands of the exporter: `edge-recover export`, `edge-recover targets` and `edge-recover adapter add`.
 
 A thin layer over `edge_recover.exporters.api`; no torch or onnx import at module import time.
 """
@@ -28,6 +28,13 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+        adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
+        adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "
+                                                         "merge (folded into the weights, re-quantized)"),
+        adapter_name: Optional[str] = typer.Option(None, help="name of the adapter in the package (default: its folder name)"),
+        merge_method: Optional[str] = typer.Option(None, help="with merge: re-quantize with rtn, mse or gptq (default: the adapter's method)"),
+        merge_calibration: Optional[int] = typer.Option(None, help="with merge: samples for the mse/gptq Hessians"),
+        eval_text: Optional[Path] = typer.Option(None, help="with merge: UTF-8 text for the survival figures (default: built-in prompts)"),
     ) -> None:
         """Export a model to an ONNX package (MatMulNBits with the quantizer's integers) for a target."""
         from edge_recover.atomic import check_new_dir
@@ -39,7 +46,9 @@ def register(app: typer.Typer) -> None:
         check_new_dir(output, overwrite)
         path = export_package(model, output, scheme=scheme, target=target, method=method, vendor=vendor,
                               verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
-                              fuse=fuse)
+                              fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
+                              merge_method=merge_method, merge_calibration=merge_calibration,
+                              eval_text=_read_text(eval_text))
         m = read_package_manifest(path)
         bits: dict[str, int] = {}
         for layer in m["layers"].values():
@@ -56,7 +65,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"parity vs torch over {p['positions']} positions: exact graph top-1 {ex['top1_agreement']:.1%}, "
                        f"max abs diff {ex['max_abs_diff']:.3g}; shipped graph (accuracy_level {p['accuracy_level']}) "
                        f"top-1 {p['top1_agreement']:.1%}, max abs diff {p['max_abs_diff']:.3g} (logits up to {p['logit_scale']:.3g})")
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        for a in m.get("adapters") or []:
+            typer.echo(_describe_adapter(a))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         typer.echo(f"wrote {path} ({size / 1e6:.1f} MB)")
 
     @app.command()
@@ -71,3 +82,51 @@ def register(app: typer.Typer) -> None:
             typer.echo(t.describe())
         vendors = ", ".join(f"{v} -> {t}" for v, t in NPU_VENDORS.items())
         typer.echo(f"npu       alias: --vendor {vendors} (default {DEFAULT_NPU_VENDOR})")
+
+    adapter_app = typer.Typer(help="Side-car LoRA adapters of a package.", no_args_is_help=True)
+    app.add_typer(adapter_app, name="adapter")
+
+    @adapter_app.command("add")
+    def adapter_add(
+        package: Path = typer.Argument(..., help="side-car package folder (`export --adapter-mode sidecar`)"),
+        adapter: Path = typer.Argument(..., help="LoRA adapter folder of `edge-recover recover`, same base and rank layout"),
+        name: str = typer.Option(..., "--name", help="the adapter's name in the package (`run --adapter NAME`)"),
+        overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
+    ) -> None:
+        """Write another adapter into a side-car package as adapters/NAME.onnx_adapter."""
+        from .lora import add_adapter
+
+        entry = add_adapter(package, adapter, name, overwrite=overwrite)
+        typer.echo(_describe_adapter(entry))
+
+    @adapter_app.command("list")
+    def adapter_list(package: Path = typer.Argument(..., help="package folder")) -> None:
+        """List the adapters a package holds."""
+        from .api import read_package_manifest
+
+        m = read_package_manifest(package)
+        for a in m.get("adapters") or []:
+            typer.echo(_describe_adapter(a))
+        if not m.get("adapters"):
+            typer.echo("no adapters")
+
+
+def _read_text(path: Optional[Path]) -> Optional[str]:
+    from edge_recover.errors import require
+
+    if path is None:
+        return None
+    require(path.is_file(), f"`--eval-text` {str(path)!r} does not exist; pass a UTF-8 text file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _describe_adapter(a: dict) -> str:
+    ranks = sorted(set(a.get("rank_layout", {}).values()))
+    layout = f"rank {'/'.join(map(str, ranks))} on {len(a.get('rank_layout', {}))} layers"
+    if a.get("mode") == "merge":
+        s = (a.get("merge") or {})
+        kept = s.get("recovery_kept_ce_pct")
+        return (f"adapter {a['name']!r} merged ({layout}, re-quantized with {s.get('merge', {}).get('method')}); "
+                f"recovery kept on {s.get('tokens')} tokens: {kept:.1f} % of the CE gain, "
+                f"{s.get('recovery_kept_kl_pct', float('nan')):.1f} % by KL")
+    return f"adapter {a['name']!r} side-car ({layout}, {a.get('dtype')}): {a['file']}" + (" [default]" if a.get("default") else "")

@@ -48,6 +48,17 @@ class TargetProfile:
     contrib_ops: tuple[str, ...] = ("MatMulNBits",)  # com.microsoft ops a graph for this target may hold
     fuse: bool = False  # apply the ORT-fused-op rewrites (cpu only)
     source: str = ""
+    # Side-car LoRA (exporters/lora.py): the dtype the LoRA MatMuls run in, or "" when the target cannot take
+    # adapter weights as run-time graph inputs; `sidecar_note` then says why and what to do instead.
+    sidecar_dtype: str = ""
+    sidecar_note: str = ""
+
+    def check_sidecar(self) -> str:
+        """The LoRA dtype of this target; refuses targets without run-time adapter inputs."""
+        require(bool(self.sidecar_dtype),
+                f"target {self.name!r} cannot run side-car LoRA adapters ({self.sidecar_note}); "
+                f"pass `--adapter-mode merge` or export for `--target cpu`")
+        return self.sidecar_dtype
 
     def storage_bits(self, bits: int) -> int:
         """The bit width a layer of `bits` is stored with on this target (a container when not native)."""
@@ -81,7 +92,8 @@ class TargetProfile:
         return (f"{self.name:9s} {self.provider:30s} {self._bits()}{container}; blocks "
                 f"{','.join(map(str, self.block_sizes))} (default {self.preferred_block_size}); "
                 f"accuracy_level {self.accuracy_level}; activations {self.activation_dtype}"
-                + ("; fused ops" if self.fuse else ""))
+                + ("; fused ops" if self.fuse else "")
+                + (f"; side-car LoRA {self.sidecar_dtype}" if self.sidecar_dtype else "; no side-car LoRA"))
 
 
 TARGETS: dict[str, TargetProfile] = {
@@ -90,26 +102,33 @@ TARGETS: dict[str, TargetProfile] = {
         native_bits=(2, 4, 8), block_sizes=ALL_BLOCKS, preferred_block_size=64, accuracy_level=4,
         activation_dtype="float32", contrib_ops=("MatMulNBits",) + CPU_FUSED_OPS, fuse=True,
         source="FACTS.md: 2-bit bs32 is slower than 4-bit; bs64/bs128 2-bit beat 4-bit; accuracy_level 0 is a slow path",
+        sidecar_dtype="float32", sidecar_note="measured here: ORT CPU EP, LoraAdapter + add_active_adapter",
     ),
     "dml": TargetProfile(
         "dml", "DmlExecutionProvider", "DirectML (Windows GPUs/NPUs): 4/8-bit only, dequantize + GEMM",
         native_bits=(4, 8), block_sizes=(16, 32, 64, 128), preferred_block_size=32, accuracy_level=0,
         activation_dtype="float16", source="FACTS.md: DirectML EP MatMulNBits is 4/8-bit",
+        sidecar_dtype="float16", sidecar_note="fp16 LoRA MatMuls; graph inputs work on any EP (not run here: Windows only)",
     ),
     "qnn": TargetProfile(
         "qnn", "QNNExecutionProvider", "Qualcomm Hexagon NPU (QNN HTP)",
         native_bits=(2, 4), block_sizes=(32, 64), preferred_block_size=64, accuracy_level=0,
         activation_dtype="float16", source="FACTS.md: QNN HTP takes 2/4-bit with block 32/64 (onnxruntime-qnn)",
+        sidecar_note="QNN HTP compiles weights into its context binary; run-time LoRA there is Qualcomm's "
+                     "QAIRT LoRA v2 binary sections, not ONNX graph inputs",
     ),
     "openvino": TargetProfile(
         "openvino", "OpenVINOExecutionProvider", "Intel CPU/GPU/NPU through OpenVINO (2 -> u2, 4 -> u4, 8 -> u8)",
         native_bits=(2, 4, 8), block_sizes=(16, 32, 64, 128, 256), preferred_block_size=64, accuracy_level=0,
         activation_dtype="float16", source="FACTS.md: the OpenVINO EP maps 2-bit to u2 and 4-bit to u4",
+        sidecar_dtype="float16", sidecar_note="fp16 LoRA MatMuls as plain ONNX ops (not run on the OpenVINO EP here)",
     ),
     "vitisai": TargetProfile(
         "vitisai", "VitisAIExecutionProvider", "AMD Ryzen AI NPU: 4-bit, 2-bit codes in 4-bit containers",
         native_bits=(4,), block_sizes=(32, 64, 128), preferred_block_size=128, accuracy_level=0,
         activation_dtype="bfloat16", source="FACTS.md: no evidence of 2-bit on VitisAI; Ryzen AI LLM flow uses int4 g128",
+        sidecar_note="the Ryzen AI NPU flow compiles a static graph; no evidence that it takes weights as "
+                     "run-time inputs",
     ),
 }
 

@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
         threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
         engine: str = typer.Option("ort", help="ort (this runtime) or genai (onnxruntime-genai, if installed)"),
+        adapter: Optional[str] = typer.Option(None, help="side-car adapter of the package to activate (see `edge-recover adapter list`)"),
     ) -> None:
         """Generate text from a package, streaming tokens to stdout; timings go to stderr."""
         from .sampling import Sampling
@@ -60,6 +61,9 @@ def register(app: typer.Typer) -> None:
         if engine == "genai":
             from .genai import genai_generate
 
+            if adapter is not None:
+                raise EdgeRecoverError("`--adapter` runs on `--engine ort`; with onnxruntime-genai use "
+                                       "edge_recover.runtimes.adapters.genai_greedy (og.Adapters)")
             res = genai_generate(package, prompt, max_new_tokens, sampling, chat=chat,
                                  on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
             typer.echo("")
@@ -72,6 +76,8 @@ def register(app: typer.Typer) -> None:
         from .generate import Generator
 
         gen = Generator(package, provider, threads, _options(provider_option), fallback_cpu)
+        if adapter is not None:
+            gen.lm.set_adapter(adapter)
         if gen.lm.choice.fell_back:
             typer.echo(f"warning: {gen.lm.choice.reason}; running on the CPU provider", err=True)
         text = render_chat(gen.lm.package.path, [{"role": "user", "content": prompt}]) if chat else prompt

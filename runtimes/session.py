@@ -10,6 +10,10 @@ Two paths compute the same step:
   round-trips through numpy; only the last row of logits is copied out;
 - the reference path (`io_binding=False`) is plain `session.run` with numpy in and out.
 A test checks that both give the same logits and tokens.
+
+Side-car adapters (runtimes/adapters.py): `adapter=NAME` or `set_adapter(NAME)` activates one of the
+package's `.onnx_adapter` files for every later step (bound on the IO binding in the fast path, through
+`RunOptions.add_active_adapter` in the reference path); `None` runs the graph's default adapter.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class OrtCausalLM:
 
     def __init__(self, package: Package | str | os.PathLike, provider: str = "cpu", threads: Optional[int] = None,
                  provider_options: Optional[Mapping[str, str]] = None, fallback: bool = False,
-                 io_binding: bool = True) -> None:
+                 io_binding: bool = True, adapter: Optional[str] = None) -> None:
         import onnxruntime as ort
 
         self.package = package if isinstance(package, Package) else open_package(package)
@@ -93,6 +97,14 @@ class OrtCausalLM:
         self._kv_dtype = np.float16 if "float16" in kv_type else np.float32
         st = self.package.stats
         self._kv_shape = (st.kv_heads, st.head_dim)
+        self.adapter = None
+        self.set_adapter(adapter)
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """Activate the package's side-car adapter `name` for later steps (None: the graph's default)."""
+        from .adapters import load_adapter
+
+        self.adapter = None if name is None else load_adapter(self.package, name, self.session)
 
     @property
     def context_length(self) -> int:
@@ -123,11 +135,13 @@ class OrtCausalLM:
         if not self.io_binding:
             for name, value in zip(self._kv_in, cache.values):
                 feeds[name] = value if isinstance(value, np.ndarray) else value.numpy()
-            out = self.session.run(None, feeds)
+            out = self.session.run(None, feeds, self.adapter.run_options if self.adapter else None)
             return out[0][0, -1].copy(), KVCache(out[1:], cache.length + t)
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
+        for name, value in (self.adapter.params.items() if self.adapter else ()):
+            binding.bind_ortvalue_input(name, value)
         for name, value in zip(self._kv_in, cache.values):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -143,4 +157,5 @@ class OrtCausalLM:
 
     def describe(self) -> str:
         """One line: package, provider, options, threads."""
-        return f"{self.package.path} on {self.choice.describe()}, {self.threads} threads"
+        adapter = f", adapter {self.adapter.name}" if self.adapter else ""
+        return f"{self.package.path}{adapter} on {self.choice.describe()}, {self.threads} threads"
