@@ -79,7 +79,8 @@ def _fp32_package(hf: Path, out: Path) -> None:
 
 
 def build(model: str, variant: str) -> Path:
-    """The package folder of `model` x `variant` (fp32, w4, w4w2gateup, *-head8, genai-int4), built once."""
+    """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-unfused]
+    (w4 / w4w2gateup; `head8`: lm_head as 8-bit MatMulNBits; `unfused`: Optimum's attention, no fusions)."""
     out = PKGS / f"{model}-{variant}"
     if out.exists():
         return out
@@ -94,9 +95,18 @@ def build(model: str, variant: str) -> Path:
         from edge_recover.exporters.api import export_package
         from edge_recover.scheme import load_scheme
 
-        name, _, head = variant.partition("-")
-        scheme = load_scheme(name, ["lm_head=8"] if head == "head8" else [])
-        export_package(str(hf), out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False)
+        name, *opts = variant.split("-")
+        scheme = load_scheme(name, ["lm_head=8"] if "head8" in opts else [])
+        src = str(hf)
+        if model != "smollm2":  # loaded in bf16 (its stored dtype): the exporter's low-memory path never makes fp32 linears
+            import torch
+
+            from edge_recover.models import load_model
+
+            src = load_model(hf, dtype=torch.bfloat16)
+        export_package(src, out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False,
+                       fuse="unfused" not in opts)
+        del src
     gc.collect()
     return out
 
@@ -110,6 +120,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the report folder: docs/results/profile-<model>[-<tag>]")
     args = ap.parse_args()
     from edge_recover.runtimes.profiler import PackageEntry, ProfileSettings, profile_packages
 
@@ -127,7 +138,8 @@ def main() -> None:
             continue
         settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
                                    new_tokens=args.new_tokens, repeats=args.repeats)
-        report = profile_packages(entries, settings, REPO / "docs" / "results" / f"profile-{model}", overwrite=True,
+        report = profile_packages(entries, settings, REPO / "docs" / "results" / f"profile-{model}{'-' + args.tag if args.tag else ''}",
+                                  overwrite=True,
                                   log=lambda s: print(s, file=sys.stderr, flush=True))
         print(report.summary(), flush=True)
 

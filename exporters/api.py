@@ -155,15 +155,19 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     if plan is not None:
         adapter_export.quantize_for(lm, plan)
     scheme_json, method_used = _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
+    if low_memory is None:
+        from edge_recover.apply import quantized_layers
+
+        low_memory = sum(4 * q.in_features * q.out_features for q in quantized_layers(lm.model).values()) > LOW_MEMORY_BYTES
+    if low_memory and plan is None:  # never the linears in fp32: their float weights are rebuilt from the integers
+        from .rewrite import release_float_weights
+
+        release_float_weights(lm.model)
     lm.model.float().eval()
     if plan is not None:
         adapter_export.bind_base(lm, plan, scheme_json)
         if plan.mode == "merge":
             adapter_export.merge(lm, plan, merge_method, merge_calibration, eval_text)
-    if low_memory is None:
-        from edge_recover.apply import quantized_layers
-
-        low_memory = sum(4 * q.weight.numel() for q in quantized_layers(lm.model).values()) > LOW_MEMORY_BYTES
     # a model loaded here and not verified needs no float weights after the export
     graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
                                             low_memory=low_memory, restore=verify or isinstance(model, LoadedModel))

@@ -167,7 +167,7 @@ def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
     roles = {r: i for i, r in enumerate(ROLES)}
     for name, q in layers.items():
         role = roles.setdefault(name.rsplit(".", 1)[-1], len(roles))
-        key = (tuple(q.weight.shape), role)
+        key = ((q.out_features, q.in_features), role)
         if key not in shared:
             shared[key] = torch.nn.Parameter(torch.from_numpy(_placeholder(*key)), requires_grad=False)
         q.weight = shared[key]
@@ -180,6 +180,23 @@ def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
             q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
             if restore:
                 q.refresh_weight()
+
+
+def release_float_weights(model) -> int:
+    """Free every QuantLinear's float weight (derived data: `refresh_weight` rebuilds it from the integers).
+
+    The low-memory export calls this before casting the model to fp32, so a bf16-loaded 1.7B model never
+    holds its linear weights in fp32. Returns the bytes released.
+    """
+    import torch
+
+    from edge_recover.apply import quantized_layers
+
+    freed = 0
+    for q in quantized_layers(model).values():
+        freed += q.weight.numel() * q.weight.element_size()
+        q.weight = torch.nn.Parameter(torch.empty(0, dtype=q.weight.dtype), requires_grad=False)
+    return freed
 
 
 def _resolve_initializer(name: str, producers: dict[str, onnx.NodeProto], inits: dict) -> str | None:

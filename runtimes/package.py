@@ -146,12 +146,24 @@ def graph_stats(model_file: str | Path) -> GraphStats:
     total = sum(b for b, _ in sizes.values())
     per_token = total
     bits: dict[int, int] = {}
+    # a table read only by Gathers costs one slice per token; one also read by another node (a tied
+    # embedding that is the lm_head's weight too) is read in full
+    read_fully = {i for n in graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
+    rotary = {i for n in graph.node if n.op_type == "GroupQueryAttention" for i in n.input[7:9] if i in sizes}
+    for name in rotary:  # cos/sin caches: GroupQueryAttention reads the rows of the positions it rotates
+        nbytes, rows = sizes[name]
+        per_token -= nbytes - nbytes // max(rows, 1)
+    read_fully -= rotary
     for node in graph.node:
         if node.op_type in ("Gather", "GatherBlockQuantized") and node.input and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name in ("axis", "gather_axis")), 0)
             for name in node.input:
-                if name in sizes and name != node.input[1]:
-                    nbytes, rows = sizes[name]
-                    per_token -= nbytes - nbytes // max(rows, 1)
+                if name in sizes and name != node.input[1] and name not in read_fully:
+                    init = next(i for i in graph.initializer if i.name == name)
+                    nbytes = sizes[name][0]
+                    slices = int(init.dims[axis]) if len(init.dims) > axis and node.op_type == "Gather" else sizes[name][1]
+                    per_token -= nbytes - nbytes // max(slices, 1)
+                    read_fully.add(name)  # counted once
         if node.op_type == "MatMulNBits":
             b = next((a.i for a in node.attribute if a.name == "bits"), 4)
             bits[b] = bits.get(b, 0) + 1
