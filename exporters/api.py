@@ -168,15 +168,20 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
         adapter_export.bind_base(lm, plan, scheme_json)
         if plan.mode == "merge":
             adapter_export.merge(lm, plan, merge_method, merge_calibration, eval_text)
-    # a model loaded here and not verified needs no float weights after the export
+    # low memory: float weights come back (rebuilt from the integers) only after the graph is written, and only
+    # for verification or a caller's model
     graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
-                                            low_memory=low_memory, restore=verify or isinstance(model, LoadedModel))
+                                            low_memory=low_memory, restore=False)
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)
     with atomic_dir(out, overwrite) as tmp:
         save_graph(graph, tmp)
         del graph
+        if low_memory and (verify or isinstance(model, LoadedModel)):
+            from .rewrite import restore_float_weights
+
+            restore_float_weights(lm.model)
         _write_hf_files(lm, tmp)
         from .genai import genai_config
 

@@ -178,8 +178,24 @@ def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
     finally:
         for q in layers.values():
             q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-            if restore:
-                q.refresh_weight()
+        if restore:
+            restore_float_weights(model)
+
+
+def restore_float_weights(model) -> int:
+    """Give every QuantLinear whose float weight was released its fp32 weight back, rebuilt from its integers;
+    returns the number of layers restored."""
+    import torch
+
+    from edge_recover.apply import quantized_layers
+
+    n = 0
+    for q in quantized_layers(model).values():
+        if q.weight.numel() == 0:
+            q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            q.refresh_weight()
+            n += 1
+    return n
 
 
 def release_float_weights(model) -> int:
@@ -252,7 +268,6 @@ def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight], 
     by_name = {n.name: n for n in g.node}
     producers = {o: n for n in g.node for o in n.output}
     seen: dict[str, tuple] = {}
-    new_inits = []
     done: list[RewrittenLayer] = []
     for layer, qw in layers.items():
         base = node_name_for(layer)
@@ -270,12 +285,11 @@ def replace_matmuls(model: onnx.ModelProto, layers: dict[str, QuantizedWeight], 
         target.check_config(layer, qw.config)
         storage = target.storage_bits(qw.config.bits)
         prefix = layer
-        new_inits += matmulnbits_initializers(_stored(qw, storage), prefix)
+        g.initializer.extend(matmulnbits_initializers(_stored(qw, storage), prefix))  # per layer: no second copy of all
         new = matmulnbits_node(_stored(qw, storage), node.input[0], node.output[0], prefix,
                                f"{base}/MatMulNBits", accuracy_level=target.accuracy_level)
         node.CopyFrom(new)
         done.append(RewrittenLayer(layer, new.name, qw.config.bits, storage, qw.config.block_size, qw.shape))
-    g.initializer.extend(new_inits)
     _drop_dead_identities(model)
     drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -301,9 +315,7 @@ def drop_unused_initializers(model: onnx.ModelProto) -> int:
         for a in n.attribute:
             if a.g is not None:
                 used |= {i for sn in a.g.node for i in sn.input}
-    keep = [i for i in g.initializer if i.name in used]
-    dropped = len(g.initializer) - len(keep)
-    if dropped:
-        del g.initializer[:]
-        g.initializer.extend(keep)
-    return dropped
+    unused = [k for k, init in enumerate(g.initializer) if init.name not in used]
+    for k in reversed(unused):  # in place: re-adding the kept ones would copy every weight once more
+        del g.initializer[k]
+    return len(unused)
