@@ -59,8 +59,12 @@ def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: st
     return sch.to_json(), method
 
 
-def _optimum_export(torch_model, out_dir: Path) -> None:
-    """torch -> ONNX through Optimum (task text-generation-with-past: a graph with a KV cache)."""
+def _optimum_export(torch_model, out_dir: Path, post_process: bool = True) -> None:
+    """torch -> ONNX through Optimum (task text-generation-with-past: a graph with a KV cache).
+
+    `post_process=False` skips Optimum's tied-weight deduplication, which loads the whole ONNX model into one
+    protobuf (2 GB limit) and would take the low-memory placeholders for tied weights; torch's exporter has
+    already stored each shared tensor once (Identity nodes, which rewrite.py follows)."""
     import logging
     import warnings
 
@@ -69,7 +73,8 @@ def _optimum_export(torch_model, out_dir: Path) -> None:
     logging.getLogger("optimum").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_export_from_model(torch_model, out_dir, task="text-generation-with-past", do_validation=False)
+        onnx_export_from_model(torch_model, out_dir, task="text-generation-with-past", do_validation=False,
+                               no_post_process=not post_process)
 
 
 # Above this many bytes of float weights in quantized layers, export through placeholders (rewrite.py).
@@ -97,7 +102,7 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
     layers = {name: q.quantized() for name, q in quantized_layers(lm.model).items()}
     swap = low_memory_weights(lm.model, restore) if low_memory else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="edge-recover-optimum-") as tmp, swap as placeholders:
-        _optimum_export(lm.model, Path(tmp))
+        _optimum_export(lm.model, Path(tmp), post_process=not low_memory)
         graph = onnx.load(str(Path(tmp) / MODEL_FILE))  # external data (if any) is read in
     untie_transposes(graph)
     rewritten = replace_matmuls(graph, layers, target, placeholders)

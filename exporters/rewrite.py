@@ -89,12 +89,15 @@ def untie_transposes(model: onnx.ModelProto) -> list[str]:
         MatMul(x, Transpose(E))                   ──►  MatMul(x, E_t)
 
     The Gather then reads K strided values per token (cheap) instead of a second copy of V x K floats.
+    Without Optimum's post-processing (the low-memory path) torch has already folded the transpose into its
+    own initializer `E_t`: a MatMul weight equal to a Gather table transposed is recognised by value
+    (`_folded_twins`) and the Gather rewritten the same way, so both paths store the matrix once.
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     folded = []
     keep = []
-    transposed: dict[str, str] = {}  # source initializer -> its transposed initializer
+    transposed = _folded_twins(model, inits)  # source initializer -> its transposed initializer
     for node in g.node:
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         if node.op_type == "Transpose" and node.input[0] in inits:
@@ -223,6 +226,26 @@ def _resolve_initializer(name: str, producers: dict[str, onnx.NodeProto], inits:
             return None
         name = node.input[0]
     return name
+
+
+def _folded_twins(model: onnx.ModelProto, inits: dict) -> dict[str, str]:
+    """Gather tables E [V, K] whose transpose is already stored as a MatMul weight [K, V] (equal values)."""
+    g = model.graph
+    tables = {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2}
+    weights = {n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits}
+    twins: dict[str, str] = {}
+    for e in tables:
+        dims = tuple(inits[e].dims)
+        for w in weights:
+            if tuple(inits[w].dims) != dims[::-1] or inits[w].data_type != inits[e].data_type:
+                continue
+            a = numpy_helper.to_array(inits[e])
+            b = numpy_helper.to_array(inits[w])
+            if np.array_equal(a[:8], b[:, :8].T) and np.array_equal(a, b.T):
+                twins[e] = w
+                break
+    return twins
 
 
 def _check_weight(layer: str, w_t: np.ndarray, qw: QuantizedWeight) -> None:

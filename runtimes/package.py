@@ -130,8 +130,11 @@ def open_package(path: str | Path) -> Package:
     return Package(p, manifest, config, generation, graph_stats(p / "model.onnx"), name=p.name)
 
 
-def graph_stats(model_file: str | Path) -> GraphStats:
-    """Read weight sizes, MatMulNBits bit widths and the KV layout from an ONNX file, without its weights."""
+def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None) -> GraphStats:
+    """Read weight sizes, MatMulNBits bit widths and the KV layout from an ONNX file, without its weights.
+
+    `kv_layout` (kv_heads, head_dim) fills KV dimensions the graph leaves symbolic (onnxruntime-genai's
+    builder names head_dim `head_size`)."""
     import numpy as np
     import onnx
     from onnx import helper
@@ -173,6 +176,8 @@ def graph_stats(model_file: str | Path) -> GraphStats:
                                f"text-generation-with-past graph; re-export the package")
     t = kv[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+    if kv_layout is not None and len(dims) == 4:
+        dims[1], dims[3] = dims[1] or kv_layout[0], dims[3] or kv_layout[1]
     if len(dims) != 4 or not dims[1] or not dims[3]:
         raise EdgeRecoverError(f"{str(model_file)!r}: KV input {kv[0].name} has shape {dims}, expected "
                                f"[batch, kv_heads, seq, head_dim]; re-export the package")

@@ -143,7 +143,9 @@ def _describe_package(entry: PackageEntry) -> dict:
     """Static facts: size, weight bytes per token, KV bytes per position, context length."""
     if entry.engine == "genai":
         cfg = json.loads((Path(entry.path) / "genai_config.json").read_text())["model"]
-        stats = graph_stats(Path(entry.path) / cfg["decoder"]["filename"])
+        dec = cfg["decoder"]
+        stats = graph_stats(Path(entry.path) / dec["filename"],
+                            (int(dec.get("num_key_value_heads", 0)), int(dec.get("head_size", 0))))
         context, scheme = int(cfg.get("context_length", 4096)), "onnxruntime-genai builder"
     else:
         pkg = open_package(entry.path)
