@@ -80,7 +80,8 @@ def _fp32_package(hf: Path, out: Path) -> None:
 
 def build(model: str, variant: str) -> Path:
     """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-unfused]
-    (w4 / w4w2gateup; `head8`: lm_head as 8-bit MatMulNBits; `unfused`: Optimum's attention, no fusions)."""
+    (w4 / w4w2gateup; `head8` / `head4`: lm_head as 8-/4-bit MatMulNBits, the embedding stays fp32;
+    `unfused`: Optimum's attention, no fusions)."""
     out = PKGS / f"{model}-{variant}"
     if out.exists():
         return out
@@ -96,7 +97,8 @@ def build(model: str, variant: str) -> Path:
         from edge_recover.scheme import load_scheme
 
         name, *opts = variant.split("-")
-        scheme = load_scheme(name, ["lm_head=8"] if "head8" in opts else [])
+        rules = [f"lm_head={o[4:]}" for o in opts if o in ("head8", "head4")]
+        scheme = load_scheme(name, rules)
         src = str(hf)
         if model != "smollm2":  # loaded in bf16 (its stored dtype): the exporter's low-memory path never makes fp32 linears
             import torch

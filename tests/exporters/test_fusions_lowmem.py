@@ -70,3 +70,13 @@ def test_low_memory_path_same_outputs(tmp_path):
     print(f"low-memory vs normal logits max {np.abs(a - b).max():.2e}")
     np.testing.assert_array_equal(a, b)
     assert toks_a == toks_b
+
+
+def test_placeholder_check_refuses_a_wrong_role():
+    from edge_recover.errors import EdgeRecoverError
+    from edge_recover.exporters.rewrite import Placeholders, _check_placeholder, _placeholder
+
+    ph = Placeholders({"model.layers.0.mlp.gate_proj": ((24, 16), 4), "model.layers.0.mlp.up_proj": ((24, 16), 5)})
+    _check_placeholder("model.layers.0.mlp.gate_proj", "w", _placeholder((24, 16), 4).T, ph, {})
+    with pytest.raises(EdgeRecoverError, match="placeholder"):
+        _check_placeholder("model.layers.0.mlp.up_proj", "w", _placeholder((24, 16), 4).T, ph, {})
