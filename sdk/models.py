@@ -74,6 +74,8 @@ def fix_tokenizer(tokenizer) -> None:
     decoder chain that other runtimes (onnxruntime-genai) do not read as byte-level."""
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
+    if str(getattr(tokenizer, "vocab_file", None) or "").endswith(".gguf"):
+        tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF file as tokenizer.model
     vocab = tokenizer.get_vocab()
     if tokenizer.eos_token == tokenizer.bos_token and "<|im_end|>" in vocab:
         tokenizer.eos_token = "<|im_end|>"
