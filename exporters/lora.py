@@ -175,7 +175,12 @@ def check_against_base(data: LoraAdapterData, base: dict, shapes: dict[str, tupl
     from edge_recover.recovery.student import check_adapter
 
     where = f"adapter {str(data.path)!r}"
-    check_adapter(data.meta, base["source_hash"], base["scheme"], base["quant_hash"], where=where)
+    meta = data.meta
+    if meta.get("base_source_hash") == base["source_hash"] and meta.get("scheme") == base["scheme"]:
+        require(meta.get("quant_hash") == base["quant_hash"],
+                f"{where} was trained on other quantized integers (method {meta.get('method')!r}) than this "
+                "package's; export from the quantized checkpoint it was trained on (`recover --save-quantized DIR`)")
+    check_adapter(meta, base["source_hash"], base["scheme"], base["quant_hash"], where=where)
     for name, layer in data.layers.items():
         require(name in shapes, f"{where} adapts {name!r}, which is not a quantized layer of this model; "
                                 "use an adapter trained on this model")
