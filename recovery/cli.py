@@ -63,7 +63,7 @@ def recover_cmd(
 
 def eval_cmd(
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
-    text: Path = typer.Option(..., help="UTF-8 text file to score (never used in training)"),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: Hamlet + Macbeth, held out)"),
     scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
     adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
     quantized: Optional[Path] = typer.Option(None, help="quantized checkpoint to use instead of quantizing MODEL"),

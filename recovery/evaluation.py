@@ -48,7 +48,7 @@ def compare(teacher, student, windows: torch.Tensor, batch_size: int = 4, progre
     return out
 
 
-def evaluate_recovery(model: str | Path, scheme, text_file: str | Path, *, adapter: str | Path | None = None,
+def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = None, *, adapter: str | Path | None = None,
                       quantized: str | Path | None = None, method: str | None = None, calibration: int = 32,
                       seed: int = 0, seq_len: int = 512, max_windows: int | None = None, device: str = "auto",
                       batch_size: int = 4, progress: bool = True) -> dict:
@@ -64,9 +64,14 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path, *, adapt
 
     from .student import load_adapter, load_student_checkpoint, quantize_student, read_adapter_metadata
 
-    p = Path(text_file)
-    require(p.is_file(), f"`--text` {str(p)!r} does not exist; pass a UTF-8 text file")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    if text_file is None:  # the held-out default: Hamlet + Macbeth, never used in training
+        from edge_recover.fetch import eval_text
+
+        text = eval_text()
+    else:
+        p = Path(text_file)
+        require(p.is_file(), f"`--text` {str(p)!r} does not exist; pass a UTF-8 text file")
+        text = p.read_text(encoding="utf-8", errors="replace")
     meta = read_adapter_metadata(adapter) if adapter else None
     method = method or (meta["method"] if meta else "gptq")
     if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
