@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 def recover_cmd(
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
     output: Path = typer.Option(..., "-o", "--output", help="adapter folder to create"),
-    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
+    scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     method: str = typer.Option("gptq", help="quantizer method for the student (see `edge-recover quantize`)"),
     calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
     save_quantized: Optional[Path] = typer.Option(None, help="also write the student's quantized checkpoint here"),
@@ -52,7 +52,7 @@ def recover_cmd(
     cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init, epochs=epochs,
                         lr=lr, temperature=temperature, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
                         method=method, calibration=calibration, checkpoint_every=checkpoint_every)
-    result = recover(model, load_scheme(scheme), output, cfg, work_dir=work_dir, device=device, resume=resume,
+    result = recover(model, load_scheme(scheme) if scheme else None, output, cfg, work_dir=work_dir, device=device, resume=resume,
                      quantized=quantized, dataset=dataset, save_quantized_to=save_quantized,
                      overwrite=overwrite)
     r = result.report
@@ -64,7 +64,7 @@ def recover_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: Hamlet + Macbeth, held out)"),
-    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file"),
+    scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
     quantized: Optional[Path] = typer.Option(None, help="quantized checkpoint to use instead of quantizing MODEL"),
     method: Optional[str] = typer.Option(None, help="quantizer method (default: the adapter's, else gptq)"),
@@ -78,7 +78,7 @@ def eval_cmd(
 
     from .evaluation import evaluate_recovery
 
-    figs = evaluate_recovery(model, load_scheme(scheme), text, adapter=adapter, quantized=quantized, method=method,
+    figs = evaluate_recovery(model, load_scheme(scheme) if scheme else None, text, adapter=adapter, quantized=quantized, method=method,
                              seq_len=seq_len, max_windows=max_windows, device=device)
     rows = [("full precision", figs["ppl_fp"], figs["ce_fp"], None, None),
             ("quantized", figs["ppl_quant"], figs["ce_quant"], figs["kl_quant"], figs["top1_quant"])]

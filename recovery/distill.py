@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from edge_recover.errors import require
+from edge_recover.scheme import Scheme, named_scheme
 
 from .data import SampleSettings, SyntheticDataset, generate_dataset, load_dataset, split_holdout
 from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_residual, load_student_checkpoint,
-                      quant_hash,
-                      quantize_student, resolve_targets)
+                      quant_hash, quantize_student, resolve_targets)
 
 REPORT_NAME = "recovery_report.json"
 # Fields that do not change the training trajectory: they may differ between a run and its resume.
@@ -237,11 +237,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def recover(teacher, scheme, output: str | Path, cfg: RecoverConfig, *, work_dir: str | Path | None = None,
+def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverConfig, *, work_dir: str | Path | None = None,
             device: str = "auto", resume: bool = False, quantized: str | Path | None = None,
             dataset: str | Path | None = None, save_quantized_to: str | Path | None = None, overwrite: bool = False,
             progress: bool = True) -> "RecoverResult":
     """Run Recover-LoRA for `teacher` (a `LoadedModel` or a model spec) under `scheme`.
+
+    `scheme=None` takes the scheme of the `quantized` checkpoint (or `w4w2gateup` when quantizing here).
 
     The result's report has `status` "done" (adapter written to `output`) or "stopped" (`cfg.max_steps`
     reached; a checkpoint in the work folder, continue with `resume=True`).
@@ -279,7 +281,9 @@ def recover(teacher, scheme, output: str | Path, cfg: RecoverConfig, *, work_dir
     if quantized is not None:
         base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
         method = qmanifest["method"]
+        scheme = scheme or Scheme.from_json(qmanifest["scheme"])
     else:
+        scheme = scheme or named_scheme("w4w2gateup")
         base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
                                          progress=progress)
         method = cfg.method

@@ -16,6 +16,7 @@ import torch
 
 from edge_recover.errors import require
 from edge_recover.evaluate import evaluate, recovery_share, token_windows
+from edge_recover.scheme import Scheme, named_scheme
 
 
 @torch.no_grad()
@@ -84,10 +85,13 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
     except ValueError as exc:
         from edge_recover.errors import EdgeRecoverError
 
-        raise EdgeRecoverError(f"`--text` {str(p)!r}: {exc}; pass a longer text or a smaller `--seq-len`") from None
+        raise EdgeRecoverError(f"`--text` {str(text_file or 'default')!r}: {exc}; pass a longer text or a smaller "
+                               f"`--seq-len`") from None
     if quantized is not None:
-        base, _ = load_student_checkpoint(quantized, lm, scheme)
+        base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
+        scheme = scheme or Scheme.from_json(qmanifest["scheme"])
     else:
+        scheme = scheme or named_scheme("w4w2gateup")
         base, _ = quantize_student(lm, scheme, method, calibration=calibration, seed=seed, progress=progress)
     student = load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")

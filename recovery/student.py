@@ -91,9 +91,12 @@ def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Sche
             f"`--quantized` {str(path)!r} was made from another model ({q.source_hash}; the teacher is "
             f"{teacher.source_hash}); quantize this MODEL with `edge-recover quantize`")
     if scheme is not None:
-        require(q.quantized_manifest["scheme"] == scheme.to_json(),
-                f"`--quantized` {str(path)!r} uses scheme {q.quantized_manifest['scheme'].get('name')!r}, "
-                f"not {scheme.name!r}; pass the matching `--scheme`")
+        theirs = q.quantized_manifest["scheme"]
+        same_name = theirs.get("name") == scheme.name
+        require(theirs == scheme.to_json(),
+                f"`--quantized` {str(path)!r} uses scheme {theirs.get('name')!r}"
+                f"{' with other rules (block sizes)' if same_name else ''}, not {scheme.name!r}; "
+                f"leave out `--scheme` to use the checkpoint's")
     return q.model, q.quantized_manifest
 
 
