@@ -99,4 +99,4 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
     student.to(dev)
     figs = compare(lm.model, student, windows, batch_size=batch_size, progress=progress)
     return {"model": lm.source, "scheme": scheme.name, "method": method, "adapter": str(adapter) if adapter else None,
-            "text": str(p), "seq_len": seq_len, **figs}
+            "text": str(text_file) if text_file else "Hamlet + Macbeth (held out)", "seq_len": seq_len, **figs}

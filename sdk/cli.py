@@ -106,10 +106,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         _echo_err("interrupted; nothing half-written was kept")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:  # click usage errors (typer >= 0.20 vendors click as typer._click)
+        try:
+            from click.exceptions import ClickException
+        except ImportError:
+            from typer._click.exceptions import ClickException
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)
         raise
