@@ -133,3 +133,9 @@ def test_cli_bad_model_paths(tmp_path):
         assert r.returncode == 2, (model, r.stderr)
         assert match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []
+
+
+def test_cli_usage_error_is_one_line(tmp_path):
+    out = _cli("quantize", "smollm2", "-o", tmp_path / "q", "--no-such-option", cwd=tmp_path)
+    assert out.returncode == 2 and "No such option" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "q").exists()
