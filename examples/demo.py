@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,9 +37,13 @@ def run(*args: str) -> None:
 def demo() -> None:
     q, adapter = OUT / "quantized", OUT / "adapter"
     pkg, w4 = OUT / "w4w2gateup-recovered", OUT / "w4"
-    run("quantize", "smollm2", "--scheme", "w4w2gateup", "--block-size", "64", "--method", "gptq",
-        "--calibration", "16", "-o", str(q), "--overwrite")
+    if (q / "edge_recover_quantized.json").is_file():  # written last, atomically: the checkpoint is whole
+        print(f"\n(reusing {q}; delete it to quantize again)")
+    else:
+        run("quantize", "smollm2", "--scheme", "w4w2gateup", "--block-size", "64", "--method", "gptq",
+            "--calibration", "16", "-o", str(q))
     if not FAST:
+        shutil.rmtree(OUT / "adapter.work", ignore_errors=True)  # the demo starts its recovery afresh
         run("recover", "smollm2", "--quantized", str(q), "-o", str(adapter), "--samples", "64", "--seq-len", "64",
             "--epochs", "1", "--batch-size", "8", "--lr", "2e-3", "--init", "residual", "--device", "cpu",
             "--overwrite")
