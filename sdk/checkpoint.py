@@ -152,7 +152,6 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
 
 def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]:
     """The kept (unquantized) tensors of a slim checkpoint, taken from its source model."""
-    from .models import load_model
     from .pipeline import resolve_model
 
     if base is None:
@@ -161,7 +160,7 @@ def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]
                 f"pass the source model (`--base MODEL`)")
         base = manifest["source"]
     if not isinstance(base, LoadedModel):
-        base = resolve_model(base) if str(base) == "smollm2" else load_model(base)
+        base = resolve_model(base)
     require(base.source_hash == manifest["source_hash"],
             f"{str(path)!r} was quantized from another model ({manifest['source_hash'][:19]}; `base` is "
             f"{base.source_hash[:19]}); pass the model it was made from")
