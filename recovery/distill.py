@@ -279,9 +279,8 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
 
     # Student base first, on the CPU (the same integers as `edge-recover quantize` makes there).
     if quantized is not None:
-        base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
+        base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
         method = qmanifest["method"]
-        scheme = scheme or Scheme.from_json(qmanifest["scheme"])
     else:
         scheme = scheme or named_scheme("w4w2gateup")
         base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,

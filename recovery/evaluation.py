@@ -16,7 +16,7 @@ import torch
 
 from edge_recover.errors import require
 from edge_recover.evaluate import evaluate, recovery_share, token_windows
-from edge_recover.scheme import Scheme, named_scheme
+from edge_recover.scheme import named_scheme
 
 
 @torch.no_grad()
@@ -88,8 +88,7 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
         raise EdgeRecoverError(f"`--text` {str(text_file or 'default')!r}: {exc}; pass a longer text or a smaller "
                                f"`--seq-len`") from None
     if quantized is not None:
-        base, qmanifest = load_student_checkpoint(quantized, lm, scheme)
-        scheme = scheme or Scheme.from_json(qmanifest["scheme"])
+        base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
     else:
         scheme = scheme or named_scheme("w4w2gateup")
         base, _ = quantize_student(lm, scheme, method, calibration=calibration, seed=seed, progress=progress)

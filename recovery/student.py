@@ -82,7 +82,10 @@ def quantize_student(lm: LoadedModel, scheme: Scheme, method: str, calibration: 
 
 
 def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Scheme | None):
-    """A quantized checkpoint folder as the student base; it must come from `teacher` (and `scheme`)."""
+    """A quantized checkpoint folder as the student base; it must come from `teacher` (and `scheme`).
+
+    Returns (model, manifest, scheme): `scheme` as given, or the checkpoint's when None.
+    """
     from edge_recover.models import load_model
 
     q = load_model(path, base=teacher)
@@ -97,7 +100,7 @@ def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Sche
                 f"`--quantized` {str(path)!r} uses scheme {theirs.get('name')!r}"
                 f"{' with other rules (block sizes)' if same_name else ''}, not {scheme.name!r}; "
                 f"leave out `--scheme` to use the checkpoint's")
-    return q.model, q.quantized_manifest
+    return q.model, q.quantized_manifest, scheme or Scheme.from_json(q.quantized_manifest["scheme"])
 
 
 def add_lora(model, targets: list[str], rank: int, alpha: float, dropout: float = 0.0):
