@@ -9,8 +9,8 @@
 
 A *slim* checkpoint (`slim=True`, `edge-recover quantize --slim`) leaves the kept tensors (embeddings,
 norms, anything not quantized) out: it holds only the integers and is loaded together with its source
-model (`base=`), whose weights must hash to the recorded source hash. For SmolLM2 that is 45 MB instead
-of 170 MB: small enough to ship integers between machines (GPTQ is not bit-reproducible across torch
+model (`base=`), whose weights must hash to the recorded source hash. For SmolLM2 that is 54 MB instead
+of about 170 MB: small enough to ship integers between machines (GPTQ is not bit-reproducible across torch
 builds, so the integers a recovery trained against travel with it instead of being made again).
 
 The integers are stored packed in the exporter's layout, so the checkpoint is also what `export` packs.
@@ -62,8 +62,8 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
         layers_meta[name] = {**q.config.to_json(), "shape": [q.out_features, q.in_features]}
         skip.update({f"{name}.weight", f"{name}.codes", f"{name}.scales", f"{name}.zero_points"})
     seen_ptrs = set()
-    for key, t in model.state_dict().items():
-        if key in skip or slim:
+    for key, t in ([] if slim else model.state_dict().items()):  # slim: the kept tensors stay with the source
+        if key in skip:
             continue
         ptr = t.data_ptr()
         if ptr in seen_ptrs:  # tied weights (lm_head = embed_tokens) are stored once
