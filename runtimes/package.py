@@ -32,6 +32,7 @@ class GraphStats:
     kv_heads: int
     head_dim: int
     kv_dtype_bytes: int
+    kv_share_buffer: bool = False  # every present.* is written by GroupQueryAttention: past/present can share a buffer
 
     def kv_bytes_per_position(self) -> int:
         """Bytes of K and V, all layers, for one cached position (what each decode step reads per position)."""
@@ -182,7 +183,10 @@ def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None
         raise EdgeRecoverError(f"{str(model_file)!r}: KV input {kv[0].name} has shape {dims}, expected "
                                f"[batch, kv_heads, seq, head_dim]; re-export the package")
     kv_bytes = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-    return GraphStats(total, per_token, dict(sorted(bits.items())), len(kv), dims[1], dims[3], kv_bytes)
+    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" for o in n.output[1:3]}
+    share = bool(presents) and presents <= by_gqa
+    return GraphStats(total, per_token, dict(sorted(bits.items())), len(kv), dims[1], dims[3], kv_bytes, share)
 
 
 def folder_size(path: str | Path) -> int:

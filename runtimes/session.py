@@ -11,6 +11,20 @@ Two paths compute the same step:
 - the reference path (`io_binding=False`) is plain `session.run` with numpy in and out.
 A test checks that both give the same logits and tokens.
 
+Shared-buffer KV (fast path, fused graphs): when every `present.*` output is written by com.microsoft
+GroupQueryAttention (the cpu target's fused attention), the cache is one preallocated buffer per layer and
+tensor, [1, kv_heads, capacity, head_dim], bound as both `past_key_values.*` and `present.*`. GQA then
+sees the same pointer in and out and writes only the new positions, where the growing cache makes it
+memset a fresh present buffer and copy the whole past into it every step (per layer, K and V: at a
+1024-token context on the Qwen3-1.7B shape that is 235 MB copied per token, as much as the attention reads).
+The kernel's contract (onnxruntime 1.31 CPU): present length = max(total_sequence_length, past buffer
+length), the valid length comes from `seqlens_k` = sum(attention_mask) - 1, so the runtime keeps feeding an
+all-ones mask of the valid length (not the buffer length) and the graph is unchanged. The buffers are numpy
+arrays wrapped as OrtValues without a copy; `empty_cache(capacity)` sizes them (generate_ids asks for
+prompt + max_new_tokens), and a step past the capacity moves the cache into buffers rounded up to the next
+`GROW_CHUNK` positions (one copy per chunk). Stepping from a cache writes its buffers after its `length`:
+an older cache stays valid, a cache derived from it no longer does (rewind semantics, no branching).
+
 Side-car adapters (runtimes/adapters.py): `adapter=NAME` or `set_adapter(NAME)` activates one of the
 package's `.onnx_adapter` files for every later step (bound on the IO binding in the fast path, through
 `RunOptions.add_active_adapter` in the reference path); `None` runs the graph's default adapter.
@@ -19,7 +33,7 @@ package's `.onnx_adapter` files for every later step (bound on the IO binding in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -29,15 +43,31 @@ from edge_recover.errors import EdgeRecoverError
 from .package import Package, open_package
 from .providers import ProviderChoice, check_package_bits, resolve_provider
 
-__all__ = ["OrtCausalLM", "KVCache"]
+__all__ = ["OrtCausalLM", "KVCache", "GROW_CHUNK"]
+
+GROW_CHUNK = 256  # positions a shared-buffer cache grows by when a step does not fit its capacity
 
 
 @dataclass
 class KVCache:
-    """The cache after some positions: per layer key and value (numpy arrays or OrtValues)."""
+    """The cache after some positions: per layer key and value (numpy arrays or OrtValues).
+
+    A shared-buffer cache (`shared`) holds numpy buffers [1, kv_heads, capacity, head_dim] of which
+    positions [:length] are valid, and `ort` the OrtValues that wrap them (same memory).
+    """
 
     values: list          # [key0, value0, key1, value1, ...]
     length: int           # cached positions
+    ort: list = field(default_factory=list, repr=False)  # shared-buffer mode: OrtValues over `values`
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.ort)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold (shared-buffer mode), else `length`."""
+        return int(self.values[0].shape[2]) if self.shared else self.length
 
 
 class OrtCausalLM:
@@ -50,7 +80,10 @@ class OrtCausalLM:
 
     def __init__(self, package: Package | str | os.PathLike, provider: str = "cpu", threads: Optional[int] = None,
                  provider_options: Optional[Mapping[str, str]] = None, fallback: bool = False,
-                 io_binding: bool = True, adapter: Optional[str] = None) -> None:
+                 io_binding: bool = True, adapter: Optional[str] = None,
+                 share_buffer: Optional[bool] = None) -> None:
+        """`share_buffer`: the shared-buffer KV cache (see the module docstring); None turns it on for the fast
+        path on the CPU EP when the graph allows it, False keeps the growing cache, True insists."""
         import onnxruntime as ort
 
         self.package = package if isinstance(package, Package) else open_package(package)
@@ -97,6 +130,14 @@ class OrtCausalLM:
         self._kv_dtype = np.float16 if "float16" in kv_type else np.float32
         st = self.package.stats
         self._kv_shape = (st.kv_heads, st.head_dim)
+        pairs = {"present." + n[len("past_key_values."):] for n in self._kv_in} == set(self._kv_out)
+        can_share = io_binding and st.kv_share_buffer and pairs
+        if share_buffer and not can_share:
+            why = ("io_binding=False (the reference path)" if not io_binding else
+                   "its present.* outputs are not all written by GroupQueryAttention (export for the cpu target)")
+            raise EdgeRecoverError(f"`share_buffer=True` cannot apply to {str(self.package.model_file)!r}: {why}; "
+                                   f"pass share_buffer=None or False")
+        self.share_buffer = bool(can_share and (share_buffer or (share_buffer is None and self.choice.spec.key == "cpu")))
         self.adapter = None
         self.set_adapter(adapter)
 
@@ -110,11 +151,28 @@ class OrtCausalLM:
     def context_length(self) -> int:
         return self.package.context_length
 
-    def empty_cache(self) -> KVCache:
-        """A cache with no positions (shape [1, kv_heads, 0, head_dim] per tensor)."""
+    def empty_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """A cache with no positions: [1, kv_heads, 0, head_dim] per tensor, or in the shared-buffer mode
+        buffers of `capacity` positions (default `GROW_CHUNK`, at most the context length)."""
         heads, dim = self._kv_shape
+        if self.share_buffer:
+            return self._grow(KVCache([], 0), min(int(capacity or GROW_CHUNK), self.context_length))
         empty = np.zeros((1, heads, 0, dim), dtype=self._kv_dtype)
         return KVCache([empty] * len(self._kv_in), 0)
+
+    def _grow(self, cache: KVCache, capacity: int) -> KVCache:
+        """`cache` moved into new shared buffers of `capacity` positions (its valid positions copied)."""
+        import onnxruntime as ort
+
+        heads, dim = self._kv_shape
+        values, wrapped = [], []
+        for i in range(len(self._kv_in)):
+            buf = np.zeros((1, heads, capacity, dim), dtype=self._kv_dtype)  # pages untouched until written
+            if cache.length:
+                buf[:, :, :cache.length] = cache.values[i][:, :, :cache.length]
+            values.append(buf)
+            wrapped.append(ort.OrtValue.ortvalue_from_numpy(buf))  # shares buf's memory
+        return KVCache(values, cache.length, wrapped)
 
     def _feeds(self, input_ids: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
         t = input_ids.shape[1]
@@ -132,6 +190,10 @@ class OrtCausalLM:
             raise EdgeRecoverError(f"sequence of {cache.length + t} tokens exceeds the model's context of "
                                    f"{self.context_length}; shorten the prompt or lower `max_new_tokens`")
         feeds = self._feeds(input_ids, cache)
+        if cache.shared and self.io_binding:
+            return self._step_shared(feeds, cache, t)
+        if cache.shared:  # a shared-buffer cache on the reference path: its valid positions
+            cache = KVCache([v[:, :, :cache.length] for v in cache.values], cache.length)
         if not self.io_binding:
             for name, value in zip(self._kv_in, cache.values):
                 feeds[name] = value if isinstance(value, np.ndarray) else value.numpy()
@@ -155,7 +217,26 @@ class OrtCausalLM:
         logits = outs[0].numpy()[0, -1].copy()
         return logits, KVCache(list(outs[1:]), cache.length + t)
 
+    def _step_shared(self, feeds: dict[str, np.ndarray], cache: KVCache, t: int) -> tuple[np.ndarray, KVCache]:
+        """The fast path with past and present bound to the same buffers (GroupQueryAttention writes in place)."""
+        if cache.length + t > cache.capacity:
+            chunks = -(-(cache.length + t) // GROW_CHUNK)
+            cache = self._grow(cache, min(chunks * GROW_CHUNK, self.context_length))
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in (self.adapter.params.items() if self.adapter else ()):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name, value in zip(self._kv_in, cache.ort):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output("present." + name[len("past_key_values."):], value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()[0, -1].copy()
+        return logits, KVCache(cache.values, cache.length + t, cache.ort)
+
     def describe(self) -> str:
         """One line: package, provider, options, threads."""
         adapter = f", adapter {self.adapter.name}" if self.adapter else ""
-        return f"{self.package.path}{adapter} on {self.choice.describe()}, {self.threads} threads"
+        kv = ", shared-buffer KV" if self.share_buffer else ""
+        return f"{self.package.path}{adapter} on {self.choice.describe()}, {self.threads} threads{kv}"
