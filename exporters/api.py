@@ -182,6 +182,9 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     validate_or_raise(graph, prof, rewritten)
     with atomic_dir(out, overwrite) as tmp:
         save_graph(graph, tmp)
+        from .fusions import kv_share_buffer
+
+        share_kv = kv_share_buffer(graph.graph)  # fused attention: onnxruntime-genai may share past/present
         del graph
         if low_memory and (verify or isinstance(model, LoadedModel)):
             from .rewrite import restore_float_weights
@@ -190,7 +193,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
         _write_hf_files(lm, tmp)
         from .genai import genai_config
 
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(lm.model.config, lm.tokenizer, prof.provider), indent=2))
+        config = genai_config(lm.model.config, lm.tokenizer, prof.provider, share_buffer=share_kv)
+        (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
         parity = None
         if verify:
             from .verify import verify_package

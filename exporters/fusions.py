@@ -209,6 +209,20 @@ def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
     return len(layers)
 
 
+def kv_share_buffer(graph: onnx.GraphProto) -> bool:
+    """True when every `present.*` output is written by GroupQueryAttention, so a runtime may bind past and
+    present to one preallocated buffer (GQA writes the new positions in place; onnxruntime-genai's
+    `past_present_share_buffer`). The growing-cache graph of Optimum's attention cannot do that.
+
+    Example:
+        >>> kv_share_buffer(onnx.load("pkg/model.onnx", load_external_data=False).graph)  # doctest: +SKIP
+        True
+    """
+    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS for o in n.output[1:3]}
+    return bool(presents) and presents <= by_gqa
+
+
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop nodes whose outputs nothing reads (walking back from the graph outputs), then unused initializers."""
     from .rewrite import drop_unused_initializers

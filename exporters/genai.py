@@ -2,8 +2,12 @@
 
 The Optimum graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key/value`
 and returns `logits` and `present.{i}.key/value`, with a KV cache that grows by concatenation (so
-`past_present_share_buffer` is false: the cache is not a fixed-size buffer shared between steps). The
-names are written out here so that onnxruntime-genai binds them without a builder of its own.
+`past_present_share_buffer` is false: the cache is not a fixed-size buffer shared between steps). The fused
+graph of the cpu target writes every `present.*` with GroupQueryAttention, which also runs on one buffer of
+`max_length` positions bound as past and present (`share_buffer=True`: no per-step copy of the cache;
+onnxruntime-genai 0.18 gives bit-equal logits either way, and allocates that buffer for the search's
+`max_length`, the context length unless the caller sets it). The names are written out here so that
+onnxruntime-genai binds them without a builder of its own.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ def _token_id(value, fallback: int) -> int:
 
 
 def genai_config(config, tokenizer=None, provider: str | None = None, context_length: int | None = None,
-                 filename: str = "model.onnx", threads: int | None = None) -> dict:
+                 filename: str = "model.onnx", threads: int | None = None, share_buffer: bool = False) -> dict:
     """The genai_config.json dict for a Hugging Face `config` exported by Optimum.
+
+    `share_buffer`: the graph writes every `present.*` with GroupQueryAttention (fusions.kv_share_buffer).
 
     Example:
         >>> genai_config(model.config)["model"]["decoder"]["inputs"]["past_key_names"]  # doctest: +SKIP
@@ -73,7 +79,7 @@ def genai_config(config, tokenizer=None, provider: str | None = None, context_le
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": bool(share_buffer), "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

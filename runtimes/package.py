@@ -140,6 +140,8 @@ def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None
     import onnx
     from onnx import helper
 
+    from edge_recover.exporters.fusions import kv_share_buffer
+
     model = onnx.load(str(model_file), load_external_data=False)
     graph = model.graph
     sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, rows)
@@ -183,10 +185,8 @@ def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None
         raise EdgeRecoverError(f"{str(model_file)!r}: KV input {kv[0].name} has shape {dims}, expected "
                                f"[batch, kv_heads, seq, head_dim]; re-export the package")
     kv_bytes = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-    presents = {o.name for o in graph.output if o.name.startswith("present.")}
-    by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" for o in n.output[1:3]}
-    share = bool(presents) and presents <= by_gqa
-    return GraphStats(total, per_token, dict(sorted(bits.items())), len(kv), dims[1], dims[3], kv_bytes, share)
+    return GraphStats(total, per_token, dict(sorted(bits.items())), len(kv), dims[1], dims[3], kv_bytes,
+                      kv_share_buffer(graph))
 
 
 def folder_size(path: str | Path) -> int:

@@ -7,6 +7,7 @@ the packages are run through the runtime's KV-cache session (prefill, then decod
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -46,6 +47,8 @@ def test_fused_graph_matches_unfused(tmp_path, arch):
     ops_plain, ops_fused = _ops(plain), _ops(fused)
     assert ops_fused["GroupQueryAttention"] == 2 and "Softmax" not in ops_fused
     assert sum(ops_fused.values()) < sum(ops_plain.values()) / 4
+    share = [json.loads((p / "genai_config.json").read_text())["search"]["past_present_share_buffer"] for p in (plain, fused)]
+    assert share == [False, True]  # only GroupQueryAttention can run on one past/present buffer
     a, toks_a = _run(plain)
     b, toks_b = _run(fused)
     print(f"{arch}: fused vs plain logits max {np.abs(a - b).max():.2e} mean {np.abs(a - b).mean():.2e}")
