@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=None)
     ap.add_argument("--targets", default="all")
-    ap.add_argument("--init", default="zero", choices=["zero", "residual"])
+    ap.add_argument("--init", default="zero", choices=["zero", "residual", "activation"])
     ap.add_argument("--quantized", default=None, help="train against this quantized checkpoint (slim ones too)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -28,7 +28,8 @@ def recover_cmd(
     rank: int = typer.Option(32, help="LoRA rank"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank)"),
     targets: str = typer.Option("all", help="`all` quantized layers, `2bit` (those the scheme puts at 2 bits) or regexes"),
-    init: str = typer.Option("zero", help="LoRA start: `zero` (PEFT's) or `residual` (top-r SVD of the quantization error)"),
+    init: str = typer.Option("zero", help="LoRA start: `zero` (PEFT's), `residual` (top-r SVD of the quantization "
+                                          "error) or `activation` (the same, weighted by the teacher's layer inputs)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
     lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine)"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),

@@ -38,11 +38,13 @@ from edge_recover.errors import require
 from edge_recover.scheme import Scheme, named_scheme
 
 from .data import SampleSettings, SyntheticDataset, generate_dataset, load_dataset, split_holdout
-from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_residual, load_student_checkpoint,
-                      quant_hash, quantize_student, resolve_targets)
+from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_activations, init_lora_from_residual,
+                      load_student_checkpoint, quant_hash, quantize_student, resolve_targets)
 
 REPORT_NAME = "recovery_report.json"
 # Fields that do not change the training trajectory: they may differ between a run and its resume.
+# LoRA starts: PEFT's zero B; the top-r SVD of the weight error; the same weighted by the inputs' statistics.
+INITS = ("zero", "residual", "activation")
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
 
 
@@ -59,7 +61,7 @@ class RecoverConfig:
     seq_len: int = 256
     rank: int = 32
     alpha: float | None = None  # None: 2 * rank
-    init: str = "zero"  # "zero": PEFT's (B = 0); "residual": top-r SVD of (teacher - quantized) weights
+    init: str = "zero"  # one of INITS (student.init_lora_from_residual / init_lora_from_activations)
     targets: str = "all"
     epochs: int = 2
     lr: float = 1e-3
@@ -92,7 +94,7 @@ class RecoverConfig:
         require(self.temperature > 0, f"`--temperature` must be positive, got {self.temperature!r}; try 1.0")
         require(self.batch_size > 0 and self.grad_accum > 0,
                 f"`--batch-size` and `--grad-accum` must be positive, got {self.batch_size!r} and {self.grad_accum!r}")
-        require(self.init in ("zero", "residual"), f"`--init` must be `zero` or `residual`, got {self.init!r}")
+        require(self.init in INITS, f"`--init` must be one of {', '.join(INITS)}, got {self.init!r}")
         require(self.alpha is None or self.alpha > 0, f"`--alpha` must be positive, got {self.alpha!r}; try 2 * rank")
         require(0 <= self.warmup < 1, f"`warmup` must be in [0, 1), got {self.warmup!r}")
         require(self.max_steps is None or self.max_steps > 0, f"`max_steps` must be positive, got {self.max_steps!r}")
@@ -316,6 +318,12 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     student = add_lora(base, targets, cfg.rank, cfg.lora_alpha).to(dev)
     if cfg.init == "residual" and not resume:
         init_lora_from_residual(student, teacher_model, targets)
+    elif cfg.init == "activation" and not resume:
+        from edge_recover.calibration import input_hessians
+
+        hessians = input_hessians(teacher_model, train_ids[: max(cfg.calibration, 64)], batch_size=cfg.batch_size)
+        init_lora_from_activations(student, teacher_model, targets, hessians)
+        del hessians
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     autocast = acc.autocast

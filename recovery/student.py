@@ -144,6 +144,42 @@ def init_lora_from_residual(student, teacher, targets: list[str]) -> dict[str, f
     return shares
 
 
+def init_lora_from_activations(student, teacher, targets: list[str], hessians: dict[str, torch.Tensor],
+                               damp: float = 0.01) -> dict[str, float]:
+    """Start each LoRA pair at the best rank-r approximation of the quantization error *as the layer sees it*.
+
+    The error that matters is R x for the inputs x the layer gets, not R itself: with H = E[x x^T] = Q L Q^T
+    (the teacher's input second moment, damped by `damp` x its mean eigenvalue), the rank-r matrix D minimising
+    E||(R - D) x||^2 is D = [R Q L^1/2]_r L^-1/2 Q^T, where [.]_r is the truncated SVD U_r S_r V_r^T. So
+    B = U_r sqrt(S_r) / sqrt(s) and A = sqrt(S_r) V_r^T L^-1/2 Q^T / sqrt(s) (s = PEFT's scaling). Inputs live
+    in few directions, so a small rank covers much more of this error than of ||R||_F. Returns, per layer,
+    the captured share of E||R x||^2.
+
+    Example:
+        >>> hs = input_hessians(teacher_model, train_ids[:64])  # doctest: +SKIP
+        >>> shares = init_lora_from_activations(peft_student, teacher_model, targets, hs)  # doctest: +SKIP
+    """
+    shares = {}
+    with torch.no_grad():
+        for name in targets:
+            require(name in hessians, f"no input statistics for {name!r}; pass the teacher's `input_hessians`")
+            layer = student.base_model.model.get_submodule(name)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # [r, K], [N, r]
+            r, scale = a.shape[0], layer.scaling["default"]
+            w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
+            resid = w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
+            h = hessians[name].to(a.device, torch.float64)
+            lam, q = torch.linalg.eigh(h)
+            lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean().clamp_min(1e-12)
+            root_l = lam.sqrt()
+            u, sv, vh = torch.linalg.svd(resid.double() @ (q * root_l[None, :]), full_matrices=False)
+            root = (sv[:r] / scale).sqrt()
+            b.copy_((u[:, :r] * root[None, :]).float())
+            a.copy_(((root[:, None] * vh[:r]) / root_l[None, :] @ q.T).float())
+            shares[name] = float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
+    return shares
+
+
 def adapter_metadata(teacher_hash: str, scheme: Scheme, method: str, qhash: str, targets: list[str], rank: int,
                      alpha: float, calibration: dict | None = None) -> dict:
     """What `edge_recover_adapter.json` records; `calibration` ({samples, seed}) says how to re-make the integers."""

@@ -178,3 +178,41 @@ def test_residual_init_starts_at_the_best_rank_r_fix(tiny_model):
             kl_q = kd_loss(student(input_ids=ids).logits, t).item()
         kl_init = kd_loss(student(input_ids=ids).logits, t).item()
     assert kl_init < kl_q, (kl_init, kl_q)
+
+
+def test_activation_init_is_the_best_rank_r_fix_for_the_layer_inputs(tiny_model, tmp_path):
+    from edge_recover.calibration import input_hessians
+    from edge_recover.recovery.student import add_lora, init_lora_from_activations, init_lora_from_residual, resolve_targets
+
+    lm = load_model(tiny_model)
+    base, _ = quantize_student(lm, SCHEME, "rtn", calibration=0, progress=False)
+    targets = resolve_targets(base, "all")
+    ids = torch.randint(0, 200, (8, 32))
+    hs = input_hessians(lm.model, ids)
+
+    def weighted_error(student, name):  # E||(R - s B A) x||^2 = tr((R - D) H (R - D)^T)
+        layer = student.base_model.model.get_submodule(name)
+        d = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        e = lm.model.get_submodule(name).weight - layer.base_layer.weight - d
+        return torch.trace(e @ hs[name] @ e.T).item()
+
+    plain = add_lora(quantize_student(lm, SCHEME, "rtn", calibration=0, progress=False)[0], targets, rank=4, alpha=8.0)
+    init_lora_from_residual(plain, lm.model, targets)
+    act = add_lora(base, targets, rank=4, alpha=8.0)
+    shares = init_lora_from_activations(act, lm.model, targets, hs, damp=0.0)
+    assert set(shares) == set(targets) and all(0 < s < 1 for s in shares.values())
+    for name in targets:  # the weighted optimum beats the plain SVD on the weighted error, and hits its bound
+        layer = act.base_model.model.get_submodule(name)
+        resid = (lm.model.get_submodule(name).weight - layer.base_layer.weight).double()
+        lam, q = torch.linalg.eigh(hs[name].double())
+        sv = torch.linalg.svdvals(resid @ (q * lam.clamp_min(0).sqrt()[None, :]))
+        bound = (sv[4:] ** 2).sum().item()
+        assert weighted_error(act, name) == pytest.approx(bound, rel=1e-3, abs=1e-6)
+        assert weighted_error(act, name) <= weighted_error(plain, name) + 1e-9
+    # and `recover --init activation` runs it (the adapter starts closer to the teacher than zero init)
+    cfg = dict(CFG, epochs=1, init="activation")
+    res = recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**cfg, max_steps=1), device="cpu",
+                  progress=False)
+    zero = recover(load_model(tiny_model), SCHEME, tmp_path / "z", RecoverConfig(**dict(cfg, init="zero"), max_steps=1),
+                   device="cpu", progress=False)
+    assert res.report["kl_before"] < zero.report["kl_before"], (res.report["kl_before"], zero.report["kl_before"])
