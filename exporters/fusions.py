@@ -18,8 +18,14 @@ rotary inside (`do_rotary=1`), the op onnxruntime-genai's builder emits:
 Anchors are names, not op patterns: the projection nodes `/model/layers.i/self_attn/{q,k,v,o}_proj/...`
 (MatMulNBits or MatMul), the graph inputs/outputs `past_key_values.i.*` / `present.i.*`, and the torch
 module's norm weights and rotary tables; everything Optimum had between them is dead code and is removed.
-Inputs and outputs keep their names and layouts ([batch, kv_heads, seq, head_dim], a cache that grows by
-concatenation), so runtimes/session.py and onnxruntime-genai run the fused graph unchanged.
+Inputs and outputs keep their names and layouts ([batch, kv_heads, seq, head_dim]), so the graph runs with
+a cache that grows by concatenation, as Optimum's does, and also with one buffer bound as both past and
+present (`kv_share_buffer`: runtimes/session.py's default for fused graphs, onnxruntime-genai's
+`past_present_share_buffer`).
+
+Then each residual Add and the RMS norm after it become one SkipSimplifiedLayerNormalization
+(`fuse_skip_norms`, anchored on `/model/layers.i/{input,post_attention}_layernorm/` and `/model/norm/`):
+ONNX Runtime fuses the norms itself but not the Add before them.
 
 Refused (left unfused, the reason recorded): sliding-window attention, attention biases, partial rotary,
 layouts where an anchor is missing. GroupQueryAttention takes positions from `seqlens_k` (the count of
@@ -209,6 +215,98 @@ def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
     return len(layers)
 
 
+_NORM_OPS = {"Cast", "Constant", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"}
+
+
+def _norm_modules(model) -> list[tuple[str, object]]:
+    """(ONNX name prefix, torch RMS norm module) of every decoder norm, in graph order."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        out += [(f"/model/layers.{i}/input_layernorm", layer.input_layernorm),
+                (f"/model/layers.{i}/post_attention_layernorm", layer.post_attention_layernorm)]
+    return out + [("/model/norm", model.model.norm)]
+
+
+def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
+    """Replace each residual Add + RMS norm by com.microsoft SkipSimplifiedLayerNormalization (in place).
+
+    Optimum writes a norm as ~12 nodes under `/model/layers.i/{input,post_attention}_layernorm/` or
+    `/model/norm/` (Cast, Pow, ReduceMean, Add eps, Sqrt, Div, Mul, Cast, Mul weight); ONNX Runtime fuses
+    those into SimplifiedLayerNormalization itself but leaves the residual Add before it. Here:
+
+        residual a ─┐                                  a ─┐
+        branch b  ──┴─► Add ─► x ─► RMSNorm ─► y   =>  b ──┴─► SkipSimplifiedLayerNorm ─► y (output 0)
+                               └──► next residual Add              └─► x = a + b (output 3)
+
+    A norm whose input is not an Add (layer 0's, after the embedding) becomes SimplifiedLayerNormalization.
+    Gamma and epsilon come from the torch module. A norm whose nodes are not the expected ops is left alone.
+    Returns (skip norms, plain norms) written.
+    """
+    g = graph_model.graph
+    producers = _producer_index(g)
+    by_name = {n.name: n for n in g.node}
+    drop: set[str] = set()
+    at: dict[str, onnx.NodeProto] = {}   # node name -> new node taking its place
+    rename: dict[str, str] = {}          # tensor name -> name its readers use instead
+    inits, skip, plain = [], 0, 0
+    for prefix, module in _norm_modules(model):
+        group = [n for n in g.node if n.name.startswith(prefix + "/")]
+        names = {n.name for n in group}
+        cast, pow_ = by_name.get(f"{prefix}/Cast"), by_name.get(f"{prefix}/Pow")
+        if not group or pow_ is None or {n.op_type for n in group} - _NORM_OPS:
+            continue
+        x, alias = pow_.input[0], None
+        if cast is not None and x == cast.output[0]:
+            if next(a.i for a in cast.attribute if a.name == "to") != TensorProto.FLOAT:
+                continue
+            x, alias = cast.input[0], cast.output[0]
+        produced = {o for n in group for o in n.output}
+        exits = {o for n in g.node if n.name not in names for o in n.input if o in produced and o != alias}
+        exits |= {o.name for o in g.output if o.name in produced}
+        if len(exits) != 1:
+            continue
+        y = exits.pop()
+        gamma = f"{prefix}/weight.fused"
+        inits.append(numpy_helper.from_array(module.weight.detach().float().numpy(), gamma))
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        add = producers.get(x)
+        drop |= names
+        if alias:
+            rename[alias] = x
+        if add is not None and add.op_type == "Add" and add.name.startswith("/model/layers.") and add.name not in at:
+            at[add.name] = helper.make_node(
+                "SkipSimplifiedLayerNormalization", [rename.get(i, i) for i in add.input[:2]] + [gamma],
+                [y, "", "", x], name=f"{prefix}/SkipSimplifiedLayerNormalization", domain=MS, epsilon=eps)
+            drop.add(add.name)
+            skip += 1
+        else:
+            first = cast.name if alias else pow_.name
+            at[first] = helper.make_node("SimplifiedLayerNormalization", [x, gamma], [y],
+                                         name=f"{prefix}/SimplifiedLayerNormalization", axis=-1, epsilon=eps, stash_type=1)
+            plain += 1
+    ordered = []
+    for node in g.node:
+        new = at.get(node.name)
+        if new is not None:
+            ordered.append(new)
+        if node.name in drop:
+            continue
+        ordered.append(node)
+    for node in ordered:
+        for j, name in enumerate(node.input):
+            if name in rename:
+                node.input[j] = rename[name]
+    read = {i for n in ordered for i in n.input} | {o.name for o in g.output}
+    for node in ordered:  # the final norm's sum feeds nothing: drop the optional output
+        if node.op_type == "SkipSimplifiedLayerNormalization" and node.output[3] not in read:
+            del node.output[1:]
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(inits)
+    remove_dead_nodes(graph_model)
+    return skip, plain
+
+
 def kv_share_buffer(graph: onnx.GraphProto) -> bool:
     """True when every `present.*` output is written by GroupQueryAttention, so a runtime may bind past and
     present to one preallocated buffer (GQA writes the new positions in place; onnxruntime-genai's
@@ -247,8 +345,8 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
 def apply_fusions(graph: onnx.ModelProto, model) -> list[str]:
     """Apply the fusions that pay on CPU to `graph` (exported from torch `model`); returns what was applied.
 
-    Returns e.g. `["GroupQueryAttention x28 (rotary inside)"]`, or `["none: <reason>"]` when the
-    architecture is not mapped (the graph is then left as Optimum made it).
+    Returns e.g. `["GroupQueryAttention x28 (rotary inside)", "SkipSimplifiedLayerNormalization x56 (...)"]`, or
+    `["none: <reason>"]` when the architecture is not mapped (the graph is then left as Optimum made it).
 
     Example:
         >>> apply_fusions(graph, lm.model)  # doctest: +SKIP
@@ -259,4 +357,9 @@ def apply_fusions(graph: onnx.ModelProto, model) -> list[str]:
         return [f"none: {reason}"]
     n = fuse_attention(graph, model)
     extra = ", q_norm/k_norm as SimplifiedLayerNormalization" if hasattr(model.model.layers[0].self_attn, "q_norm") else ""
-    return [f"GroupQueryAttention x{n} (rotary inside{extra})"]
+    done = [f"GroupQueryAttention x{n} (rotary inside{extra})"]
+    skip, plain = fuse_skip_norms(graph, model)
+    if skip:
+        done.append(f"SkipSimplifiedLayerNormalization x{skip} (residual Add + RMS norm)"
+                    + (f", SimplifiedLayerNormalization x{plain}" if plain else ""))
+    return done

@@ -83,3 +83,25 @@ def test_placeholder_check_refuses_a_wrong_role():
     _check_placeholder("model.layers.0.mlp.gate_proj", "w", _placeholder((24, 16), 4).T, ph, {})
     with pytest.raises(EdgeRecoverError, match="placeholder"):
         _check_placeholder("model.layers.0.mlp.up_proj", "w", _placeholder((24, 16), 4).T, ph, {})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_skip_norms_match_attention_only_fusion(tmp_path, arch, monkeypatch):
+    """Residual Add + RMS norm as SkipSimplifiedLayerNormalization against the graph with only attention fused."""
+    from edge_recover.exporters import fusions
+
+    after = export_package(make_loaded(arch), tmp_path / "skip", scheme="w4w2gateup", target="cpu", method="rtn",
+                           calibration=0)  # verify on: the exporter's gate passes
+    monkeypatch.setattr(fusions, "fuse_skip_norms", lambda graph, model: (0, 0))
+    before = export_package(make_loaded(arch), tmp_path / "attn", scheme="w4w2gateup", target="cpu", method="rtn",
+                            calibration=0, verify=False)
+    ops_after, ops_before = _ops(after), _ops(before)
+    # 2 layers: 4 residual Adds before a norm (post-attention x2, next layer's input norm, final norm)
+    assert ops_after["SkipSimplifiedLayerNormalization"] == 4 and "Pow" in ops_before and "Pow" not in ops_after
+    assert ops_after["Add"] == 0  # every Add was a residual or part of a norm
+    a, toks_a = _run(before, steps=12)
+    b, toks_b = _run(after, steps=12)
+    print(f"{arch}: skip norms vs attention-only {sum(ops_before.values())} -> {sum(ops_after.values())} nodes, "
+          f"logits max {np.abs(a - b).max():.2e} mean {np.abs(a - b).mean():.2e}")
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+    assert toks_a == toks_b
