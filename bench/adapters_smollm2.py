@@ -39,9 +39,16 @@ def _export(args, work: Path) -> dict[str, Path]:
                                           "adapter_name": "recovery"}
         if row == "merged":
             extra.update(merge_method=args.merge_method, merge_calibration=args.merge_calibration, eval_text=text)
-        out[row] = export_package(args.quantized, work / row, target="cpu", overwrite=True, **extra)
+        out[row] = export_package(_quantized(args), work / row, target="cpu", overwrite=True, **extra)
         print(f"exported {row} in {time.time() - t:.0f} s", flush=True)
     return out
+
+
+def _quantized(args):
+    """The checkpoint, loaded afresh (a slim one takes its kept tensors from the teacher)."""
+    from edge_recover.models import load_model
+
+    return load_model(args.quantized, base=args.teacher)
 
 
 def _text(args) -> str:
@@ -59,8 +66,8 @@ def _torch_figures(args, windows) -> dict:
     from edge_recover.pipeline import resolve_model
     from peft import PeftModel
 
-    q = load_model(args.quantized)
     teacher = resolve_model(args.teacher)
+    q = load_model(args.quantized, base=teacher)
     out = {"teacher_source_hash_matches": teacher.source_hash == q.source_hash}
     with torch.no_grad():
         out["teacher"] = evaluate(teacher.model, windows, progress=False).perplexity
@@ -100,7 +107,6 @@ def main() -> None:
     from edge_recover.evaluate import token_windows
     from edge_recover.exporters.api import read_package_manifest
     from edge_recover.exporters.verify import ort_perplexity
-    from edge_recover.models import load_model
     from edge_recover.runtimes.package import folder_size
     from edge_recover.runtimes.profiler import PackageEntry, ProfileSettings, profile_packages
 
@@ -108,7 +114,7 @@ def main() -> None:
     t0 = time.time()
     pkgs = _export(args, args.work)
     manifests = {r: read_package_manifest(p) for r, p in pkgs.items()}
-    tok = load_model(args.quantized).tokenizer
+    tok = _quantized(args).tokenizer
     windows = token_windows(tok, _text(args), args.seq_len, args.windows)
     ppl = {}
     for row, p in pkgs.items():

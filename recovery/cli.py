@@ -27,11 +27,12 @@ def recover_cmd(
     seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
     rank: int = typer.Option(32, help="LoRA rank"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank)"),
-    targets: str = typer.Option("all", help="`all` quantized layers, `2bit` (those the scheme puts at 2 bits) or regexes"),
-    init: str = typer.Option("zero", help="LoRA start: `zero` (PEFT's), `residual` (top-r SVD of the quantization "
+    targets: str = typer.Option("low-bit", help="`low-bit` (the layers at the scheme's lowest bit width: gate/up for "
+                                                "w4w2gateup), `2bit`, `all` quantized layers, or regexes"),
+    init: str = typer.Option("activation", help="LoRA start: `zero` (PEFT's), `residual` (top-r SVD of the quantization "
                                           "error) or `activation` (the same, weighted by the teacher's layer inputs)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
-    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine)"),
+    lr: float = typer.Option(3e-4, help="peak learning rate (warm-up, then cosine)"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),

@@ -61,10 +61,10 @@ class RecoverConfig:
     seq_len: int = 256
     rank: int = 32
     alpha: float | None = None  # None: 2 * rank
-    init: str = "zero"  # one of INITS (student.init_lora_from_residual / init_lora_from_activations)
-    targets: str = "all"
+    init: str = "activation"  # one of INITS (student.init_lora_from_residual / init_lora_from_activations)
+    targets: str = "low-bit"  # the layers at the scheme's lowest bit width (gate/up for w4w2gateup)
     epochs: int = 2
-    lr: float = 1e-3
+    lr: float = 3e-4
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0

@@ -5,8 +5,9 @@ only the low-rank A and B matrices train. An adapter is only meaningful on the i
 against, so the adapter folder records, next to PEFT's own files, the teacher's source hash, the scheme,
 the quantizer method and a hash of the integers (`quant_hash`); `load_adapter` refuses any mismatch.
 
-Targets: `2bit` (default; the layers the scheme puts at 2 bits: gate/up for w4w2gateup), `all` (every
-quantized layer), or a comma-separated list of regular expressions over layer names.
+Targets: `low-bit` (default; the layers at the scheme's lowest bit width: gate/up for w4w2gateup, every
+layer for w4), `2bit` (the same, refused when no layer is at 2 bits), `all` (every quantized layer), or a
+comma-separated list of regular expressions over layer names.
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ def init_lora_from_residual(student, teacher, targets: list[str]) -> dict[str, f
             w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
             resid = w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
             u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
-            root = (sv[:r] / scale).sqrt()
-            b.copy_(u[:, :r] * root[None, :])
-            a.copy_(root[:, None] * vh[:r])
+            k = min(r, sv.numel())  # a rank above min(N, K): the extra pairs keep PEFT's start (B = 0)
+            root = (sv[:k] / scale).sqrt()
+            b[:, :k] = u[:, :k] * root[None, :]
+            a[:k] = root[:, None] * vh[:k]
             shares[name] = float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
     return shares
 
@@ -173,9 +175,10 @@ def init_lora_from_activations(student, teacher, targets: list[str], hessians: d
             lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean().clamp_min(1e-12)
             root_l = lam.sqrt()
             u, sv, vh = torch.linalg.svd(resid.double() @ (q * root_l[None, :]), full_matrices=False)
-            root = (sv[:r] / scale).sqrt()
-            b.copy_((u[:, :r] * root[None, :]).float())
-            a.copy_(((root[:, None] * vh[:r]) / root_l[None, :] @ q.T).float())
+            k = min(r, sv.numel())  # a rank above min(N, K): the extra pairs keep PEFT's start (B = 0)
+            root = (sv[:k] / scale).sqrt()
+            b[:, :k] = (u[:, :k] * root[None, :]).float()
+            a[:k] = ((root[:, None] * vh[:k]) / root_l[None, :] @ q.T).float()
             shares[name] = float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
     return shares
 

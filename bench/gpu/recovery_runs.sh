@@ -1,6 +1,8 @@
 # Recovery runs on one GPU, side by side (source bench/gpu/env.sh first). Usage:
 #   bash bench/gpu/recovery_runs.sh EPOCHS TAG:OPTIONS [TAG:OPTIONS ...]
-# e.g. bash bench/gpu/recovery_runs.sh 4 "zero:" "resid:--init residual" "resid-lr2:--init residual --lr 2e-3"
+# e.g. bash bench/gpu/recovery_runs.sh 3 "act256-lr3:" "zero128:--init zero --rank 128 --lr 1e-3"
+# (options add to the benchmark's defaults: activation init, rank 256, all layers, lr 3e-4). Mind the GPU
+# memory: four runs side by side did not fit one H100 (80 GB); poll at least every 30 s or the machine goes.
 # Every run trains against the carried slim checkpoint (/tmp/carry/quantized) on one shared teacher
 # dataset (the first run samples it, the others wait for the file). Runs start detached (setsid) and
 # write /tmp/res/TAG.{json,log} and the adapter in parts under /tmp/res/TAG/.

@@ -16,8 +16,9 @@ from edge_recover.recovery.student import load_adapter, quant_hash, quantize_stu
 from edge_recover.scheme import named_scheme
 
 SCHEME = named_scheme("w4w2gateup")
+# The training loop from PEFT's zero start on every layer (the inits have their own tests below).
 CFG = dict(samples=96, seq_len=48, rank=8, epochs=2, batch_size=8, lr=1e-2, calibration=4, log_every=2,
-           checkpoint_every=4)
+           checkpoint_every=4, targets="all", init="zero")
 
 
 @pytest.fixture(scope="module")
