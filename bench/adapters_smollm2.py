@@ -44,6 +44,12 @@ def _export(args, work: Path) -> dict[str, Path]:
     return out
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the repo when it is inside it (reports are committed)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def _quantized(args):
     """The checkpoint, loaded afresh (a slim one takes its kept tensors from the teacher)."""
     from edge_recover.models import load_model
@@ -143,7 +149,7 @@ def main() -> None:
     adapter_meta = manifests["sidecar"]["adapters"][0]
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32 teacher)", "label": args.label,
-        "quantized": str(args.quantized), "adapter": str(args.adapter),
+        "quantized": _shown(args.quantized), "adapter": _shown(args.adapter),
         "scheme": manifests["base"]["scheme"], "method": manifests["base"]["method"],
         "adapter_source": adapter_meta["source"], "rank_layout": sorted(set(adapter_meta["rank_layout"].values())),
         "adapted_layers": len(adapter_meta["rank_layout"]),
@@ -157,7 +163,8 @@ def main() -> None:
         "versions": manifests["base"]["versions"], "seconds": round(time.time() - t0),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    # package manifests record absolute paths; the committed report names them from the repo root
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2).replace(f"{ROOT}/", ""))
     args.out.with_suffix(".md").write_text(_markdown(result))
     _plot(result, args.out.with_suffix(".png"))
     print(_markdown(result))

