@@ -162,6 +162,7 @@ def init_lora_from_activations(student, teacher, targets: list[str], hessians: d
         >>> shares = init_lora_from_activations(peft_student, teacher_model, targets, hs)  # doctest: +SKIP
     """
     shares = {}
+    last = None  # (H, root L, Q) of the previous layer: q/k/v and gate/up share one input, and come in a row
     with torch.no_grad():
         for name in targets:
             require(name in hessians, f"no input statistics for {name!r}; pass the teacher's `input_hessians`")
@@ -170,10 +171,12 @@ def init_lora_from_activations(student, teacher, targets: list[str], hessians: d
             r, scale = a.shape[0], layer.scaling["default"]
             w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
             resid = w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
-            h = hessians[name].to(a.device, torch.float64)
-            lam, q = torch.linalg.eigh(h)
-            lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean().clamp_min(1e-12)
-            root_l = lam.sqrt()
+            h = hessians[name]
+            if last is None or last[0].shape != h.shape or not torch.equal(last[0], h):
+                lam, q = torch.linalg.eigh(h.to(a.device, torch.float64))
+                lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean().clamp_min(1e-12)
+                last = (h, lam.sqrt(), q)
+            _, root_l, q = last
             u, sv, vh = torch.linalg.svd(resid.double() @ (q * root_l[None, :]), full_matrices=False)
             k = min(r, sv.numel())  # a rank above min(N, K): the extra pairs keep PEFT's start (B = 0)
             root = (sv[:k] / scale).sqrt()
