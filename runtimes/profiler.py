@@ -8,7 +8,8 @@ Fair ratios on a noisy shared machine come from the schedule, not from long runs
       -> medians per (package, prompt length); latency percentiles over all decode steps of all repeats
 
 A run is a random prompt of exactly `prompt_length` ids, a prefill, then `new_tokens` greedy steps with
-stop tokens ignored. The roofline for a run is `bandwidth / (weight bytes per token + KV bytes read at
+stop tokens ignored. The bandwidth is the median of probes taken before the runs and after every repeat
+round. The roofline for a run is `bandwidth / (weight bytes per token + KV bytes read at
 the mean decode context)`; `roofline_share` is measured decode tok/s over it.
 """
 
@@ -184,8 +185,10 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                                    f"`--prompt-lengths` or `--new-tokens`")
     device = device_info(settings.threads)
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
-    bandwidth = read_bandwidth(device["threads_used"], settings.bandwidth_mb)
-    log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    # A shared machine's bandwidth drifts (neighbours): probe it before the runs and after every repeat
+    # round, between the packages' runs, and take the median as the roofline's bandwidth.
+    probes = [read_bandwidth(device["threads_used"], settings.bandwidth_mb)]
+    log(f"read bandwidth {probes[0] / 1e9:.1f} GB/s")
     workers: list[Worker] = []
     runs: dict[tuple[int, int], list[dict]] = {}
     try:
@@ -213,11 +216,15 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                     runs.setdefault((pi, length), []).append(res)
                     log(f"  repeat {r + 1}/{settings.repeats} prompt {length} {entries[pi].label}: "
                         f"{time.perf_counter() - t:.1f} s")
+            probes.append(read_bandwidth(device["threads_used"], settings.bandwidth_mb))
         for w, d in zip(workers, described):
             d["peak_rss_bytes"] = w.ask(op="stats")["peak_rss_bytes"]
     finally:
         for w in workers:
             w.close()
+    bandwidth = statistics.median(probes)
+    log(f"read bandwidth, median of {len(probes)} probes: {bandwidth / 1e9:.1f} GB/s "
+        f"({min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f})")
     results = []
     for pi, d in enumerate(described):
         for length in settings.prompt_lengths:
@@ -242,7 +249,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
 
     data = {"kind": REPORT_KIND, "format_version": REPORT_FORMAT_VERSION, "tool_version": tool_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-            "bandwidth_bytes_s": bandwidth,
+            "bandwidth_bytes_s": bandwidth, "bandwidth_probes_bytes_s": probes,
             "settings": {**asdict(settings), "prompt_lengths": list(settings.prompt_lengths)},
             "packages": described, "results": results}
     report = Report(data)

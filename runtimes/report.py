@@ -16,6 +16,14 @@ __all__ = ["write_report", "render_markdown", "plot_report", "PLOTS"]
 PLOTS = ("decode_tok_s.png", "prefill_tok_s.png")
 
 
+def _probes(data: dict) -> str:
+    """' (median of N probes, LO-HI)' when the report has bandwidth probes (older reports have one)."""
+    probes = data.get("bandwidth_probes_bytes_s") or []
+    if len(probes) < 2:
+        return ""
+    return f" (median of {len(probes)} probes, {min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f})"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
@@ -30,7 +38,7 @@ def render_markdown(data: dict) -> str:
     lines = [f"# Throughput profile ({data['created']})", "",
              f"{dev['cpu_model']}, {dev['physical_cores']} cores ({dev['logical_cores']} logical), "
              f"{dev['threads_used']} threads used, {dev['memory_gb']} GiB, {dev['os']}; onnxruntime "
-             f"{dev['onnxruntime']}; measured read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s.", "",
+             f"{dev['onnxruntime']}; measured read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s{_probes(data)}.", "",
              f"Provider `{st['provider']}` (options {st['provider_options'] or 'default'}); prompt lengths "
              f"{', '.join(map(str, st['prompt_lengths']))}; {st['new_tokens']} new tokens; {st['repeats']} "
              f"interleaved repeats (medians), {st['warmup']} warm-up round(s). Ratios are against "

@@ -26,6 +26,8 @@ def test_report_json_structure(report_dir, tiny_package):
     data = json.loads((report_dir / "report.json").read_text())
     assert data["kind"] == "edge-recover-profile" and data["format_version"] == 1
     assert data["bandwidth_bytes_s"] > 1e8
+    probes = data["bandwidth_probes_bytes_s"]  # before the runs and after each repeat round; the median is used
+    assert len(probes) == 1 + data["settings"]["repeats"] == 3 and min(probes) <= data["bandwidth_bytes_s"] <= max(probes)
     dev = data["device"]
     assert dev["threads_used"] == 1 and dev["onnxruntime"] and dev["cpu_model"]
     assert [p["label"] for p in data["packages"]] == ["fp32", "second"]
