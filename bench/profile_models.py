@@ -79,8 +79,9 @@ def _fp32_package(hf: Path, out: Path) -> None:
 
 
 def build(model: str, variant: str) -> Path:
-    """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-unfused]
+    """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-b128][-unfused]
     (w4 / w4w2gateup; `head8` / `head4`: lm_head as 8-/4-bit MatMulNBits, the embedding stays fp32;
+    `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64;
     `unfused`: Optimum's attention, no fusions)."""
     out = PKGS / f"{model}-{variant}"
     if out.exists():
@@ -98,6 +99,7 @@ def build(model: str, variant: str) -> Path:
 
         name, *opts = variant.split("-")
         rules = [f"lm_head={o[4:]}" for o in opts if o in ("head8", "head4")]
+        blocks = [int(o[1:]) for o in opts if o in ("b32", "b64", "b128")]  # every layer at this block size
         scheme = load_scheme(name, rules)
         src = str(hf)
         if model != "smollm2":  # loaded in bf16 (its stored dtype): the exporter's low-memory path never makes fp32 linears
@@ -107,7 +109,7 @@ def build(model: str, variant: str) -> Path:
 
             src = load_model(hf, dtype=torch.bfloat16)
         export_package(src, out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False,
-                       fuse="unfused" not in opts)
+                       fuse="unfused" not in opts, block_size=blocks[0] if blocks else None)
         del src
     gc.collect()
     return out
