@@ -42,9 +42,9 @@ from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from
                       load_student_checkpoint, quant_hash, quantize_student, resolve_targets)
 
 REPORT_NAME = "recovery_report.json"
-# Fields that do not change the training trajectory: they may differ between a run and its resume.
 # LoRA starts: PEFT's zero B; the top-r SVD of the weight error; the same weighted by the inputs' statistics.
 INITS = ("zero", "residual", "activation")
+# Fields that do not change the training trajectory: they may differ between a run and its resume.
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
 
 

@@ -117,6 +117,28 @@ def add_lora(model, targets: list[str], rank: int, alpha: float, dropout: float 
     return get_peft_model(model, cfg)
 
 
+def _lora_pair_and_error(student, teacher, name: str):
+    """The LoRA A [r, K] and B [N, r] weights of layer `name`, PEFT's scaling, and W_teacher - W_quantized."""
+    layer = student.base_model.model.get_submodule(name)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
+    return a, b, layer.scaling["default"], w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
+
+
+def _start_at(a: torch.Tensor, b: torch.Tensor, scale: float, u: torch.Tensor, sv: torch.Tensor,
+              right: torch.Tensor) -> float:
+    """Set s * B @ A to the rank-r truncation of U diag(S) RIGHT, split evenly (sqrt(S) on each side).
+
+    A rank above the available one (min(N, K)) leaves the extra pairs at PEFT's start (B = 0). Returns the
+    captured share of sum(S^2)."""
+    r = a.shape[0]
+    k = min(r, sv.numel())
+    root = (sv[:k] / scale).sqrt()
+    b[:, :k] = (u[:, :k] * root[None, :]).to(b.dtype)
+    a[:k] = (root[:, None] * right[:k]).to(a.dtype)
+    return float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
+
+
 def init_lora_from_residual(student, teacher, targets: list[str]) -> dict[str, float]:
     """Start each LoRA pair at the best rank-r approximation of what quantization removed.
 
@@ -132,17 +154,9 @@ def init_lora_from_residual(student, teacher, targets: list[str]) -> dict[str, f
     shares = {}
     with torch.no_grad():
         for name in targets:
-            layer = student.base_model.model.get_submodule(name)
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # [r, K], [N, r]
-            r, scale = a.shape[0], layer.scaling["default"]
-            w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
-            resid = w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
+            a, b, scale, resid = _lora_pair_and_error(student, teacher, name)
             u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
-            k = min(r, sv.numel())  # a rank above min(N, K): the extra pairs keep PEFT's start (B = 0)
-            root = (sv[:k] / scale).sqrt()
-            b[:, :k] = u[:, :k] * root[None, :]
-            a[:k] = root[:, None] * vh[:k]
-            shares[name] = float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
+            shares[name] = _start_at(a, b, scale, u, sv, vh)
     return shares
 
 
@@ -166,11 +180,7 @@ def init_lora_from_activations(student, teacher, targets: list[str], hessians: d
     with torch.no_grad():
         for name in targets:
             require(name in hessians, f"no input statistics for {name!r}; pass the teacher's `input_hessians`")
-            layer = student.base_model.model.get_submodule(name)
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # [r, K], [N, r]
-            r, scale = a.shape[0], layer.scaling["default"]
-            w_t = teacher.get_submodule(name).weight.detach().to(a.device, torch.float32)
-            resid = w_t - layer.base_layer.weight.detach().to(a.device, torch.float32)
+            a, b, scale, resid = _lora_pair_and_error(student, teacher, name)
             h = hessians[name]
             if last is None or last[0].shape != h.shape or not torch.equal(last[0], h):
                 lam, q = torch.linalg.eigh(h.to(a.device, torch.float64))
@@ -178,11 +188,7 @@ def init_lora_from_activations(student, teacher, targets: list[str], hessians: d
                 last = (h, lam.sqrt(), q)
             _, root_l, q = last
             u, sv, vh = torch.linalg.svd(resid.double() @ (q * root_l[None, :]), full_matrices=False)
-            k = min(r, sv.numel())  # a rank above min(N, K): the extra pairs keep PEFT's start (B = 0)
-            root = (sv[:k] / scale).sqrt()
-            b[:, :k] = (u[:, :k] * root[None, :]).float()
-            a[:k] = ((root[:, None] * vh[:k]) / root_l[None, :] @ q.T).float()
-            shares[name] = float((sv[:r] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30))
+            shares[name] = _start_at(a, b, scale, u, sv, (vh[: a.shape[0]] / root_l[None, :]) @ q.T)
     return shares
 
 
