@@ -67,11 +67,12 @@ def main_result(run: dict, ref: dict) -> dict:
 
 def markdown(runs: dict[str, dict], ref: dict, main: str) -> str:
     m = runs[main]
+    others = sorted({round(r["ppl_quant"], 2) for r in runs.values()} - {round(m["ppl_quant"], 2)})
+    other = f" (other runs' checkpoints: {', '.join(f'{x:.2f}' for x in others)})" if others else ""
     lines = [f"Held-out text: {m['eval_text']} ({m['eval_tokens']:,} tokens, windows of {m['eval_seq_len']}); "
              f"{m['gpu']}; 10,000 teacher samples x 256 tokens.", "",
              f"Full precision {m['ppl_fp']:.2f}; plain W4 (GPTQ, no recovery) {ref['ppl_w4']:.2f}; "
-             f"W4/W2-GateUp (GPTQ b32) before recovery {m['ppl_quant']:.2f} (earlier checkpoint: "
-             f"{runs.get('zero32-e3', m)['ppl_quant']:.2f}).", "",
+             f"W4/W2-GateUp (GPTQ b32) before recovery {m['ppl_quant']:.2f}{other}.", "",
              "| run | recipe | LoRA params | ppl | recovery | held-out KL | top-1 | minutes* |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for tag, r in sorted(runs.items(), key=lambda kv: -kv[1]["recovery_pct"]):
