@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,8 @@ def _fp32_package(hf: Path, out: Path) -> None:
 def build(model: str, variant: str) -> Path:
     """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-b128][-unfused]
     (w4 / w4w2gateup; `head8` / `head4`: lm_head as 8-/4-bit MatMulNBits, the embedding stays fp32;
-    `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64;
+    `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64; `2b128`: only the
+    2-bit layers at block 128, the others at the target's 64;
     `unfused`: Optimum's attention, no fusions)."""
     out = PKGS / f"{model}-{variant}"
     if out.exists():
@@ -100,6 +102,7 @@ def build(model: str, variant: str) -> Path:
         name, *opts = variant.split("-")
         rules = [f"lm_head={o[4:]}" for o in opts if o in ("head8", "head4")]
         blocks = [int(o[1:]) for o in opts if o in ("b32", "b64", "b128")]  # every layer at this block size
+        blocks += [{int(o[0]): int(o[2:])} for o in opts if re.fullmatch(r"[248]b\d+", o)]  # `2b128`: one width
         scheme = load_scheme(name, rules)
         src = str(hf)
         if model != "smollm2":  # loaded in bf16 (its stored dtype): the exporter's low-memory path never makes fp32 linears

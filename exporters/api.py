@@ -44,17 +44,26 @@ def _load(model: "str | Path | LoadedModel") -> LoadedModel:
 
 
 def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: str, calibration: int,
-                      block_size: int | None) -> tuple[dict, str]:
-    """Quantize `lm` in place unless it already is; returns (scheme JSON, method)."""
+                      block_size) -> tuple[dict, str]:
+    """Quantize `lm` in place unless it already is; returns (scheme JSON, method). Every layer gets the
+    target's preferred block size, then `block_size` (one size, or {bits: size}) overrides."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
-    from edge_recover.scheme import Scheme, load_scheme
+    from edge_recover.scheme import KEEP, Scheme, load_scheme, parse_block_sizes
 
     if quantized_layers(lm.model):
         qm = lm.quantized_manifest or {}
         return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(str(scheme))
-    sch = sch.with_block_size(block_size or target.preferred_block_size)
+    sch = sch.with_block_size(target.preferred_block_size)
+    if block_size is not None:
+        sch = sch.with_block_size(parse_block_sizes(block_size))
+    for cfg in {r.config for r in sch.rules} | {sch.default}:  # refused before minutes of quantizing, not after
+        if cfg != KEEP:
+            target.storage_bits(cfg.bits)
+            require(cfg.block_size in target.block_sizes,
+                    f"{cfg.bits}-bit blocks of {cfg.block_size} are not taken by target {target.name!r} (it takes "
+                    f"{', '.join(map(str, target.block_sizes))}); pass another `--block-size` or another `--target`")
     quantize_loaded(lm, sch, method=method, calibration=calibration, progress=False)
     return sch.to_json(), method
 
@@ -123,7 +132,7 @@ def save_graph(graph, folder: Path) -> None:
 
 def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme="w4w2gateup", target: str = "cpu",
                    method: str = "mse", vendor: str | None = None, verify: bool = True, overwrite: bool = False,
-                   calibration: int = 16, block_size: int | None = None, fuse: bool | None = None,
+                   calibration: int = 16, block_size: "int | dict | str | None" = None, fuse: bool | None = None,
                    low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
                    adapter_name: str | None = None, merge_method: str | None = None,
                    merge_calibration: int | None = None, eval_text: str | None = None) -> Path:
@@ -131,8 +140,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
     in place when it is not yet). A full-precision model is quantized under `scheme` with the target's
-    preferred block size (or `block_size`); a quantized one keeps its integers and is refused if the target
-    cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
+    preferred block size (or `block_size`: one size, or per bit width as {2: 128} / "4:64,2:128"); a quantized
+    one keeps its integers and is refused if the target cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
     when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py). `low_memory`
     (default: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`) exports through shared
     placeholder weights, so a 1.7B model exports on a 24 GiB machine (rewrite.low_memory_weights).

@@ -51,7 +51,7 @@ def quantize(
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to create"),
     scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file (see `edge-recover schemes`)"),
     method: str = typer.Option("gptq", help="gptq (error feedback, best), mse (clipping search + least squares) or rtn (min-max reference)"),
-    block_size: Optional[int] = typer.Option(None, help="override the block size of every rule"),
+    block_size: Optional[str] = typer.Option(None, help="override the block size: 64 (every rule) or per bit width as 4:64,2:128"),
     rule: List[str] = typer.Option([], help="extra rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable)"),
     calibration: int = typer.Option(32, help="teacher-sampled sequences for calibration statistics (0: none; rtn needs none)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),

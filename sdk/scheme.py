@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Union
 
 from .errors import EdgeRecoverError, require
 
@@ -72,6 +72,40 @@ class QuantConfig:
 
 
 Target = "QuantConfig | str"  # a config or KEEP
+# One block size for every quantized layer, or one per bit width ({2: 128} re-blocks only the 2-bit layers):
+# kernels differ per width (FACTS: CPU 2-bit is fastest at block 128, 4-bit already fast at 64).
+BlockSizes = Union[int, Mapping[int, int]]
+
+
+def parse_block_sizes(text: "str | int | None") -> "BlockSizes | None":
+    """Parse a `--block-size` option: `64` (every layer) or `BITS:BLOCK[,BITS:BLOCK]` (per bit width).
+
+    Example:
+        >>> parse_block_sizes("4:64,2:128")
+        {4: 64, 2: 128}
+        >>> parse_block_sizes("128")
+        128
+    """
+    if text is None or isinstance(text, int):
+        return text
+    hint = "e.g. `--block-size 64` or `--block-size 4:64,2:128`"
+    if ":" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise EdgeRecoverError(f"--block-size {text!r} is not a number; {hint}") from None
+    sizes: dict[int, int] = {}
+    for part in text.split(","):
+        bits, sep, block = part.strip().partition(":")
+        try:
+            b, n = int(bits), int(block)
+        except ValueError:
+            raise EdgeRecoverError(f"--block-size part {part!r} must be BITS:BLOCK; {hint}") from None
+        require(b in VALID_BITS, f"--block-size part {part!r}: bits must be one of {VALID_BITS}; {hint}")
+        require(b not in sizes, f"--block-size names {b}-bit twice; {hint}")
+        _check_block_size(n)
+        sizes[b] = n
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -122,12 +156,15 @@ class Scheme:
                 return rule.config
         return self.default
 
-    def with_block_size(self, block_size: int) -> "Scheme":
-        """The same scheme with every quantized config at `block_size`."""
-        _check_block_size(block_size)
+    def with_block_size(self, block_size: BlockSizes) -> "Scheme":
+        """The same scheme with every quantized config at `block_size`, or, given a map {bits: block},
+        each config of those bits at its block (the others unchanged)."""
+        sizes = dict(block_size) if isinstance(block_size, Mapping) else {b: block_size for b in VALID_BITS}
+        for n in sizes.values():
+            _check_block_size(n)
 
         def re_block(c):
-            return c if c == KEEP else replace(c, block_size=block_size)
+            return c if c == KEEP or c.bits not in sizes else replace(c, block_size=sizes[c.bits])
 
         return replace(
             self,
@@ -228,8 +265,10 @@ def parse_rule(text: str) -> Rule:
     return Rule(pattern, QuantConfig(bits, block, symmetric="sym" in parts[1:]))
 
 
-def load_scheme(spec: str, rules: Iterable[str] = (), block_size: int | None = None) -> Scheme:
-    """Build a scheme from a name or a JSON file, optional `--rule` strings and a block-size override."""
+def load_scheme(spec: str, rules: Iterable[str] = (), block_size: "BlockSizes | str | None" = None) -> Scheme:
+    """Build a scheme from a name or a JSON file, optional `--rule` strings and a block-size override
+    (`parse_block_sizes`)."""
+    block_size = parse_block_sizes(block_size)
     if spec.endswith(".json") or Path(spec).is_file():
         path = Path(spec)
         require(path.is_file(), f"scheme file {spec!r} does not exist; pass a scheme name or a JSON file")

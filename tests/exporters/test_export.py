@@ -66,6 +66,23 @@ def test_package_per_scheme_and_target(tmp_path, arch, scheme, target):
     assert manifest["containers"]["layers"] == (4 if scheme == "w4w2gateup" and 2 not in prof.native_bits else 0)
 
 
+def test_block_size_per_bit_width_reaches_the_graph(tmp_path):
+    lm = make_loaded("qwen3")
+    pkg = export_package(lm, tmp_path / "pkg", scheme="w4w2gateup", method="rtn", calibration=0, block_size="2:128")
+    blocks = {(a["bits"], a["block_size"]) for a in _mnb_nodes(onnx.load(str(pkg / "model.onnx"))).values()}
+    assert blocks == {(4, TARGETS["cpu"].preferred_block_size), (2, 128)}  # 4-bit keeps the target's block
+    assert read_package_manifest(pkg)["parity"]["ok"]
+
+
+def test_block_size_the_target_cannot_take_is_refused_before_quantizing(tmp_path):
+    from edge_recover.errors import EdgeRecoverError
+
+    with pytest.raises(EdgeRecoverError, match="2-bit blocks of 128 are not taken by target 'qnn'"):
+        export_package(make_loaded("qwen3"), tmp_path / "pkg", scheme="w4w2gateup", target="qnn", method="rtn",
+                       calibration=0, block_size="2:128")
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_no_transpose_of_weights_and_tied_embedding_stored_once(tmp_path):
     lm = make_loaded("llama")
     pkg = export_package(lm, tmp_path / "pkg", scheme="w4", method="rtn", calibration=0)

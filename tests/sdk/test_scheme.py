@@ -3,7 +3,8 @@ import json
 import pytest
 
 from edge_recover.errors import EdgeRecoverError
-from edge_recover.scheme import KEEP, NAMED_SCHEMES, QuantConfig, Rule, Scheme, load_scheme, named_scheme, parse_rule
+from edge_recover.scheme import (KEEP, NAMED_SCHEMES, QuantConfig, Rule, Scheme, load_scheme, named_scheme,
+                                 parse_block_sizes, parse_rule)
 
 
 def test_w4w2gateup_resolution():
@@ -28,6 +29,26 @@ def test_json_round_trip(name):
     again = Scheme.from_json(json.loads(s.dumps()))
     assert again == s
     assert again.resolve("model.layers.0.mlp.down_proj") == QuantConfig(8, 128, True)
+
+
+def test_block_size_per_bit_width():
+    s = load_scheme("w4w2gateup", block_size="4:64,2:128")
+    assert s.resolve("model.layers.0.mlp.up_proj") == QuantConfig(2, 128)
+    assert s.resolve("model.layers.0.mlp.down_proj") == QuantConfig(4, 64)
+    only2 = named_scheme("w4w2gateup").with_block_size({2: 128})  # the 4-bit layers keep theirs
+    assert only2.resolve("model.layers.0.self_attn.q_proj") == QuantConfig(4, 32)
+    assert only2.resolve("model.layers.0.mlp.gate_proj") == QuantConfig(2, 128)
+    assert load_scheme("w4", block_size="128").default == QuantConfig(4, 128) == load_scheme("w4", block_size=128).default
+    assert Scheme.from_json(json.loads(s.dumps())) == s
+
+
+@pytest.mark.parametrize("text,match", [
+    ("big", "not a number"), ("4:64,2", "must be BITS:BLOCK"), ("3:64", "bits must be one of"),
+    ("2:64,2:128", "names 2-bit twice"), ("2:96", "power of two"),
+])
+def test_bad_block_sizes(text, match):
+    with pytest.raises(EdgeRecoverError, match=match):
+        parse_block_sizes(text)
 
 
 def test_load_scheme_from_file(tmp_path):
