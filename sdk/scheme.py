@@ -88,6 +88,8 @@ def parse_block_sizes(text: "str | int | None") -> "BlockSizes | None":
     """
     if text is None or isinstance(text, int):
         return text
+    if isinstance(text, Mapping):
+        return dict(text)
     hint = "e.g. `--block-size 64` or `--block-size 4:64,2:128`"
     if ":" not in text:
         try:

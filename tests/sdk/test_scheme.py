@@ -40,6 +40,7 @@ def test_block_size_per_bit_width():
     assert only2.resolve("model.layers.0.mlp.gate_proj") == QuantConfig(2, 128)
     assert load_scheme("w4", block_size="128").default == QuantConfig(4, 128) == load_scheme("w4", block_size=128).default
     assert Scheme.from_json(json.loads(s.dumps())) == s
+    assert load_scheme("w4w2gateup", block_size={4: 64, 2: 128}) == s
 
 
 @pytest.mark.parametrize("text,match", [
