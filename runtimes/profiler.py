@@ -176,6 +176,12 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
     from .device import device_info, read_bandwidth
 
     entries = _entries(packages)
+    if output is not None:  # the plots come last: a missing plotting library must not cost a whole run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EdgeRecoverError("the report's plots need matplotlib, which is not installed; "
+                                   "`pip install matplotlib` and run again") from None
     described = [_describe_package(e) for e in entries]
     longest = max(settings.prompt_lengths) + settings.new_tokens
     for d in described:

@@ -74,6 +74,15 @@ def test_too_long_for_context(tiny_package, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_plot_library_refused_before_measuring(tiny_package, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(EdgeRecoverError, match="pip install matplotlib"):
+        profile_packages([str(tiny_package)], ProfileSettings(prompt_lengths=[8], new_tokens=4), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_settings(tmp_path):
     with pytest.raises(EdgeRecoverError, match="new_tokens"):
         ProfileSettings(new_tokens=1)
