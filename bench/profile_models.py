@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PKGS = REPO / "out" / "bench" / "packages"
-GENAI_PY = REPO / ".venv-genai" / "bin" / "python"
+# EDGE_RECOVER_BENCH_PACKAGES / _GENAI_PYTHON: where packages were laid out elsewhere (bench/gpu/profile_cpu.sh)
+PKGS = Path(os.environ.get("EDGE_RECOVER_BENCH_PACKAGES", REPO / "out" / "bench" / "packages"))
+GENAI_PY = Path(os.environ.get("EDGE_RECOVER_BENCH_GENAI_PYTHON", REPO / ".venv-genai" / "bin" / "python"))
 
 QWEN3_1_7B_SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -126,6 +128,8 @@ def main() -> None:
     ap.add_argument("--prompt-lengths", default="128,512,1024")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--huge-pages", action="store_true", help="weights and probe on transparent huge pages")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the report folder: docs/results/profile-<model>[-<tag>]")
     args = ap.parse_args()
@@ -144,7 +148,8 @@ def main() -> None:
         if args.build_only:
             continue
         settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
-                                   new_tokens=args.new_tokens, repeats=args.repeats)
+                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                                   huge_pages=args.huge_pages)
         report = profile_packages(entries, settings, REPO / "docs" / "results" / f"profile-{model}{'-' + args.tag if args.tag else ''}",
                                   overwrite=True,
                                   log=lambda s: print(s, file=sys.stderr, flush=True))

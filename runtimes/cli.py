@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(3, help="measured runs per package and prompt length (medians reported)"),
         warmup: int = typer.Option(1, help="unmeasured runs per package and prompt length first"),
         threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+        huge_pages: bool = typer.Option(False, "--huge-pages/--no-huge-pages",
+                                        help="weights on transparent huge pages (glibc malloc tunable; Linux)"),
         overwrite: bool = typer.Option(False, help="replace an existing report folder"),
     ) -> None:
         """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share; write a report folder."""
@@ -110,7 +112,8 @@ def register(app: typer.Typer) -> None:
         check_new_dir(output, overwrite)
         settings = ProfileSettings(provider=provider, provider_options=_options(provider_option),
                                    fallback=fallback_cpu, prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
-                                   new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads)
+                                   new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads,
+                                   huge_pages=huge_pages)
         report = profile_packages([str(p) for p in packages], settings, output, overwrite=overwrite,
                                   log=lambda s: typer.echo(s, err=True))
         typer.echo(report.summary())

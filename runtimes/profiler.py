@@ -16,6 +16,7 @@ the mean decode context)`; `roofline_share` is measured decode tok/s over it.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ class ProfileSettings:
     threads: Optional[int] = None
     seed: int = 0
     bandwidth_mb: int = 512
+    huge_pages: bool = False  # workers' malloc asks for transparent huge pages; the probe uses them too
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -95,12 +97,15 @@ class Report:
 class Worker:
     """A package in its own process (runtimes/worker.py); `ask(op=..., ...)` sends one request."""
 
-    def __init__(self, entry: PackageEntry) -> None:
+    def __init__(self, entry: PackageEntry, huge_pages: bool = False) -> None:
+        from .device import HUGE_PAGES_ENV
+
         script = str(Path(__file__).with_name("worker.py"))
         self.entry = entry
+        env = {**os.environ, **HUGE_PAGES_ENV} if huge_pages else None  # glibc reads it at process start
         # -I: isolated, so the script's folder does not shadow modules and only the interpreter's site counts
         self.proc = subprocess.Popen([entry.python, "-I", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=env)
 
     def ask(self, **req) -> dict:
         assert self.proc.stdin and self.proc.stdout
@@ -193,13 +198,13 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
     # A shared machine's bandwidth drifts (neighbours): probe it before the runs and after every repeat
     # round, between the packages' runs, and take the median as the roofline's bandwidth.
-    probes = [read_bandwidth(device["threads_used"], settings.bandwidth_mb)]
+    probes = [read_bandwidth(device["threads_used"], settings.bandwidth_mb, huge_pages=settings.huge_pages)]
     log(f"read bandwidth {probes[0] / 1e9:.1f} GB/s")
     workers: list[Worker] = []
     runs: dict[tuple[int, int], list[dict]] = {}
     try:
         for e, d in zip(entries, described):
-            w = Worker(e)
+            w = Worker(e, settings.huge_pages)
             workers.append(w)
             info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
                          options=settings.provider_options, fallback=settings.fallback, threads=settings.threads)
@@ -222,7 +227,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                     runs.setdefault((pi, length), []).append(res)
                     log(f"  repeat {r + 1}/{settings.repeats} prompt {length} {entries[pi].label}: "
                         f"{time.perf_counter() - t:.1f} s")
-            probes.append(read_bandwidth(device["threads_used"], settings.bandwidth_mb))
+            probes.append(read_bandwidth(device["threads_used"], settings.bandwidth_mb, huge_pages=settings.huge_pages))
         for w, d in zip(workers, described):
             d["peak_rss_bytes"] = w.ask(op="stats")["peak_rss_bytes"]
     finally:

@@ -24,6 +24,14 @@ def _probes(data: dict) -> str:
     return f" (median of {len(probes)} probes, {min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f})"
 
 
+def _pages(data: dict) -> str:
+    """Which memory pages the sessions and the bandwidth probe used (older reports: 4 KiB, not recorded)."""
+    thp = data["device"].get("transparent_huge_pages", "unknown")
+    if data["settings"].get("huge_pages"):
+        return f"weights and probe on transparent huge pages where granted (kernel mode `{thp}`)"
+    return f"4 KiB pages (transparent huge pages `{thp}`, not asked for)"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
@@ -41,8 +49,8 @@ def render_markdown(data: dict) -> str:
              f"{dev['onnxruntime']}; measured read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s{_probes(data)}.", "",
              f"Provider `{st['provider']}` (options {st['provider_options'] or 'default'}); prompt lengths "
              f"{', '.join(map(str, st['prompt_lengths']))}; {st['new_tokens']} new tokens; {st['repeats']} "
-             f"interleaved repeats (medians), {st['warmup']} warm-up round(s). Ratios are against "
-             f"`{data['packages'][0]['label']}`.", "",
+             f"interleaved repeats (medians), {st['warmup']} warm-up round(s); {_pages(data)}. Ratios are "
+             f"against `{data['packages'][0]['label']}`.", "",
              "| package | scheme | provider | size MB | weights read/token MB | MatMulNBits bits | peak RSS MB |",
              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
     for p in data["packages"]:

@@ -30,6 +30,8 @@ def test_report_json_structure(report_dir, tiny_package):
     assert len(probes) == 1 + data["settings"]["repeats"] == 3 and min(probes) <= data["bandwidth_bytes_s"] <= max(probes)
     dev = data["device"]
     assert dev["threads_used"] == 1 and dev["onnxruntime"] and dev["cpu_model"]
+    assert dev["transparent_huge_pages"] in ("always", "madvise", "never", "unknown")
+    assert data["settings"]["huge_pages"] is False
     assert [p["label"] for p in data["packages"]] == ["fp32", "second"]
     for p in data["packages"]:
         assert p["size_bytes"] > p["weight_bytes"] > p["weight_bytes_per_token"] > 0
@@ -45,6 +47,21 @@ def test_report_json_structure(report_dir, tiny_package):
     by = {(r["package"], r["prompt_length"]): r for r in data["results"]}
     assert by[("fp32", 8)]["bytes_per_token"] == by[("second", 8)]["bytes_per_token"]
     assert by[("fp32", 24)]["bytes_per_token"] - by[("fp32", 8)]["bytes_per_token"] == 16 * 2 * 2 * 2 * 16 * 4
+
+
+def test_huge_pages_reach_the_worker_process(tiny_package, monkeypatch):
+    from edge_recover.runtimes.device import HUGE_PAGES_ENV
+    from edge_recover.runtimes.profiler import Worker
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for huge in (False, True):
+        w = Worker(PackageEntry(str(tiny_package)), huge_pages=huge)
+        try:
+            environ = open(f"/proc/{w.proc.pid}/environ", "rb").read().split(b"\0")
+        finally:
+            w.close()
+        tunable = f"GLIBC_TUNABLES={HUGE_PAGES_ENV['GLIBC_TUNABLES']}".encode()
+        assert (tunable in environ) == huge
 
 
 def test_report_markdown_and_plots(report_dir):
