@@ -138,13 +138,15 @@ def main() -> None:
     for model in args.models.split(","):
         variants = (args.smollm2_variants if model == "smollm2" else args.qwen_variants).split(",")
         entries = []
-        for v in variants:
+        for label in variants:
+            v, lut = label.removesuffix("+lut"), label.endswith("+lut")  # `+lut`: ORT's table-lookup 2-bit kernel
             if v == "genai-int4" and not GENAI_PY.exists():
                 print("skipping genai-int4: no .venv-genai", file=sys.stderr)
                 continue
             path = build(model, v)
-            entries.append(PackageEntry(str(path), label=v, engine="genai" if v == "genai-int4" else "ort",
-                                        python=str(GENAI_PY) if v == "genai-int4" else sys.executable))
+            entries.append(PackageEntry(str(path), label=label, engine="genai" if v == "genai-int4" else "ort",
+                                        python=str(GENAI_PY) if v == "genai-int4" else sys.executable,
+                                        session_config={"mlas.use_lut_gemm": "1"} if lut else {}))
         if args.build_only:
             continue
         settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],

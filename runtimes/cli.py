@@ -14,11 +14,11 @@ import typer
 from edge_recover.errors import EdgeRecoverError
 
 
-def _options(values: List[str]) -> dict[str, str]:
+def _options(values: List[str], flag: str = "--provider-option") -> dict[str, str]:
     out = {}
     for item in values:
         if "=" not in item:
-            raise EdgeRecoverError(f"`--provider-option` {item!r} must look like KEY=VALUE")
+            raise EdgeRecoverError(f"`{flag}` {item!r} must look like KEY=VALUE")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
         engine: str = typer.Option("ort", help="ort (this runtime) or genai (onnxruntime-genai, if installed)"),
         adapter: Optional[str] = typer.Option(None, help="side-car adapter of the package to activate (see `edge-recover adapter list`)"),
+        session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE (repeatable), "
+                                                          "e.g. mlas.use_lut_gemm=1"),
     ) -> None:
         """Generate text from a package, streaming tokens to stdout; timings go to stderr."""
         from .sampling import Sampling
@@ -75,7 +77,8 @@ def register(app: typer.Typer) -> None:
         from .chat import render_chat
         from .generate import Generator
 
-        gen = Generator(package, provider, threads, _options(provider_option), fallback_cpu)
+        gen = Generator(package, provider, threads, _options(provider_option), fallback_cpu,
+                        session_config=_options(session_config, "--session-config"))
         if adapter is not None:
             gen.lm.set_adapter(adapter)
         if gen.lm.choice.fell_back:
@@ -102,6 +105,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
         huge_pages: bool = typer.Option(False, "--huge-pages/--no-huge-pages",
                                         help="weights on transparent huge pages (glibc malloc tunable; Linux)"),
+        session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE for every "
+                                                          "package (repeatable), e.g. mlas.use_lut_gemm=1"),
         overwrite: bool = typer.Option(False, help="replace an existing report folder"),
     ) -> None:
         """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share; write a report folder."""
@@ -113,7 +118,7 @@ def register(app: typer.Typer) -> None:
         settings = ProfileSettings(provider=provider, provider_options=_options(provider_option),
                                    fallback=fallback_cpu, prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
                                    new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads,
-                                   huge_pages=huge_pages)
+                                   huge_pages=huge_pages, session_config=_options(session_config, "--session-config"))
         report = profile_packages([str(p) for p in packages], settings, output, overwrite=overwrite,
                                   log=lambda s: typer.echo(s, err=True))
         typer.echo(report.summary())

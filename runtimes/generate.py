@@ -104,10 +104,12 @@ class Generator:
     """
 
     def __init__(self, package: str | Path, provider: str = "cpu", threads: Optional[int] = None,
-                 provider_options: Optional[dict] = None, fallback: bool = False, io_binding: bool = True) -> None:
+                 provider_options: Optional[dict] = None, fallback: bool = False, io_binding: bool = True,
+                 session_config: Optional[dict] = None) -> None:
         from tokenizers import Tokenizer
 
-        self.lm = OrtCausalLM(package, provider, threads, provider_options, fallback, io_binding)
+        self.lm = OrtCausalLM(package, provider, threads, provider_options, fallback, io_binding,
+                              session_config=session_config)
         tok_file = self.lm.package.path / "tokenizer.json"
         if not tok_file.is_file():
             raise EdgeRecoverError(f"package {str(self.lm.package.path)!r} lacks tokenizer.json; re-export it")

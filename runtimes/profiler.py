@@ -58,6 +58,7 @@ class ProfileSettings:
     seed: int = 0
     bandwidth_mb: int = 512
     huge_pages: bool = False  # workers' malloc asks for transparent huge pages; the probe uses them too
+    session_config: dict = field(default_factory=dict)  # ORT session config entries for every `ort` package
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -77,6 +78,7 @@ class PackageEntry:
     label: str = ""
     engine: str = "ort"
     python: str = sys.executable   # interpreter for the worker (genai peers may live in another venv)
+    session_config: dict = field(default_factory=dict)  # this entry's ORT session config entries (over the settings')
 
 
 @dataclass
@@ -206,10 +208,12 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
         for e, d in zip(entries, described):
             w = Worker(e, settings.huge_pages)
             workers.append(w)
+            config = {**settings.session_config, **e.session_config} if e.engine == "ort" else {}
             info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
-                         options=settings.provider_options, fallback=settings.fallback, threads=settings.threads)
+                         options=settings.provider_options, fallback=settings.fallback, threads=settings.threads,
+                         session_config=config)
             d.update(provider=info["provider"], fell_back=info["fell_back"], fallback_reason=info["reason"],
-                     load_s=info["load_s"])
+                     load_s=info["load_s"], session_config=config)
             log(f"loaded {e.label} on {info['provider']} in {info['load_s']:.1f} s")
         n_warm = min(settings.warmup_tokens, settings.new_tokens)
         for _ in range(settings.warmup):

@@ -55,7 +55,9 @@ def render_markdown(data: dict) -> str:
              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
     for p in data["packages"]:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in p["matmulnbits_bits"].items()) or "none"
-        lines.append(f"| {p['label']} | {p['scheme']} | {p.get('provider', '')} | {_mb(p['size_bytes'])} | "
+        config = ", ".join(f"{k}={v}" for k, v in (p.get("session_config") or {}).items())
+        provider = p.get("provider", "") + (f" ({config})" if config else "")
+        lines.append(f"| {p['label']} | {p['scheme']} | {provider} | {_mb(p['size_bytes'])} | "
                      f"{_mb(p['weight_bytes_per_token'])} | {bits} | {_mb(p.get('peak_rss_bytes', 0))} |")
     if any(p.get("fell_back") for p in data["packages"]):
         lines += ["", "**Fell back to the CPU provider:** " +

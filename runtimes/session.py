@@ -81,9 +81,11 @@ class OrtCausalLM:
     def __init__(self, package: Package | str | os.PathLike, provider: str = "cpu", threads: Optional[int] = None,
                  provider_options: Optional[Mapping[str, str]] = None, fallback: bool = False,
                  io_binding: bool = True, adapter: Optional[str] = None,
-                 share_buffer: Optional[bool] = None) -> None:
+                 share_buffer: Optional[bool] = None, session_config: Optional[Mapping[str, str]] = None) -> None:
         """`share_buffer`: the shared-buffer KV cache (see the module docstring); None turns it on for the fast
-        path on the CPU EP when the graph allows it, False keeps the growing cache, True insists."""
+        path on the CPU EP when the graph allows it, False keeps the growing cache, True insists.
+        `session_config`: ONNX Runtime session config entries over the provider's own, e.g.
+        {"mlas.use_lut_gemm": "1"} (the table-lookup 2-bit kernel; docs/runtime.md says where it pays)."""
         import onnxruntime as ort
 
         self.package = package if isinstance(package, Package) else open_package(package)
@@ -98,8 +100,9 @@ class OrtCausalLM:
         if self.choice.spec.sequential:
             so.enable_mem_pattern = False
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        for key, value in self.choice.spec.session_config.items():
-            so.add_session_config_entry(key, value)
+        self.session_config = {**self.choice.spec.session_config, **(session_config or {})}
+        for key, value in self.session_config.items():
+            so.add_session_config_entry(str(key), str(value))
         try:
             self.session = ort.InferenceSession(str(self.package.model_file), so,
                                                 providers=self.choice.providers_arg())

@@ -3,7 +3,8 @@
 Why a process per package: peak resident memory is then the package's own, and packages loaded side by
 side cannot share allocator arenas or caches. The parent sends one request at a time, so runs never overlap.
 
-Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads"},
+Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads",
+"session_config"},
 {"op": "run", "prompt_len", "new_tokens", "seed"} or {"op": "run", "ids", "new_tokens"} (greedy; the reply's
 "ids" are the generated tokens), {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
 or {"ok": false, "error": message, "user": bool}.
@@ -41,7 +42,8 @@ class _OrtEngine:
         from edge_recover.runtimes.session import OrtCausalLM
 
         self.lm = OrtCausalLM(req["package"], req.get("provider", "cpu"), req.get("threads"),
-                              req.get("options") or {}, bool(req.get("fallback")))
+                              req.get("options") or {}, bool(req.get("fallback")),
+                              session_config=req.get("session_config") or {})
         self.vocab = self.lm.package.vocab_size
         self.info = {"provider": self.lm.choice.describe(), "fell_back": self.lm.choice.fell_back,
                      "reason": self.lm.choice.reason, "threads": self.lm.threads,

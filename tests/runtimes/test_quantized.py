@@ -65,6 +65,20 @@ def test_fast_kernel_close_to_exact(tiny_w4w2, tmp_path):
     assert int(le.argmax()) == int(lf.argmax())
 
 
+def test_lut_kernel_session_config_close_to_exact(tiny_w4w2, tmp_path):
+    """`mlas.use_lut_gemm` (the table-lookup 2-bit kernel) reaches the session and keeps the logits close."""
+    exact = OrtCausalLM(_exact_copy(tiny_w4w2[0], tmp_path / "exact"), threads=1)
+    lut = OrtCausalLM(tiny_w4w2[0], threads=1, session_config={"mlas.use_lut_gemm": "1"})
+    assert lut.session_config == {"mlas.use_lut_gemm": "1"}
+    assert lut.session.get_session_options().get_session_config_entry("mlas.use_lut_gemm") == "1"
+    le, _ = exact.step(np.array([PROMPT]), exact.empty_cache())
+    ll, _ = lut.step(np.array([PROMPT]), lut.empty_cache())
+    diff = np.abs(le - ll)
+    print(f"lut vs acc0 logits: max {diff.max():.3g}, mean {diff.mean():.3g}, scale {np.abs(le).max():.3g}")
+    assert diff.max() < 0.1 * np.abs(le).max()
+    assert int(le.argmax()) == int(ll.argmax())
+
+
 def _ensure_openvino_venv() -> Path:
     if not OV_PYTHON.exists():
         subprocess.run(["bash", str(REPO / "runtimes" / "openvino_venv.sh")], check=True, timeout=1500)
