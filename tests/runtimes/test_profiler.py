@@ -43,6 +43,15 @@ def test_report_json_structure(report_dir, tiny_package):
         assert r["latency_p95_s"] >= r["latency_p50_s"] > 0
         assert len(r["runs"]) == 2
         assert r["roofline_share"] == pytest.approx(r["decode_tok_s"] / r["roofline_tok_s"])
+    # ratios against the first package are paired per repeat round: median of the within-round ratios
+    for length in (8, 24):
+        first, second = [next(r for r in data["results"] if r["package"] == p and r["prompt_length"] == length)
+                                  for p in ("fp32", "second")]
+        assert first["decode_vs_first"] == 1.0 == first["prefill_vs_first"]
+        within = sorted(s["decode_tok_s"] / f["decode_tok_s"] for f, s in zip(first["runs"], second["runs"]))
+        assert second["decode_vs_first"] == pytest.approx(sum(within) / 2)  # the median of two rounds
+        prefill = sorted(f["prefill_s"] / s["prefill_s"] for f, s in zip(first["runs"], second["runs"]))
+        assert second["prefill_vs_first"] == pytest.approx(sum(prefill) / 2)
     # identical packages: same bytes per token, and KV traffic grows with the prompt
     by = {(r["package"], r["prompt_length"]): r for r in data["results"]}
     assert by[("fp32", 8)]["bytes_per_token"] == by[("second", 8)]["bytes_per_token"]
