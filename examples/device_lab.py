@@ -20,17 +20,19 @@ from pathlib import Path
 from edge_recover.errors import EdgeRecoverError
 from edge_recover.runtimes.profiler import ProfileSettings, profile_packages
 from edge_recover.runtimes.providers import resolve_provider
+from edge_recover.runtimes.report import paired_ratio
 
 
 def collect(lab: Path) -> str:
     """index.md rows from every report.json under `lab`."""
-    rows = ["| report | cpu | provider | package | prompt | prefill tok/s | decode tok/s | roofline share |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| report | cpu | provider | package | prompt | prefill tok/s | decode tok/s | decode vs first | roofline share |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for path in sorted(lab.glob("*/report.json")):
         data = json.loads(path.read_text())
         for r in data["results"]:
             rows.append(f"| {path.parent.name} | {data['device']['cpu_model']} | {data['settings']['provider']} | "
                         f"{r['package']} | {r['prompt_length']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+                        f"| {paired_ratio(data, r['package'], r['prompt_length']):.2f}x "
                         f"| {100 * r['roofline_share']:.0f} % |")
     return "\n".join(["# Device-lab results", "", *rows, ""])
 
@@ -43,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-lengths", default="128,512,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     args = ap.parse_args(argv)
     lab = Path(args.output)
     host = platform.node() or "host"
     settings_base = dict(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
-                         new_tokens=args.new_tokens, repeats=args.repeats)
+                         new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     for provider in args.providers.split(","):
         try:
             resolve_provider(provider)

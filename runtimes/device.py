@@ -5,13 +5,13 @@ decode rate is `read bandwidth / bytes read per token`. `read_bandwidth` measure
 way a decode step uses it: `threads` threads each streaming through its own slice of a buffer much larger
 than the last-level cache, best of several passes, best of two reduction kernels (numpy releases the GIL).
 
-Pages matter as much as threads. Hardware prefetchers stop at 4 KiB page edges and every 4 KiB page costs a
-TLB entry, so a buffer on 2 MiB transparent huge pages reads faster: on our 2-core VM 31-33 GB/s on 4 KiB
-pages, steady, and 34-63 GB/s on huge pages, depending on whether the kernel found free 2 MiB pages at that
-moment (numpy asks for huge pages for every large array, which made the old probe bimodal). ONNX Runtime's
-weights live in plain malloc memory: 4 KiB pages unless glibc is told to ask for huge pages
-(`HUGE_PAGES_ENV`, read at process start). So the probe maps its buffer itself and sets the page kind to the
-one the measured sessions use.
+Pages matter too. Hardware prefetchers stop at 4 KiB page edges and every 4 KiB page costs a TLB entry,
+so a buffer on 2 MiB transparent huge pages can read faster: on our 2-core VM, in one sitting, 30-34 GB/s
+on 4 KiB pages and 34-35 GB/s on huge pages, with readings of 48-63 GB/s coming and going on either (the
+host's other tenants). numpy asks for huge pages for every large array; ONNX Runtime's weights live in
+plain malloc memory, on 4 KiB pages unless glibc is told to ask for huge pages (`HUGE_PAGES_ENV`, read at
+process start). So the probe maps its buffer itself and sets the page kind to the one the measured
+sessions use.
 """
 
 from __future__ import annotations

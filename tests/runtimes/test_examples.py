@@ -33,4 +33,4 @@ def test_device_lab_collects(tiny_package, tmp_path):
     reports = list(lab.glob("*-cpu/report.json"))
     assert len(reports) == 1 and json.loads(reports[0].read_text())["results"][0]["prompt_length"] == 8
     index = (lab / "index.md").read_text()
-    assert index.count("| fp32 | 8 |") == 1
+    assert index.count("| fp32 | 8 |") == 1 and "| 1.00x |" in index  # the first package against itself
