@@ -91,8 +91,10 @@ LOW_MEMORY_BYTES = 2 << 30
 
 
 def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None, sidecar=None,
-                low_memory: bool = False, restore: bool = True):
+                low_memory: bool = False, restore: bool = True, kv_dtype: str = "float32"):
     """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
+
+    `kv_dtype` "float16" (fused graphs only) halves the KV cache a decode step reads (fusions.fuse_attention).
 
     `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
     `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
@@ -117,7 +119,10 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
     rewritten = replace_matmuls(graph, layers, target, placeholders)
     if sidecar is not None:
         sidecar.apply(graph, {r.name: r for r in rewritten})
-    fusions = apply_fusions(graph, lm.model) if (target.fuse if fuse is None else fuse) else []
+    fused = target.fuse if fuse is None else fuse
+    require(fused or kv_dtype == "float32", f"a {kv_dtype} KV cache needs the fused attention, which target "
+                                            f"{target.name!r} does not use here; pass `--fuse` or `--kv-dtype float32`")
+    fusions = apply_fusions(graph, lm.model, kv_dtype) if fused else []
     graph.ir_version = IR_VERSION
     return graph, {r.name: r for r in rewritten}, fusions
 
@@ -135,7 +140,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                    calibration: int = 16, block_size: "int | dict | str | None" = None, fuse: bool | None = None,
                    low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
                    adapter_name: str | None = None, merge_method: str | None = None,
-                   merge_calibration: int | None = None, eval_text: str | None = None) -> Path:
+                   merge_calibration: int | None = None, eval_text: str | None = None,
+                   kv_dtype: str = "float32") -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
@@ -145,6 +151,9 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py). `low_memory`
     (default: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`) exports through shared
     placeholder weights, so a 1.7B model exports on a 24 GiB machine (rewrite.low_memory_weights).
+
+    `kv_dtype` "float16" stores the KV cache in half precision (fused graphs: the cpu target), halving what
+    a decode step reads of it at long contexts.
 
     `adapter` (a folder of `edge-recover recover`, trained on this model's integers) goes into the package
     as `adapter_mode` `sidecar` (LoRA nodes beside the MatMulNBits, weights as overridable graph inputs,
@@ -158,8 +167,14 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     """
     from edge_recover.quantizer import METHODS
 
+    from .fusions import KV_DTYPES
+
     prof = resolve_target(target, vendor)
     require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    require(kv_dtype in KV_DTYPES, f"unknown `kv_dtype` {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    require(kv_dtype == "float32" or (prof.fuse if fuse is None else fuse),
+            f"a {kv_dtype} KV cache needs the fused attention, which target {prof.name!r} does not use; "
+            f"pass `--fuse` or `--kv-dtype float32`")
     from . import adapter_export
 
     plan = adapter_export.plan_adapter(adapter, adapter_mode, adapter_name, prof) if adapter is not None else None
@@ -185,7 +200,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     # low memory: float weights come back (rebuilt from the integers) only after the graph is written, and only
     # for verification or a caller's model
     graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
-                                            low_memory=low_memory, restore=False)
+                                            low_memory=low_memory, restore=False, kv_dtype=kv_dtype)
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)
@@ -215,6 +230,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                                   f"top-1 for only {ex['top1_agreement']:.1%} of positions (< {ex['threshold']:.0%}, "
                                   f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
         manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, parity, time.time() - t0)
+        manifest["kv_dtype"] = kv_dtype
         if plan is not None:
             manifest.update(adapter_export.write(plan, tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         calibration: int = typer.Option(16, help="teacher samples for the mse method's activation importance"),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
+        kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, or float16 (fused graphs; "
+                                                     "half the cache reads at long contexts)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
         adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
         adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
                               verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
                               fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
                               merge_method=merge_method, merge_calibration=merge_calibration,
-                              eval_text=_read_text(eval_text))
+                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype)
         m = read_package_manifest(path)
         bits: dict[str, int] = {}
         for layer in m["layers"].values():

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_recover.errors import EdgeRecoverError
+from edge_recover.errors import EdgeRecoverError, require
 
 MS = "com.microsoft"
 FUSED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -137,11 +137,21 @@ def _head_norm(x: str, weight: str, heads: int, dim: int, eps: float, prefix: st
     return nodes, inits, f"{prefix}/output_0"
 
 
-def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
+KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32") -> int:
     """Replace every layer's attention in `graph_model` by GroupQueryAttention (in place); returns the layer count.
 
     `model` is the torch model the graph was exported from (config, norm weights, rotary tables).
+    `kv_dtype` "float16" halves the KV cache (past/present inputs and outputs): q, k and v are cast to
+    float16 before the attention node, its output back to float32 after it, and the rotary tables are
+    stored in float16 (GroupQueryAttention takes one element type for all of them):
+
+        q, k, v (f32) ─► Cast f16 ─► GroupQueryAttention (past/present f16) ─► Cast f32 ─► o_proj
     """
+    require(kv_dtype in KV_DTYPES, f"`kv_dtype` must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    half = kv_dtype == "float16"
     cfg = model.config
     g = graph_model.graph
     by_name = {n.name: n for n in g.node}
@@ -154,6 +164,8 @@ def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     cos, sin = _rotary_tables(model)
+    if half:
+        cos, sin = cos.astype(np.float16), sin.astype(np.float16)
     inits = [numpy_helper.from_array(cos, "/model/rotary/cos_cache"), numpy_helper.from_array(sin, "/model/rotary/sin_cache"),
              numpy_helper.from_array(np.array([1], np.int64), "/model/attn_mask/axes"),
              numpy_helper.from_array(np.array(1, np.int64), "/model/attn_mask/one")]
@@ -190,12 +202,22 @@ def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
             if old is not None:
                 old.output[list(old.output).index(name)] = f"{name}/unfused"
         attn_out = f"{prefix}/GroupQueryAttention/output_0"
+        gqa_out = attn_out
+        if half:
+            casts = [helper.make_node("Cast", [x], [f"{prefix}/{w}_f16/output_0"], name=f"{prefix}/{w}_f16/Cast",
+                                      to=TensorProto.FLOAT16) for w, x in (("q", q_in), ("k", k_in), ("v", v_in))]
+            nodes += casts
+            q_in, k_in, v_in = (c.output[0] for c in casts)
+            gqa_out = f"{prefix}/GroupQueryAttention/output_0_f16"
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             [q_in, k_in, v_in, pk, pv, _SEQLENS, _TOTAL, "/model/rotary/cos_cache", "/model/rotary/sin_cache"],
-            [attn_out, ok_, ov_], name=f"{prefix}/GroupQueryAttention", domain=MS,
+            [gqa_out, ok_, ov_], name=f"{prefix}/GroupQueryAttention", domain=MS,
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
             scale=float(getattr(attn, "scaling", dim ** -0.5)), local_window_size=-1))
+        if half:
+            nodes.append(helper.make_node("Cast", [gqa_out], [attn_out], name=f"{prefix}/GroupQueryAttention_f32/Cast",
+                                          to=TensorProto.FLOAT))
         old_in = o.input[0]
         for reader in consumers.get(old_in, []):  # o_proj, and a sidecar's LoRA branch beside it
             for j, name in enumerate(reader.input):
@@ -209,6 +231,9 @@ def fuse_attention(graph_model: onnx.ModelProto, model) -> int:
     del g.node[:]
     g.node.extend(ordered)
     g.initializer.extend(inits)
+    for value in list(g.input) + list(g.output):  # the cache's element type, as the session binds it
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = KV_DTYPES[kv_dtype]
     remove_dead_nodes(graph_model)
     if not any(op.domain == MS for op in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid(MS, 1))
@@ -342,7 +367,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     return removed
 
 
-def apply_fusions(graph: onnx.ModelProto, model) -> list[str]:
+def apply_fusions(graph: onnx.ModelProto, model, kv_dtype: str = "float32") -> list[str]:
     """Apply the fusions that pay on CPU to `graph` (exported from torch `model`); returns what was applied.
 
     Returns e.g. `["GroupQueryAttention x28 (rotary inside)", "SkipSimplifiedLayerNormalization x56 (...)"]`, or
@@ -354,9 +379,12 @@ def apply_fusions(graph: onnx.ModelProto, model) -> list[str]:
     """
     ok, reason = fusion_plan(model)
     if not ok:
+        require(kv_dtype == "float32", f"a {kv_dtype} KV cache needs the fused attention, which this model "
+                                       f"cannot take ({reason}); export with `--kv-dtype float32`")
         return [f"none: {reason}"]
-    n = fuse_attention(graph, model)
+    n = fuse_attention(graph, model, kv_dtype)
     extra = ", q_norm/k_norm as SimplifiedLayerNormalization" if hasattr(model.model.layers[0].self_attn, "q_norm") else ""
+    extra += f", {kv_dtype} KV cache" if kv_dtype != "float32" else ""
     done = [f"GroupQueryAttention x{n} (rotary inside{extra})"]
     skip, plain = fuse_skip_norms(graph, model)
     if skip:

@@ -72,7 +72,8 @@ def empty_past(sess, batch: int = 1) -> dict[str, np.ndarray]:
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
             _, heads, _, head_dim = inp.shape
-            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), np.float32)
+            dtype = np.float16 if inp.type == "tensor(float16)" else np.float32  # a float16 KV cache
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype)
     return feeds
 
 
