@@ -70,13 +70,13 @@ def tiny_package(tiny_hf, tmp_path_factory) -> Path:
     return make_fp32_package(tiny_hf, tmp_path_factory.mktemp("pkg") / "fp32")
 
 
-def export_quantized(hf: Path, out: Path, target: str = "cpu", scheme: str = "w4w2gateup"):
+def export_quantized(hf: Path, out: Path, target: str = "cpu", scheme: str = "w4w2gateup", **export_options):
     """A real package from the exporter (RTN, no calibration: fast); returns (folder, quantized torch model)."""
     from edge_recover.exporters.api import export_package
     from edge_recover.models import load_model
 
     lm = load_model(hf)
-    folder = export_package(lm, out, scheme=scheme, target=target, method="rtn", calibration=0)
+    folder = export_package(lm, out, scheme=scheme, target=target, method="rtn", calibration=0, **export_options)
     return folder, lm.model  # export quantizes `lm` in place: the torch model holds the package's integers
 
 
