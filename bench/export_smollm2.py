@@ -1,7 +1,7 @@
 """SmolLM2-135M: package perplexity under ONNX Runtime vs the torch quantized model, and text from
 onnxruntime-genai loading the package unchanged.
 
-    python bench/export_smollm2.py [--scheme w4w2gateup] [--windows 8] [--out docs/results/export-smollm2-parity.json]
+    python bench/export_smollm2.py [--scheme w4w2gateup] [--windows 8] [--kv-dtype float16] [--out FILE.json]
 
 Steps: fetch SmolLM2 (once), quantize under the scheme for the cpu target (mse, 16 calibration samples),
 export a package, score the same token windows of held-out Shakespeare with torch and with ORT (the
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--scheme", default="w4w2gateup")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--kv-dtype", default="float32", help="float32 or float16 (the package's KV cache)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/export-smollm2-parity.json"))
     args = ap.parse_args()
 
@@ -64,7 +65,8 @@ def main() -> None:
     lm = resolve_model("smollm2")
     windows = token_windows(lm.tokenizer, eval_text(), args.seq_len, args.windows)
     with tempfile.TemporaryDirectory(prefix="export-smollm2-") as tmp:
-        pkg = export_package(lm, Path(tmp) / "pkg", scheme=args.scheme, target="cpu")  # quantizes lm in place
+        pkg = export_package(lm, Path(tmp) / "pkg", scheme=args.scheme, target="cpu",  # quantizes lm in place
+                             kv_dtype=args.kv_dtype)
         manifest = read_package_manifest(pkg)
         ppl_torch = evaluate(lm.model, windows, progress=False).perplexity
         ppl_ort4, tokens = ort_perplexity(pkg / "model.onnx", windows.numpy())
@@ -74,6 +76,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in pkg.iterdir())
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32)", "scheme": args.scheme, "target": "cpu",
+        "kv_dtype": args.kv_dtype,
         "block_size": manifest["target"]["preferred_block_size"], "method": manifest["method"],
         "tokens": tokens, "seq_len": args.seq_len,
         "perplexity": {"torch_quantized": ppl_torch, "ort_accuracy_level_4": ppl_ort4, "ort_accuracy_level_0": ppl_ort0},
