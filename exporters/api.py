@@ -49,7 +49,7 @@ def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: st
     target's preferred block size, then `block_size` (one size, or {bits: size}) overrides."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
-    from edge_recover.scheme import KEEP, Scheme, load_scheme, parse_block_sizes
+    from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes
 
     if quantized_layers(lm.model):
         qm = lm.quantized_manifest or {}
@@ -58,12 +58,7 @@ def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: st
     sch = sch.with_block_size(target.preferred_block_size)
     if block_size is not None:
         sch = sch.with_block_size(parse_block_sizes(block_size))
-    for cfg in {r.config for r in sch.rules} | {sch.default}:  # refused before minutes of quantizing, not after
-        if cfg != KEEP:
-            target.storage_bits(cfg.bits)
-            require(cfg.block_size in target.block_sizes,
-                    f"{cfg.bits}-bit blocks of {cfg.block_size} are not taken by target {target.name!r} (it takes "
-                    f"{', '.join(map(str, target.block_sizes))}); pass another `--block-size` or another `--target`")
+    target.check_scheme(sch)  # refused before minutes of quantizing, not after
     quantize_loaded(lm, sch, method=method, calibration=calibration, progress=False)
     return sch.to_json(), method
 
@@ -94,7 +89,8 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
                 low_memory: bool = False, restore: bool = True, kv_dtype: str = "float32"):
     """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
 
-    `kv_dtype` "float16" (fused graphs only) halves the KV cache a decode step reads (fusions.fuse_attention).
+    `kv_dtype` "float16" (fused graphs only; export_package refuses it otherwise) halves the KV cache a decode
+    step reads (fusions.fuse_attention).
 
     `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
     `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
@@ -119,10 +115,7 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
     rewritten = replace_matmuls(graph, layers, target, placeholders)
     if sidecar is not None:
         sidecar.apply(graph, {r.name: r for r in rewritten})
-    fused = target.fuse if fuse is None else fuse
-    require(fused or kv_dtype == "float32", f"a {kv_dtype} KV cache needs the fused attention, which target "
-                                            f"{target.name!r} does not use here; pass `--fuse` or `--kv-dtype float32`")
-    fusions = apply_fusions(graph, lm.model, kv_dtype) if fused else []
+    fusions = apply_fusions(graph, lm.model, kv_dtype) if (target.fuse if fuse is None else fuse) else []
     graph.ir_version = IR_VERSION
     return graph, {r.name: r for r in rewritten}, fusions
 
@@ -229,8 +222,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
             require(parity["ok"], f"verification failed: ONNX Runtime (exact dequantization) and torch agree on "
                                   f"top-1 for only {ex['top1_agreement']:.1%} of positions (< {ex['threshold']:.0%}, "
                                   f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
-        manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, parity, time.time() - t0)
-        manifest["kv_dtype"] = kv_dtype
+        manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, kv_dtype, parity,
+                             time.time() - t0)
         if plan is not None:
             manifest.update(adapter_export.write(plan, tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -246,7 +239,7 @@ def _write_hf_files(lm: LoadedModel, folder: Path) -> None:
 
 
 def _manifest(lm: LoadedModel, prof: TargetProfile, scheme_json: dict, method: str, rewritten: dict,
-              fusions: list[str], parity, seconds: float) -> dict:
+              fusions: list[str], kv_dtype: str, parity, seconds: float) -> dict:
     containers = [n for n, r in rewritten.items() if r.storage_bits != r.bits]
     return {
         "kind": PACKAGE_KIND,
@@ -264,6 +257,7 @@ def _manifest(lm: LoadedModel, prof: TargetProfile, scheme_json: dict, method: s
             if containers else "none",
         },
         "fusions": fusions,
+        "kv_dtype": kv_dtype,
         "source": lm.source,
         "source_hash": lm.source_hash,
         "tool_version": tool_version(),

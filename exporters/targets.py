@@ -73,13 +73,25 @@ class TargetProfile:
 
     def check_config(self, layer: str, config: QuantConfig) -> None:
         """Refuse a layer whose block size this target cannot take (pre-quantized checkpoints keep theirs)."""
-        self.storage_bits(config.bits)
         require(
-            config.block_size in self.block_sizes,
+            self._takes(config),
             f"layer {layer!r} is quantized with block_size {config.block_size}, which target {self.name!r} does not "
             f"take (it takes {', '.join(map(str, self.block_sizes))}); re-quantize with "
             f"`--block-size {self.preferred_block_size}` or export for another `--target`",
         )
+
+    def check_scheme(self, scheme) -> None:
+        """Refuse a scheme with a bit width or block size this target cannot take, before quantizing with it."""
+        for config in {r.config for r in scheme.rules} | {scheme.default}:
+            if isinstance(config, QuantConfig):
+                require(self._takes(config),
+                        f"{config.bits}-bit blocks of {config.block_size} are not taken by target {self.name!r} (it "
+                        f"takes {', '.join(map(str, self.block_sizes))}); pass another `--block-size` or another `--target`")
+
+    def _takes(self, config: QuantConfig) -> bool:
+        """Whether this target runs `config`'s block size; a bit width it cannot store raises (storage_bits)."""
+        self.storage_bits(config.bits)
+        return config.block_size in self.block_sizes
 
     def _bits(self) -> str:
         return "/".join(map(str, self.native_bits)) + "-bit"

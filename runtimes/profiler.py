@@ -201,7 +201,10 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
     # A shared machine's bandwidth drifts (neighbours): probe it before the runs and after every repeat
     # round, between the packages' runs, and take the median as the roofline's bandwidth.
-    probes = [read_bandwidth(device["threads_used"], settings.bandwidth_mb, huge_pages=settings.huge_pages)]
+    def probe() -> float:
+        return read_bandwidth(device["threads_used"], settings.bandwidth_mb, huge_pages=settings.huge_pages)
+
+    probes = [probe()]
     log(f"read bandwidth {probes[0] / 1e9:.1f} GB/s")
     workers: list[Worker] = []
     runs: dict[tuple[int, int], list[dict]] = {}
@@ -232,7 +235,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                     runs.setdefault((pi, length), []).append(res)
                     log(f"  repeat {r + 1}/{settings.repeats} prompt {length} {entries[pi].label}: "
                         f"{time.perf_counter() - t:.1f} s")
-            probes.append(read_bandwidth(device["threads_used"], settings.bandwidth_mb, huge_pages=settings.huge_pages))
+            probes.append(probe())
         for w, d in zip(workers, described):
             d["peak_rss_bytes"] = w.ask(op="stats")["peak_rss_bytes"]
     finally:
