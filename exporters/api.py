@@ -90,7 +90,7 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
     """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
 
     `kv_dtype` "float16" (fused graphs only; export_package refuses it otherwise) halves the KV cache a decode
-    step reads (fusions.fuse_attention).
+    step reads (fusions.fuse_attention); "int8" builds the float32 cache that kv_cache.calibrate reads.
 
     `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
     `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
@@ -146,7 +146,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     placeholder weights, so a 1.7B model exports on a 24 GiB machine (rewrite.low_memory_weights).
 
     `kv_dtype` "float16" stores the KV cache in half precision (fused graphs: the cpu target), halving what
-    a decode step reads of it at long contexts.
+    a decode step reads of it at long contexts; "int8" a quarter, with per-channel scales calibrated on the
+    float32-KV graph (kv_cache.py; the exact-graph gate runs before that change, the shipped parity after).
 
     `adapter` (a folder of `edge-recover recover`, trained on this model's integers) goes into the package
     as `adapter_mode` `sidecar` (LoRA nodes beside the MatMulNBits, weights as overridable graph inputs,
@@ -212,12 +213,23 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
 
         config = genai_config(lm.model.config, lm.tokenizer, prof.provider, share_buffer=share_kv)
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
-        parity = None
+        parity = exact = None
+        reference = adapter_export.reference(lm, plan) if plan is not None and verify else lm.model
+        if verify and kv_dtype == "int8":
+            from .verify import exact_parity
+
+            exact = exact_parity(tmp / MODEL_FILE, reference, lm.tokenizer, prof.accuracy_level)
+        if kv_dtype == "int8":
+            from . import kv_cache
+
+            cfg = lm.model.config
+            scales = kv_cache.calibrate(tmp / MODEL_FILE, lm.tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
+            kv_cache.convert_file(tmp / MODEL_FILE, scales)
+            fusions.append(f"int8 KV cache (per-channel scales from {scales.tokens} calibration positions)")
         if verify:
             from .verify import verify_package
 
-            reference = adapter_export.reference(lm, plan) if plan is not None else lm.model
-            parity = verify_package(tmp / MODEL_FILE, reference, lm.tokenizer, prof.accuracy_level)
+            parity = verify_package(tmp / MODEL_FILE, reference, lm.tokenizer, prof.accuracy_level, exact=exact)
             ex = parity["exact"]
             require(parity["ok"], f"verification failed: ONNX Runtime (exact dequantization) and torch agree on "
                                   f"top-1 for only {ex['top1_agreement']:.1%} of positions (< {ex['threshold']:.0%}, "

@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
         calibration: int = typer.Option(16, help="teacher samples for the mse method's activation importance"),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
-        kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, or float16 (fused graphs; "
-                                                     "half the cache reads at long contexts)"),
+        kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, float16 or int8 (fused graphs; "
+                                                     "a half / a quarter of the cache reads at long contexts)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
         adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
         adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "

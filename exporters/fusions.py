@@ -137,7 +137,8 @@ def _head_norm(x: str, weight: str, heads: int, dim: int, eps: float, prefix: st
     return nodes, inits, f"{prefix}/output_0"
 
 
-KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+GRAPH_KV_DTYPES = ("float32", "float16")  # what fuse_attention builds; int8 follows calibration (kv_cache.py)
 
 
 def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32") -> int:
@@ -150,7 +151,8 @@ def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32
 
         q, k, v (f32) ─► Cast f16 ─► GroupQueryAttention (past/present f16) ─► Cast f32 ─► o_proj
     """
-    require(kv_dtype in KV_DTYPES, f"`kv_dtype` must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    require(kv_dtype in GRAPH_KV_DTYPES, f"`kv_dtype` must be one of {', '.join(GRAPH_KV_DTYPES)}, got "
+                                         f"{kv_dtype!r} (an int8 cache: kv_cache.to_int8 after calibration)")
     half = kv_dtype == "float16"
     cfg = model.config
     g = graph_model.graph
@@ -382,9 +384,10 @@ def apply_fusions(graph: onnx.ModelProto, model, kv_dtype: str = "float32") -> l
         require(kv_dtype == "float32", f"a {kv_dtype} KV cache needs the fused attention, which this model "
                                        f"cannot take ({reason}); export with `--kv-dtype float32`")
         return [f"none: {reason}"]
-    n = fuse_attention(graph, model, kv_dtype)
+    graph_kv = kv_dtype if kv_dtype in GRAPH_KV_DTYPES else "float32"  # int8: converted after calibration
+    n = fuse_attention(graph, model, graph_kv)
     extra = ", q_norm/k_norm as SimplifiedLayerNormalization" if hasattr(model.model.layers[0].self_attn, "q_norm") else ""
-    extra += f", {kv_dtype} KV cache" if kv_dtype != "float32" else ""
+    extra += f", {graph_kv} KV cache" if graph_kv != "float32" else ""
     done = [f"GroupQueryAttention x{n} (rotary inside{extra})"]
     skip, plain = fuse_skip_norms(graph, model)
     if skip:

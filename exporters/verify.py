@@ -31,6 +31,7 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Water boils at a temperature of one hundred degrees",
 )
+CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # KV inputs
 MIN_TOP1 = 0.95  # exact-graph agreement below this fails the export unless verification is turned off
 
 
@@ -72,8 +73,7 @@ def empty_past(sess, batch: int = 1) -> dict[str, np.ndarray]:
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
             _, heads, _, head_dim = inp.shape
-            dtype = np.float16 if inp.type == "tensor(float16)" else np.float32  # a float16 KV cache
-            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype)
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), CACHE_DTYPES[inp.type])
     return feeds
 
 
@@ -157,15 +157,25 @@ def with_accuracy_level(model_path: str | Path, level: int, folder: str | Path) 
     return out
 
 
-def verify_package(model_path: str | Path, torch_model, tokenizer, accuracy_level: int,
-                   threshold: float = MIN_TOP1) -> dict:
-    """Parity of the exact graph (the gate) and of the shipped graph; `ok` says whether the export passes."""
+def exact_parity(model_path: str | Path, torch_model, tokenizer, accuracy_level: int,
+                 threshold: float = MIN_TOP1) -> Parity:
+    """Parity of `model_path` at accuracy_level 0 (fp32 dequantization) with torch: the export's gate."""
     import tempfile
 
-    shipped = compare(model_path, torch_model, tokenizer, threshold=0.0)
     if accuracy_level == 0:
-        exact = compare(model_path, torch_model, tokenizer, threshold=threshold)
-    else:
-        with tempfile.TemporaryDirectory(prefix="edge-recover-verify-") as tmp:
-            exact = compare(with_accuracy_level(model_path, 0, tmp), torch_model, tokenizer, threshold=threshold)
+        return compare(model_path, torch_model, tokenizer, threshold=threshold)
+    with tempfile.TemporaryDirectory(prefix="edge-recover-verify-") as tmp:
+        return compare(with_accuracy_level(model_path, 0, tmp), torch_model, tokenizer, threshold=threshold)
+
+
+def verify_package(model_path: str | Path, torch_model, tokenizer, accuracy_level: int,
+                   threshold: float = MIN_TOP1, exact: Parity | None = None) -> dict:
+    """Parity of the exact graph (the gate) and of the shipped graph; `ok` says whether the export passes.
+
+    `exact`: the gate measured already, on the graph before a change that is not torch's (an int8 KV cache
+    replaces the float32 one after calibration: its rounding is the shipped graph's, not the integers').
+    """
+    shipped = compare(model_path, torch_model, tokenizer, threshold=0.0)
+    if exact is None:
+        exact = exact_parity(model_path, torch_model, tokenizer, accuracy_level, threshold)
     return {**shipped.to_json(), "accuracy_level": accuracy_level, "exact": exact.to_json(), "ok": exact.ok}

@@ -45,6 +45,7 @@ from .providers import ProviderChoice, check_package_bits, resolve_provider
 
 __all__ = ["OrtCausalLM", "KVCache", "GROW_CHUNK"]
 
+CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # KV inputs
 GROW_CHUNK = 256  # positions a shared-buffer cache grows by when a step does not fit its capacity
 
 
@@ -130,7 +131,10 @@ class OrtCausalLM:
                                    f"{len(self._kv_out)} present outputs; re-export the package")
         self._has_position_ids = "position_ids" in inputs
         kv_type = inputs[self._kv_in[0]].type
-        self._kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        if kv_type not in CACHE_DTYPES:
+            raise EdgeRecoverError(f"{str(self.package.model_file)!r} keeps its KV cache as {kv_type}, which this "
+                                   f"runtime does not know; upgrade edge-recover or re-export the package")
+        self._kv_dtype = CACHE_DTYPES[kv_type]
         st = self.package.stats
         self._kv_shape = (st.kv_heads, st.head_dim)
         pairs = {"present." + n[len("past_key_values."):] for n in self._kv_in} == set(self._kv_out)

@@ -84,41 +84,46 @@ def test_block_size_the_target_cannot_take_is_refused_before_quantizing(tmp_path
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_float16_kv_cache(tmp_path, arch):
-    """A float16 KV cache: half the KV bytes, logits close to the float32 cache's, both cache paths agree."""
+@pytest.mark.parametrize("kv_dtype, elem, fraction, tolerance", [("float16", onnx.TensorProto.FLOAT16, 2, 0.02),
+                                                                 ("int8", onnx.TensorProto.INT8, 4, 0.03)])
+def test_smaller_kv_cache(tmp_path, arch, kv_dtype, elem, fraction, tolerance):
+    """A float16 / int8 KV cache: a half / a quarter of the KV bytes, logits close to the float32 cache's, both
+    cache paths agree."""
     from edge_recover.runtimes.generate import generate_ids
     from edge_recover.runtimes.package import open_package
     from edge_recover.runtimes.session import OrtCausalLM
 
     lm = make_loaded(arch)
     p32 = export_package(lm, tmp_path / "f32", scheme="w4w2gateup", method="rtn", calibration=0)
-    p16 = export_package(lm, tmp_path / "f16", scheme="w4w2gateup", method="rtn", calibration=0, kv_dtype="float16")
-    m = read_package_manifest(p16)
-    assert m["kv_dtype"] == "float16" and m["parity"]["ok"] and "float16 KV cache" in m["fusions"][0]
-    graph = onnx.load(str(p16 / "model.onnx"), load_external_data=False).graph
+    small = export_package(lm, tmp_path / kv_dtype, scheme="w4w2gateup", method="rtn", calibration=0, kv_dtype=kv_dtype)
+    m = read_package_manifest(small)
+    assert m["kv_dtype"] == kv_dtype and m["parity"]["ok"] and f"{kv_dtype} KV cache" in " ".join(m["fusions"])
+    assert m["parity"]["exact"]["top1_agreement"] == 1.0
+    graph = onnx.load(str(small / "model.onnx"), load_external_data=False).graph
     kv = [v for v in list(graph.input) + list(graph.output) if v.name.startswith(("past_key_values.", "present."))]
-    assert kv and {v.type.tensor_type.elem_type for v in kv} == {onnx.TensorProto.FLOAT16}
-    s32, s16 = open_package(p32).stats, open_package(p16).stats
-    assert 2 * s16.kv_bytes_per_position() == s32.kv_bytes_per_position()
+    assert kv and {v.type.tensor_type.elem_type for v in kv} == {elem}
+    s32, s_small = open_package(p32).stats, open_package(small).stats
+    assert fraction * s_small.kv_bytes_per_position() == s32.kv_bytes_per_position()
     prompt = list(range(3, 40))
-    a, b = OrtCausalLM(p32, threads=1), OrtCausalLM(p16, threads=1)
+    a, b = OrtCausalLM(p32, threads=1), OrtCausalLM(small, threads=1)
     la, _ = a.step(np.array([prompt]), a.empty_cache())
     lb, _ = b.step(np.array([prompt]), b.empty_cache())
-    assert np.abs(la - lb).max() < 0.02 * np.abs(la).max()
-    # the shared-buffer cache (float16 buffers) and the growing cache give the same tokens
+    assert np.abs(la - lb).max() < tolerance * np.abs(la).max()
+    # the shared-buffer cache and the growing cache give the same tokens
     shared = generate_ids(b, prompt, 12, stop_token_ids=()).tokens
-    growing = generate_ids(OrtCausalLM(p16, threads=1, share_buffer=False), prompt, 12, stop_token_ids=()).tokens
+    growing = generate_ids(OrtCausalLM(small, threads=1, share_buffer=False), prompt, 12, stop_token_ids=()).tokens
     assert b.share_buffer and shared == growing
 
 
-def test_float16_kv_cache_needs_fused_attention(tmp_path):
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
+def test_smaller_kv_cache_needs_fused_attention(tmp_path, kv_dtype):
     from edge_recover.errors import EdgeRecoverError
 
-    with pytest.raises(EdgeRecoverError, match="float16 KV cache needs the fused attention"):
+    with pytest.raises(EdgeRecoverError, match=f"{kv_dtype} KV cache needs the fused attention"):
         export_package(make_loaded("qwen3"), tmp_path / "p", scheme="w4", method="rtn", calibration=0,
-                       kv_dtype="float16", fuse=False)
-    with pytest.raises(EdgeRecoverError, match="unknown `kv_dtype` 'int8'"):
-        export_package(make_loaded("qwen3"), tmp_path / "p", scheme="w4", method="rtn", calibration=0, kv_dtype="int8")
+                       kv_dtype=kv_dtype, fuse=False)
+    with pytest.raises(EdgeRecoverError, match="unknown `kv_dtype` 'int4'"):
+        export_package(make_loaded("qwen3"), tmp_path / "p", scheme="w4", method="rtn", calibration=0, kv_dtype="int4")
     assert not (tmp_path / "p").exists()
 
 

@@ -19,11 +19,12 @@ def test_genai_same_greedy_tokens(tiny_w4w2):
     assert theirs.tokens == ours.tokens
 
 
-def test_genai_float16_kv_cache_same_greedy_tokens(tiny_hf, tmp_path):
-    """A package with a float16 KV cache runs under onnxruntime-genai as it runs here."""
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
+def test_genai_smaller_kv_cache_same_greedy_tokens(tiny_hf, tmp_path, kv_dtype):
+    """A package with a float16 or int8 KV cache runs under onnxruntime-genai as it runs here."""
     from .conftest import export_quantized
 
-    pkg, _ = export_quantized(tiny_hf, tmp_path / "kv16", kv_dtype="float16")
+    pkg, _ = export_quantized(tiny_hf, tmp_path / kv_dtype, kv_dtype=kv_dtype)
     ours = Generator(pkg).generate("Hello world", max_new_tokens=16, stop_token_ids=())
     theirs = genai_generate(pkg, "Hello world", max_new_tokens=16)
     assert len(ours.tokens) == 16 and theirs.tokens == ours.tokens
