@@ -128,14 +128,19 @@ def compare(model_path: str | Path, torch_model, tokenizer, prompts=DEFAULT_PROM
     return Parity(len(prompts), total, agree / max(total, 1), max_diff, float(np.mean(diffs)), scale, threshold)
 
 
-def ort_perplexity(model_path: str | Path, windows, threads: int = 2) -> tuple[float, int]:
-    """(perplexity, scored tokens) of a package graph on `windows` [n, T] ids, each scored in full from an
-    empty past, exactly as `edge_recover.evaluate.evaluate` scores the torch model."""
+def ort_perplexity(model_path: str | Path, windows, threads: int = 2, chunk: int | None = None) -> tuple[float, int]:
+    """(perplexity, scored tokens) of a package graph on `windows` [n, T] ids, each scored from an empty past,
+    exactly as `edge_recover.evaluate.evaluate` scores the torch model: in one forward (`chunk` None), or
+    `chunk` tokens per step through the KV cache (1: as decoding reads it; what a quantized cache changes)."""
     sess = session(model_path, threads=threads)
     nll, count = 0.0, 0
     for row in np.asarray(windows):
-        logits, _ = run_step(sess, row[None], empty_past(sess), 0)
-        lg = logits[0, :-1].astype(np.float64)
+        step = chunk or len(row)
+        past, parts = empty_past(sess), []
+        for start in range(0, len(row), step):
+            logits, past = run_step(sess, row[None, start:start + step], past, start)
+            parts.append(logits[0])
+        lg = np.concatenate(parts)[:-1].astype(np.float64)
         lg -= lg.max(-1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())

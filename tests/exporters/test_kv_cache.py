@@ -81,3 +81,17 @@ def test_scales_of_another_graph_are_refused(float_kv):
     short = kv_cache.KVScales(scales.key[:1], scales.value[:1], scales.tokens, scales.headroom)
     with pytest.raises(EdgeRecoverError, match="calibrate on this graph"):
         kv_cache.to_int8(onnx.load(str(pkg / "model.onnx")), short)
+
+
+def test_perplexity_through_the_cache_equals_one_forward(float_kv):
+    """`ort_perplexity(chunk=1)` (every position read back from the cache) equals the one-forward score on a
+    float32 cache: the decoding-time score the int8 benchmark uses is the same measure."""
+    from edge_recover.exporters.verify import ort_perplexity
+
+    pkg, _ = float_kv
+    windows = np.random.default_rng(1).integers(0, 256, (2, 24))
+    whole, n = ort_perplexity(pkg / "model.onnx", windows)
+    stepped, m = ort_perplexity(pkg / "model.onnx", windows, chunk=1)
+    chunked, _ = ort_perplexity(pkg / "model.onnx", windows, chunk=5)
+    assert n == m == 2 * 23
+    assert abs(stepped / whole - 1) < 1e-4 and abs(chunked / whole - 1) < 1e-4
