@@ -12,7 +12,7 @@ set -euo pipefail
 PKGS=out/bench/packages
 case "${1:-}" in
 pack)  # here: build the carry folders from out/bench/packages
-  rm -rf .carryP && mkdir -p .carryP/graphs .carryP/whl
+  rm -rf .carryP/graphs && mkdir -p .carryP/graphs .carryP/whl  # whl/ (downloaded once) stays
   for v in "${@:2}"; do
     mkdir -p ".carryP/graphs/qwen3-1.7b-shape-$v"
     (cd "$PKGS/qwen3-1.7b-shape-$v" && cp $(ls | grep -v -e '^model.onnx.data$' -e '^tokenizer.json$') \
