@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +127,8 @@ def save_graph(graph, folder: Path) -> None:
 
     onnx.save_model(graph, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
+    if (folder / DATA_FILE).exists():  # onnx creates it owner-only; a package is shared like its model.onnx
+        shutil.copymode(folder / MODEL_FILE, folder / DATA_FILE)
 
 
 def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme="w4w2gateup", target: str = "cpu",

@@ -147,6 +147,8 @@ def test_package_files_and_genai_config(tmp_path, tiny_dirs):
     for f in ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "config.json",
               "genai_config.json", "manifest.json"):
         assert (pkg / f).is_file(), f
+    # the weights are as readable as the graph (onnx makes its data file owner-only)
+    assert (pkg / "model.onnx.data").stat().st_mode & 0o777 == (pkg / "model.onnx").stat().st_mode & 0o777
     m = read_package_manifest(pkg)
     assert m["kind"] == "edge-recover-package" and m["format_version"] == 1
     assert m["scheme"]["name"] == "w4w2gateup" and m["method"] == "mse"
