@@ -87,13 +87,15 @@ LOW_MEMORY_BYTES = 2 << 30
 
 
 def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None, sidecar=None,
-                low_memory: bool = False, restore: bool = True, kv_dtype: str = "float32"):
+                low_memory: bool = False, restore: bool = True, kv_dtype: str = "float32",
+                share_embedding: bool = False):
     """The package graph of a quantized `lm` for `target`: (onnx.ModelProto, rewritten layers, fusions applied).
 
     `kv_dtype` "float16" (fused graphs only; export_package refuses it otherwise) halves the KV cache a decode
     step reads (fusions.fuse_attention); "int8" builds the float32 cache that kv_cache.calibrate reads.
 
-    `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
+    `share_embedding` (when `embedding.plan` allows it) makes the tied embedding read the quantized head's
+    integers (embedding.py). `sidecar` (`lora.Sidecar`) adds an adapter's LoRA path beside its MatMulNBits nodes, before fusions.
     `low_memory` exports under `rewrite.low_memory_weights` (the float weights of quantized layers are never
     all in memory; same graph function); `restore=False` then leaves those float weights freed.
     """
@@ -117,6 +119,11 @@ def build_graph(lm: LoadedModel, target: TargetProfile, fuse: bool | None = None
     if sidecar is not None:
         sidecar.apply(graph, {r.name: r for r in rewritten})
     fusions = apply_fusions(graph, lm.model, kv_dtype) if (target.fuse if fuse is None else fuse) else []
+    if share_embedding:
+        from . import embedding
+
+        head = next(r for r in rewritten if r.name == embedding.HEAD)
+        fusions.append(embedding.share_head_integers(graph, head, embedding.head_zero_points(graph, head)))
     graph.ir_version = IR_VERSION
     return graph, {r.name: r for r in rewritten}, fusions
 
@@ -137,7 +144,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                    low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
                    adapter_name: str | None = None, merge_method: str | None = None,
                    merge_calibration: int | None = None, eval_text: str | None = None,
-                   kv_dtype: str = "float32") -> Path:
+                   kv_dtype: str = "float32", share_embedding: bool = True) -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
@@ -151,6 +158,10 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     `kv_dtype` "float16" stores the KV cache in half precision (fused graphs: the cpu target), halving what
     a decode step reads of it at long contexts; "int8" a quarter, with per-channel scales calibrated on the
     float32-KV graph (kv_cache.py; the exact-graph gate runs before that change, the shipped parity after).
+
+    `share_embedding`: a tied embedding whose head is quantized reads the head's integers instead of a float
+    table (embedding.py: the 1.7B shape's package 2.4 -> 1.2 GB with an 8-bit head); torch's embedding is
+    re-tied to the quantized head before verification, so parity compares the same function.
 
     `adapter` (a folder of `edge-recover recover`, trained on this model's integers) goes into the package
     as `adapter_mode` `sidecar` (LoRA nodes beside the MatMulNBits, weights as overridable graph inputs,
@@ -196,8 +207,15 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
             adapter_export.merge(lm, plan, merge_method, merge_calibration, eval_text)
     # low memory: float weights come back (rebuilt from the integers) only after the graph is written, and only
     # for verification or a caller's model
+    fused = prof.fuse if fuse is None else fuse
+    from . import embedding
+
+    why_float = ("kept with an adapter" if plan is not None else None) or (
+        None if fused else f"target {prof.name!r} runs unfused graphs") or embedding.plan(lm.model)
+    share = share_embedding and why_float is None
     graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
-                                            low_memory=low_memory, restore=False, kv_dtype=kv_dtype)
+                                            low_memory=low_memory, restore=False, kv_dtype=kv_dtype,
+                                            share_embedding=share)
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)
@@ -211,6 +229,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
             from .rewrite import restore_float_weights
 
             restore_float_weights(lm.model)
+        if share:  # torch then computes what the package does: the embedding reads the quantized head
+            embedding.retie_torch(lm.model)
         _write_hf_files(lm, tmp)
         from .genai import genai_config
 
@@ -239,6 +259,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                                   f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
         manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, kv_dtype, parity,
                              time.time() - t0)
+        manifest["embedding"] = ("lm_head integers" if share else
+                                 f"float32 ({why_float or 'share_embedding=False'})")
         if plan is not None:
             manifest.update(adapter_export.write(plan, tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

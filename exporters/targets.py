@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.scheme import QuantConfig
 
-# Fused contrib ops the cpu exporter may emit (exporters/fusions.py); other targets get plain ONNX + MatMulNBits.
+# Fused contrib ops the cpu exporter may emit (exporters/fusions.py, embedding.py); other targets get plain
+# ONNX + MatMulNBits.
 CPU_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
-                 "GroupQueryAttention", "MultiHeadAttention")
+                 "GroupQueryAttention", "MultiHeadAttention", "GatherBlockQuantized")
 ALL_BLOCKS = (16, 32, 64, 128, 256)
 
 

@@ -157,3 +157,51 @@ def test_package_files_and_genai_config(tmp_path, tiny_dirs):
     sess_inputs = {i.name for i in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.input}
     assert gc["decoder"]["inputs"]["past_key_names"] % 1 in sess_inputs
     assert gc["decoder"]["num_hidden_layers"] == 2 and gc["decoder"]["head_size"] == 16 and gc["type"] == "qwen3"
+
+
+@pytest.mark.parametrize("arch, head_bits", [("llama", 8), ("qwen3", 4)])
+def test_tied_embedding_reads_the_quantized_head(tmp_path, arch, head_bits):
+    """With a quantized head, a tied embedding is GatherBlockQuantized over the head's own B: no float
+    vocabulary table in the package, the same tokens as the float-table package's torch twin, exact parity."""
+    from edge_recover.exporters.embedding import HEAD
+    from edge_recover.runtimes.generate import generate_ids
+    from edge_recover.runtimes.session import OrtCausalLM
+    from edge_recover.scheme import load_scheme
+
+    scheme = load_scheme("w4w2gateup", [f"lm_head={head_bits}"])
+    lm = make_loaded(arch)
+    shared = export_package(lm, tmp_path / "shared", scheme=scheme, method="rtn", calibration=0)
+    floated = export_package(make_loaded(arch), tmp_path / "float", scheme=scheme, method="rtn", calibration=0,
+                             share_embedding=False)
+    m, mf = read_package_manifest(shared), read_package_manifest(floated)
+    assert m["embedding"] == "lm_head integers" and mf["embedding"] == "float32 (share_embedding=False)"
+    assert m["parity"]["exact"]["top1_agreement"] == 1.0
+    assert m["parity"]["exact"]["max_abs_diff"] / m["parity"]["exact"]["logit_scale"] < 1e-5  # torch re-tied
+    graph = onnx.load(str(shared / "model.onnx"))
+    gbq = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and gbq[0].input[0] == f"{HEAD}.qweight"
+    vocab, hidden = lm.model.config.vocab_size, lm.model.config.hidden_size
+    float_tables = [i for i in graph.graph.initializer if sorted(i.dims) == sorted([vocab, hidden]) and i.data_type == 1]
+    assert float_tables == []
+    size = lambda p: (p / "model.onnx.data").stat().st_size
+    assert size(floated) - size(shared) > 0.75 * 4 * vocab * hidden  # the float table, less a copy of the scales
+    # the embedding rows are the head's dequantized rows: torch (re-tied) and the package generate alike
+    ids = generate_ids(OrtCausalLM(shared, threads=1), list(range(3, 30)), 10, stop_token_ids=()).tokens
+    import torch
+
+    with torch.no_grad():
+        out = lm.model.generate(torch.tensor([list(range(3, 30))]), max_new_tokens=10, do_sample=False)
+    assert ids == out[0, 27:].tolist()
+
+
+def test_embedding_stays_float_when_not_tied_or_head_float(tmp_path):
+    lm = make_loaded("qwen3")
+    pkg = export_package(lm, tmp_path / "a", scheme="w4", method="rtn", calibration=0)
+    assert read_package_manifest(pkg)["embedding"] == "float32 (the lm_head is not quantized)"
+    from edge_recover.scheme import load_scheme
+
+    lm = make_loaded("qwen3")
+    lm.model.config.tie_word_embeddings = False
+    pkg = export_package(lm, tmp_path / "b", scheme=load_scheme("w4", ["lm_head=8"]), method="rtn", calibration=0)
+    assert read_package_manifest(pkg)["embedding"] == "float32 (the embedding is not tied to the lm_head)"
+    assert not any(n.op_type == "GatherBlockQuantized" for n in onnx.load(str(pkg / "model.onnx")).graph.node)
