@@ -86,6 +86,7 @@ def build(model: str, variant: str) -> Path:
     (w4 / w4w2gateup; `head8` / `head4`: lm_head as 8-/4-bit MatMulNBits, the embedding stays fp32;
     `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64; `2b128`: only the
     2-bit layers at block 128, the others at the target's 64; `kv16` / `kv8`: a float16 / int8 KV cache;
+    `femb`: the tied embedding as a float32 table instead of the quantized head's integers;
     `unfused`: Optimum's attention, no fusions)."""
     out = PKGS / f"{model}-{variant}"
     if out.exists():
@@ -115,7 +116,8 @@ def build(model: str, variant: str) -> Path:
             src = load_model(hf, dtype=torch.bfloat16)
         export_package(src, out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False,
                        fuse="unfused" not in opts, block_size=blocks[0] if blocks else None,
-                       kv_dtype={"kv16": "float16", "kv8": "int8"}.get(next((o for o in opts if o.startswith("kv")), ""), "float32"))
+                       kv_dtype={"kv16": "float16", "kv8": "int8"}.get(next((o for o in opts if o.startswith("kv")), ""), "float32"),
+                       share_embedding="femb" not in opts)
         del src
     gc.collect()
     return out

@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
         kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, float16 or int8 (fused graphs; "
                                                      "a half / a quarter of the cache reads at long contexts)"),
+        share_embedding: bool = typer.Option(True, "--share-embedding/--float-embedding",
+                                             help="a tied embedding reads the quantized lm_head's integers "
+                                                  "(default) or keeps a float32 table"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
         adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
         adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "
@@ -50,7 +53,7 @@ def register(app: typer.Typer) -> None:
                               verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
                               fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
                               merge_method=merge_method, merge_calibration=merge_calibration,
-                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype)
+                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype, share_embedding=share_embedding)
         m = read_package_manifest(path)
         bits: dict[str, int] = {}
         for layer in m["layers"].values():
