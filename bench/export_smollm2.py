@@ -1,7 +1,8 @@
 """SmolLM2-135M: package perplexity under ONNX Runtime vs the torch quantized model, and text from
 onnxruntime-genai loading the package unchanged.
 
-    python bench/export_smollm2.py [--scheme w4w2gateup] [--windows 8] [--kv-dtype float16] [--out FILE.json]
+    python bench/export_smollm2.py [--scheme w4w2gateup] [--windows 8] [--kv-dtype float16] [--rule lm_head=8]
+                                   [--float-embedding] [--out FILE.json]
 
 Steps: fetch SmolLM2 (once), quantize under the scheme for the cpu target (mse, 16 calibration samples),
 export a package, score the same token windows of held-out Shakespeare with torch and with ORT (the
@@ -49,7 +50,9 @@ def main() -> None:
     ap.add_argument("--scheme", default="w4w2gateup")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--kv-dtype", default="float32", help="float32 or float16 (the package's KV cache)")
+    ap.add_argument("--kv-dtype", default="float32", help="float32, float16 or int8 (the package's KV cache)")
+    ap.add_argument("--rule", action="append", default=[], help="scheme rule, e.g. lm_head=8 (repeatable)")
+    ap.add_argument("--float-embedding", action="store_true", help="keep the tied embedding as a float32 table")
     ap.add_argument("--out", default=str(ROOT / "docs/results/export-smollm2-parity.json"))
     args = ap.parse_args()
 
@@ -65,8 +68,10 @@ def main() -> None:
     lm = resolve_model("smollm2")
     windows = token_windows(lm.tokenizer, eval_text(), args.seq_len, args.windows)
     with tempfile.TemporaryDirectory(prefix="export-smollm2-") as tmp:
-        pkg = export_package(lm, Path(tmp) / "pkg", scheme=args.scheme, target="cpu",  # quantizes lm in place
-                             kv_dtype=args.kv_dtype)
+        from edge_recover.scheme import load_scheme
+
+        pkg = export_package(lm, Path(tmp) / "pkg", scheme=load_scheme(args.scheme, args.rule), target="cpu",
+                             kv_dtype=args.kv_dtype, share_embedding=not args.float_embedding)  # quantizes lm in place
         manifest = read_package_manifest(pkg)
         ppl_torch = evaluate(lm.model, windows, progress=False).perplexity
         ppl_ort4, tokens = ort_perplexity(pkg / "model.onnx", windows.numpy())
@@ -76,7 +81,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in pkg.iterdir())
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32)", "scheme": args.scheme, "target": "cpu",
-        "kv_dtype": args.kv_dtype,
+        "kv_dtype": args.kv_dtype, "rules": args.rule, "embedding": manifest["embedding"],
         "block_size": manifest["target"]["preferred_block_size"], "method": manifest["method"],
         "tokens": tokens, "seq_len": args.seq_len,
         "perplexity": {"torch_quantized": ppl_torch, "ort_accuracy_level_4": ppl_ort4, "ort_accuracy_level_0": ppl_ort0},

@@ -161,7 +161,8 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
 
     `share_embedding`: a tied embedding whose head is quantized reads the head's integers instead of a float
     table (embedding.py: the 1.7B shape's package 2.4 -> 1.2 GB with an 8-bit head); torch's embedding is
-    re-tied to the quantized head before verification, so parity compares the same function.
+    re-tied to the quantized head before verification, so parity compares the same function (a `LoadedModel`
+    passed in keeps that change, as it keeps its quantization).
 
     `adapter` (a folder of `edge-recover recover`, trained on this model's integers) goes into the package
     as `adapter_mode` `sidecar` (LoRA nodes beside the MatMulNBits, weights as overridable graph inputs,
