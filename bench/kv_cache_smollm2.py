@@ -44,7 +44,7 @@ def _int8_copy(pkg: Path, out: Path, headroom: float, lm) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", default="w4,w4w2gateup")
-    ap.add_argument("--headrooms", default="1.0,1.5,2.0", help="int8 headrooms besides the exporter's default")
+    ap.add_argument("--headrooms", default="1.0,1.25,1.5,3.0", help="int8 headrooms besides the exporter's default")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "docs/results/kv-cache-smollm2"))
