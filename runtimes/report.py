@@ -72,14 +72,15 @@ def render_markdown(data: dict) -> str:
              f"interleaved repeats (medians), {st['warmup']} warm-up round(s); {_pages(data)}. Ratios are "
              f"against `{data['packages'][0]['label']}`, paired: the median over rounds of the two packages' "
              f"ratio within a round.", "",
-             "| package | scheme | provider | size MB | weights read/token MB | MatMulNBits bits | peak RSS MB |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+             "| package | scheme | provider | size MB | weights read/token MB | KV cache KB/position | MatMulNBits bits | peak RSS MB |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for p in data["packages"]:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in p["matmulnbits_bits"].items()) or "none"
         config = ", ".join(f"{k}={v}" for k, v in (p.get("session_config") or {}).items())
         provider = p.get("provider", "") + (f" ({config})" if config else "")
         lines.append(f"| {p['label']} | {p['scheme']} | {provider} | {_mb(p['size_bytes'])} | "
-                     f"{_mb(p['weight_bytes_per_token'])} | {bits} | {_mb(p.get('peak_rss_bytes', 0))} |")
+                     f"{_mb(p['weight_bytes_per_token'])} | {p.get('kv_bytes_per_position', 0) / 1024:.1f} | {bits} | "
+                     f"{_mb(p.get('peak_rss_bytes', 0))} |")
     if any(p.get("fell_back") for p in data["packages"]):
         lines += ["", "**Fell back to the CPU provider:** " +
                   "; ".join(f"{p['label']}: {p['fallback_reason']}" for p in data["packages"] if p.get("fell_back"))]

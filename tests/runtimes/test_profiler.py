@@ -78,6 +78,9 @@ def test_report_markdown_and_plots(report_dir):
     assert "## Prompt 8 tokens" in md and "## Prompt 24 tokens" in md
     assert md.count("| 1.00x |") >= 4  # the first package against itself, prefill and decode, both lengths
     assert "read bandwidth" in md
+    data = json.loads((report_dir / "report.json").read_text())
+    kv = data["packages"][0]["kv_bytes_per_position"]
+    assert kv > 0 and f"| {kv / 1024:.1f} |" in md  # the KV cache column tells a float32 cache from an int8 one
     import matplotlib.image as mpimg
 
     for name in PLOTS:
