@@ -69,7 +69,7 @@ def generate_ids(lm: OrtCausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     rng = np.random.default_rng(sampling.seed)
     t0 = time.perf_counter()
     cache = lm.empty_cache(capacity=min(n + max_new_tokens, lm.context_length))  # sizes a shared-buffer cache
-    logits, cache = lm.step(np.asarray([prompt_ids], dtype=np.int64), cache)
+    logits, cache = lm.prefill(np.asarray([prompt_ids], dtype=np.int64), cache)
     t1 = time.perf_counter()
     token = choose_token(logits, sampling, rng)
     t2 = time.perf_counter()

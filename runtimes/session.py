@@ -46,6 +46,11 @@ from .providers import ProviderChoice, check_package_bits, resolve_provider
 __all__ = ["OrtCausalLM", "KVCache", "GROW_CHUNK"]
 
 CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # KV inputs
+# Prompt tokens per prefill step (shared-buffer caches): GroupQueryAttention's prompt path over an int8 cache
+# dequantizes per query row; its 28 layers (Qwen3-1.7B shape, 2 threads) took 4.7 s for a 1,024-token prompt
+# in one step, 2.7 s in steps of 256. Whole model, paired: int8-cache prefill 1.18x faster, float32 1.04x
+# (docs/runtime.md, "An int8 KV cache").
+PREFILL_CHUNK = 256
 GROW_CHUNK = 256  # positions a shared-buffer cache grows by when a step does not fit its capacity
 
 
@@ -82,9 +87,11 @@ class OrtCausalLM:
     def __init__(self, package: Package | str | os.PathLike, provider: str = "cpu", threads: Optional[int] = None,
                  provider_options: Optional[Mapping[str, str]] = None, fallback: bool = False,
                  io_binding: bool = True, adapter: Optional[str] = None,
-                 share_buffer: Optional[bool] = None, session_config: Optional[Mapping[str, str]] = None) -> None:
+                 share_buffer: Optional[bool] = None, session_config: Optional[Mapping[str, str]] = None,
+                 prefill_chunk: Optional[int] = PREFILL_CHUNK) -> None:
         """`share_buffer`: the shared-buffer KV cache (see the module docstring); None turns it on for the fast
         path on the CPU EP when the graph allows it, False keeps the growing cache, True insists.
+        `prefill_chunk`: prompt tokens per step in `prefill` on a shared-buffer cache (None: the whole prompt).
         `session_config`: ONNX Runtime session config entries over the provider's own, e.g.
         {"mlas.use_lut_gemm": "1"} (the table-lookup 2-bit kernel; docs/runtime.md says where it pays)."""
         import onnxruntime as ort
@@ -145,6 +152,9 @@ class OrtCausalLM:
             raise EdgeRecoverError(f"`share_buffer=True` cannot apply to {str(self.package.model_file)!r}: {why}; "
                                    f"pass share_buffer=None or False")
         self.share_buffer = bool(can_share and (share_buffer or (share_buffer is None and self.choice.spec.key == "cpu")))
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise EdgeRecoverError(f"`prefill_chunk` must be >= 1 or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.adapter = None
         self.set_adapter(adapter)
 
@@ -223,6 +233,15 @@ class OrtCausalLM:
         outs: list[Any] = binding.get_outputs()
         logits = outs[0].numpy()[0, -1].copy()
         return logits, KVCache(list(outs[1:]), cache.length + t)
+
+    def prefill(self, input_ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """`step` over a prompt ([1, seq]), `prefill_chunk` tokens at a time on a shared-buffer cache (the same
+        logits as one step: tests/runtimes/test_shared_kv.py); the last position's logits and the cache."""
+        t = int(input_ids.shape[1])
+        chunk = self.prefill_chunk if (self.prefill_chunk and cache.shared and self.io_binding) else t
+        for start in range(0, t, chunk):
+            logits, cache = self.step(input_ids[:, start:start + chunk], cache)
+        return logits, cache
 
     def _step_shared(self, feeds: dict[str, np.ndarray], cache: KVCache, t: int) -> tuple[np.ndarray, KVCache]:
         """The fast path with past and present bound to the same buffers (GroupQueryAttention writes in place)."""

@@ -109,3 +109,24 @@ def test_shared_cache_on_reference_path(fused):
     lb, plain = ref.step(np.array([[TOKENS[9]]]), cache)  # the reference path reads the valid positions
     np.testing.assert_allclose(la, lb, atol=1e-5, rtol=0)
     assert not plain.shared and plain.length == 10
+
+
+def test_chunked_prefill_equals_one_step(fused):
+    """`prefill` in chunks of 7 gives the logits and cache of one whole-prompt step (and generate uses it)."""
+    whole = OrtCausalLM(fused, threads=1, prefill_chunk=None)
+    chunked = OrtCausalLM(fused, threads=1, prefill_chunk=7)
+    prompt = np.array([TOKENS[:30]])
+    la, ca = whole.prefill(prompt, whole.empty_cache(64))
+    lb, cb = chunked.prefill(prompt, chunked.empty_cache(64))
+    assert ca.length == cb.length == 30
+    print(f"chunked prefill vs one step: max {np.abs(la - lb).max():.2e}")
+    np.testing.assert_allclose(la, lb, atol=1e-4 * np.abs(la).max(), rtol=0)
+    for a, b in zip(ca.values, cb.values):
+        np.testing.assert_allclose(a[:, :, :30], b[:, :, :30], atol=1e-5, rtol=0)
+    steps = []
+    monkey = chunked.step
+    chunked.step = lambda ids, cache: (steps.append(ids.shape[1]), monkey(ids, cache))[1]
+    generate_ids(chunked, TOKENS[:30], max_new_tokens=2, stop_token_ids=())
+    assert steps[:5] == [7, 7, 7, 7, 2] and steps[5:] == [1]
+    with pytest.raises(EdgeRecoverError, match="`prefill_chunk` must be >= 1"):
+        OrtCausalLM(fused, threads=1, prefill_chunk=0)
