@@ -123,3 +123,20 @@ def test_targets_command_lists_all():
     assert r.returncode == 0
     for name in ("cpu", "dml", "qnn", "openvino", "vitisai", "npu"):
         assert name in r.stdout
+
+
+def test_cli_kv_dtype_and_embedding_options(tmp_path, tiny_dirs):
+    """`--kv-dtype int8` and `--float-embedding` reach the package; an unknown KV type is one line, exit 2."""
+    from edge_recover.scheme import load_scheme
+
+    scheme = tmp_path / "w4-head8.json"
+    scheme.write_text(load_scheme("w4", ["lm_head=8"]).dumps())
+    r = _cli("export", str(tiny_dirs["qwen3"]), "-o", str(tmp_path / "pkg"), "--scheme", str(scheme),
+             "--method", "rtn", "--calibration", "0", "--kv-dtype", "int8", "--float-embedding")
+    assert r.returncode == 0, r.stderr
+    assert "int8 KV cache" in r.stdout
+    m = read_package_manifest(tmp_path / "pkg")
+    assert m["kv_dtype"] == "int8" and m["embedding"] == "float32 (share_embedding=False)"
+    r = _cli("export", str(tiny_dirs["qwen3"]), "-o", str(tmp_path / "pkg2"), "--kv-dtype", "int4")
+    assert r.returncode == 2 and "unknown `kv_dtype` 'int4'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "pkg2").exists()
