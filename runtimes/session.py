@@ -25,6 +25,9 @@ prompt + max_new_tokens), and a step past the capacity moves the cache into buff
 `GROW_CHUNK` positions (one copy per chunk). Stepping from a cache writes its buffers after its `length`:
 an older cache stays valid, a cache derived from it no longer does (rewind semantics, no branching).
 
+Prefill (`prefill`): on a shared-buffer cache the prompt goes in steps of `prefill_chunk` tokens (default
+`PREFILL_CHUNK`), which gives one step's logits and halves the prompt attention over an int8 cache.
+
 Side-car adapters (runtimes/adapters.py): `adapter=NAME` or `set_adapter(NAME)` activates one of the
 package's `.onnx_adapter` files for every later step (bound on the IO binding in the fast path, through
 `RunOptions.add_active_adapter` in the reference path); `None` runs the graph's default adapter.
