@@ -130,3 +130,19 @@ def test_chunked_prefill_equals_one_step(fused):
     assert steps[:5] == [7, 7, 7, 7, 2] and steps[5:] == [1]
     with pytest.raises(EdgeRecoverError, match="`prefill_chunk` must be >= 1"):
         OrtCausalLM(fused, threads=1, prefill_chunk=0)
+
+
+def test_last_position_logits_equal_the_full_graph(fused):
+    """The session's lm_head on the last position only (the default on CPU) gives the full graph's last row."""
+    last = OrtCausalLM(fused, threads=1)
+    full = OrtCausalLM(fused, threads=1, last_logits_only=False)
+    assert last.last_logits_only and not full.last_logits_only
+    assert last.session.get_outputs()[0].shape[1] == 1
+    prompt = np.array([TOKENS[:25]])
+    la, _ = last.step(prompt, last.empty_cache(64))
+    lb, _ = full.step(prompt, full.empty_cache(64))
+    print(f"last-position head vs full graph: max {np.abs(la - lb).max():.2e}")
+    np.testing.assert_allclose(la, lb, atol=1e-5 * np.abs(lb).max(), rtol=0)
+    ref = OrtCausalLM(fused, threads=1, io_binding=False)  # the reference path reads the same edited graph
+    assert [generate_ids(lm, TOKENS[:25], 12, stop_token_ids=()).tokens for lm in (last, full, ref)].count(
+        generate_ids(full, TOKENS[:25], 12, stop_token_ids=()).tokens) == 3
