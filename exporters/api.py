@@ -11,7 +11,8 @@
       └─ manifest.json
     all inside `atomic_dir`: the folder appears complete or not at all.
 
-`read_package_manifest(path)` is what a runtime calls to accept or refuse a folder.
+The package contract (file names, manifest kind and version, the file table, validation) is
+`edge_recover.contract`'s; the names below are re-exported from it for older callers.
 """
 
 from __future__ import annotations
@@ -23,16 +24,13 @@ import time
 from pathlib import Path
 
 from edge_recover.atomic import atomic_dir, check_new_dir
-from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.contract import (DATA_FILE, MANIFEST, MODEL_FILE, PACKAGE_FORMAT_VERSION, PACKAGE_KIND,  # noqa: F401
+                                   read_manifest, write_manifest)
+from edge_recover.errors import require
 from edge_recover.models import LoadedModel, check_architecture
-from edge_recover.versions import PACKAGE_FORMAT_VERSION, library_versions, tool_version
+from edge_recover.versions import library_versions, tool_version
 
 from .targets import TargetProfile, resolve_target
-
-PACKAGE_KIND = "edge-recover-package"
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-MANIFEST = "manifest.json"
 
 
 def _load(model: "str | Path | LoadedModel") -> LoadedModel:
@@ -264,7 +262,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                                  f"float32 ({why_float or 'share_embedding=False'})")
         if plan is not None:
             manifest.update(adapter_export.write(plan, tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)  # last: it records the size and sha256 of every file above
     return out
 
 
@@ -307,26 +305,10 @@ def _manifest(lm: LoadedModel, prof: TargetProfile, scheme_json: dict, method: s
 
 
 def read_package_manifest(path: str | Path) -> dict:
-    """Validate that `path` is an edge-recover package and return its manifest.
+    """Validate that `path` is an edge-recover package and return its manifest (`contract.read_manifest`).
 
     Example:
         >>> read_package_manifest("out/pkg")["target"]["name"]  # doctest: +SKIP
         'cpu'
     """
-    p = Path(path).expanduser()
-    require(p.is_dir(), f"package {str(p)!r} is not a folder; pass a folder written by `edge-recover export`")
-    mf = p / MANIFEST
-    require(mf.is_file(), f"{str(p)!r} has no {MANIFEST}; it is not an edge-recover package (run `edge-recover export`)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeRecoverError(f"{str(mf)!r} is not valid JSON ({exc}); re-run `edge-recover export`") from None
-    require(isinstance(manifest, dict) and manifest.get("kind") == PACKAGE_KIND,
-            f"{str(mf)!r} is not an edge-recover package manifest (kind {manifest.get('kind') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    require(isinstance(version, int) and version <= PACKAGE_FORMAT_VERSION,
-            f"package {str(p)!r} has format_version {version!r}, newer than this edge-recover reads "
-            f"({PACKAGE_FORMAT_VERSION}); upgrade edge-recover")
-    model_file = p / manifest.get("model_file", MODEL_FILE)
-    require(model_file.is_file(), f"package {str(p)!r} lacks {model_file.name}; the package is incomplete, re-export it")
-    return manifest
+    return read_manifest(path)

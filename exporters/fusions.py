@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_recover.contract import kv_share_buffer  # noqa: F401  (the package contract's; importable here too)
 from edge_recover.errors import EdgeRecoverError, require
 
 MS = "com.microsoft"
@@ -332,20 +333,6 @@ def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
     g.initializer.extend(inits)
     remove_dead_nodes(graph_model)
     return skip, plain
-
-
-def kv_share_buffer(graph: onnx.GraphProto) -> bool:
-    """True when every `present.*` output is written by GroupQueryAttention, so a runtime may bind past and
-    present to one preallocated buffer (GQA writes the new positions in place; onnxruntime-genai's
-    `past_present_share_buffer`). The growing-cache graph of Optimum's attention cannot do that.
-
-    Example:
-        >>> kv_share_buffer(onnx.load("pkg/model.onnx", load_external_data=False).graph)  # doctest: +SKIP
-        True
-    """
-    presents = {o.name for o in graph.output if o.name.startswith("present.")}
-    by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS for o in n.output[1:3]}
-    return bool(presents) and presents <= by_gqa
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> int:

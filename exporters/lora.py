@@ -26,16 +26,16 @@ Untrusted files: PEFT weights are read from `adapter_model.safetensors` only (no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edge_recover.atomic import atomic_file
+from edge_recover.contract import file_sha256  # noqa: F401  (the contract's; importable here too)
 from edge_recover.errors import EdgeRecoverError, require
 
 ADAPTERS_DIR = "adapters"
@@ -289,19 +289,10 @@ def write_adapter_file(data: LoraAdapterData, dtype: str, path: str | Path) -> s
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    fmt.export_adapter(str(tmp))
-    digest = file_sha256(tmp)
-    os.replace(tmp, p)
+    with atomic_file(p) as tmp:
+        fmt.export_adapter(str(tmp))
+        digest = file_sha256(tmp)
     return digest
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def adapter_entry(name: str, data: LoraAdapterData, dtype: str, digest: str, default: bool) -> dict:
@@ -325,7 +316,9 @@ def add_adapter(package: str | Path, adapter: str | Path, name: str, overwrite: 
         >>> add_adapter("out/pkg", "out/adapter-b", name="b")["file"]  # doctest: +SKIP
         'adapters/b.onnx_adapter'
     """
-    from .api import MANIFEST, read_package_manifest
+    from edge_recover.contract import write_manifest
+
+    from .api import read_package_manifest
 
     pkg = Path(package).expanduser()
     manifest = read_package_manifest(pkg)
@@ -343,9 +336,7 @@ def add_adapter(package: str | Path, adapter: str | Path, name: str, overwrite: 
     digest = write_adapter_file(data, lora["dtype"], pkg / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}")
     entry = adapter_entry(name, data, lora["dtype"], digest, default=False)
     manifest["adapters"] = entries + [entry]
-    tmp = pkg / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, pkg / MANIFEST)
+    write_manifest(pkg, manifest)  # the file table now lists the new adapter file too
     return entry
 
 

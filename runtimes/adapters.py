@@ -73,7 +73,7 @@ def load_adapter(package: Package, name: str, session, check_hash: bool = True) 
     require(path.is_file(), f"adapter {name!r}: file {entry['file']!r} is missing from package "
                             f"{str(package.path)!r}; {fix}")
     if check_hash and entry.get("sha256"):
-        from edge_recover.exporters.lora import file_sha256
+        from edge_recover.contract import file_sha256
 
         require(file_sha256(path) == entry["sha256"],
                 f"adapter {name!r}: {entry['file']!r} differs from the file the manifest records (sha256); {fix}")

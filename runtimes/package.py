@@ -1,7 +1,9 @@
 """Open a package folder (the contract in docs/design.md) and read what the runtime needs from it.
 
-`open_package` checks the folder before any session is created: `manifest.json` of kind
-`edge-recover-package`, a `format_version` this runtime knows, `model.onnx`, `config.json`. It reads the
+`open_package` checks the folder before any session is created, through the package contract
+(`edge_recover.contract`): `manifest.json` of kind `edge-recover-package`, a `format_version` this runtime
+knows, `model.onnx`, `config.json`, and every file's size against the manifest's file table (its sha256
+too with `verify_hashes=True`, the CLI's `--verify-hashes`). It reads the
 graph's structure without loading weights (`onnx.load(..., load_external_data=False)`), which gives the
 KV-cache layout, the MatMulNBits bit widths actually in the graph, and the bytes of weights one decoded
 token reads (all initializers, except that an embedding table feeding a Gather costs one row).
@@ -13,12 +15,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_recover.contract import (CONFIG_FILE, MODEL_FILE, PACKAGE_KIND, check_files,  # noqa: F401
+                                   kv_share_buffer, read_manifest)
 from edge_recover.errors import EdgeRecoverError
-from edge_recover.versions import PACKAGE_FORMAT_VERSION
 
 __all__ = ["Package", "GraphStats", "open_package", "graph_stats", "folder_size"]
-
-PACKAGE_KIND = "edge-recover-package"
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Package:
 
     @property
     def model_file(self) -> Path:
-        return self.path / "model.onnx"
+        return self.path / self.manifest.get("model_file", MODEL_FILE)
 
     @property
     def context_length(self) -> int:
@@ -99,36 +100,23 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def open_package(path: str | Path) -> Package:
+def open_package(path: str | Path, verify_hashes: bool = False) -> Package:
     """Validate a package folder and read its manifest, configs and graph structure.
 
     Raises `EdgeRecoverError` for a folder that is not a package, a package of a newer format than this
-    runtime reads, or a package with missing files.
+    runtime reads, a missing file, or a file whose size (or, with `verify_hashes`, sha256) differs from the
+    manifest's file table.
     """
     p = Path(path).expanduser()
-    if not p.is_dir():
-        raise EdgeRecoverError(f"package {str(p)!r} is not a folder; pass a folder written by `edge-recover export`")
-    mpath = p / "manifest.json"
-    if not mpath.is_file():
-        raise EdgeRecoverError(f"{str(p)!r} is not an edge-recover package (no manifest.json); "
-                               f"pass a folder written by `edge-recover export`")
-    manifest = _read_json(mpath, "manifest")
-    if manifest.get("kind") != PACKAGE_KIND:
-        raise EdgeRecoverError(f"{str(mpath)!r} has kind {manifest.get('kind')!r}, not {PACKAGE_KIND!r}; "
-                               f"pass a folder written by `edge-recover export`")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise EdgeRecoverError(f"{str(mpath)!r} has an invalid format_version {version!r}; re-export the package")
-    if version > PACKAGE_FORMAT_VERSION:
-        raise EdgeRecoverError(f"package {str(p)!r} has format_version {version}, newer than this runtime reads "
-                               f"({PACKAGE_FORMAT_VERSION}); upgrade edge-recover (pip install -U edge-recover)")
-    for name in ("model.onnx", "config.json"):
-        if not (p / name).is_file():
-            raise EdgeRecoverError(f"package {str(p)!r} lacks {name}; re-export it")
-    config = _read_json(p / "config.json", "config")
+    manifest = read_manifest(p)
+    check_files(p, manifest, hashes=verify_hashes)
+    if not (p / CONFIG_FILE).is_file():
+        raise EdgeRecoverError(f"package {str(p)!r} lacks {CONFIG_FILE}; re-export it")
+    config = _read_json(p / CONFIG_FILE, "config")
     gen_path = p / "generation_config.json"
     generation = _read_json(gen_path, "generation config") if gen_path.is_file() else {}
-    return Package(p, manifest, config, generation, graph_stats(p / "model.onnx"), name=p.name)
+    model_file = p / manifest.get("model_file", MODEL_FILE)
+    return Package(p, manifest, config, generation, graph_stats(model_file), name=p.name)
 
 
 def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None) -> GraphStats:
@@ -140,9 +128,11 @@ def graph_stats(model_file: str | Path, kv_layout: tuple[int, int] | None = None
     import onnx
     from onnx import helper
 
-    from edge_recover.exporters.fusions import kv_share_buffer
-
-    model = onnx.load(str(model_file), load_external_data=False)
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends for a damaged file
+        raise EdgeRecoverError(f"package file {str(model_file)!r} is not a readable ONNX model "
+                               f"({type(exc).__name__}); re-export the package") from None
     graph = model.graph
     sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, rows)
     for init in graph.initializer:

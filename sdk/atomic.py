@@ -57,9 +57,25 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file and rename, so a crash leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces `path` only if the block finishes.
+
+    Example:
+        >>> with atomic_file("pkg/adapters/a.onnx_adapter") as tmp:  # doctest: +SKIP
+        ...     fmt.export_adapter(str(tmp))
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(p)
+    try:
+        yield tmp
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via a temporary file and rename, so a crash leaves the old file or the new one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

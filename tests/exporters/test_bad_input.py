@@ -111,7 +111,7 @@ def test_read_package_manifest_refuses_non_packages(tmp_path):
     with pytest.raises(EdgeRecoverError, match="no manifest.json"):
         read_package_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "edge-recover-package", "format_version": 99}))
-    with pytest.raises(EdgeRecoverError, match="newer than this edge-recover"):
+    with pytest.raises(EdgeRecoverError, match="newer than this runtime reads"):
         read_package_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "other"}))
     with pytest.raises(EdgeRecoverError, match="not an edge-recover package"):

@@ -1,0 +1,201 @@
+"""The package contract: what a package folder holds, how its manifest reads, and how its files are checked.
+
+Exporters write packages through this module and runtimes read them through it, so neither imports the
+other (sdk <- exporters <- runtimes). It owns:
+
+- the names: `PACKAGE_KIND`, `PACKAGE_FORMAT_VERSION`, `MODEL_FILE`, `DATA_FILE`, `MANIFEST`, `CONFIG_FILE`;
+- the KV cache element types a package may declare (`KV_DTYPES`);
+- the file table: `manifest["files"]` maps every file of the folder (but the manifest) to its size and
+  sha256. `write_manifest` computes it last, after every other file is written; `check_files` compares
+  sizes always (cheap: one stat per file) and hashes on request (`--verify-hashes`, `edge-recover verify`);
+- `read_manifest`: a folder in, a validated manifest out, or one `EdgeRecoverError` line naming the fix;
+- `check_graph`: the MatMulNBits nodes of `model.onnx` against `manifest["layers"]` (bits, block, shape).
+
+A package written before the file table existed has no `files` key: it still loads, with one warning per
+folder, and `edge-recover verify` says that it cannot check its bytes.
+
+    export ──► files ──► write_manifest (file table last) ──► manifest.json
+    run / profile / verify ──► read_manifest ──► check_files (sizes; hashes on request) ──► session
+
+Example:
+    >>> manifest = read_manifest("out/pkg")                      # doctest: +SKIP
+    >>> check_files("out/pkg", manifest, hashes=True)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .atomic import write_json_atomic
+from .errors import EdgeRecoverError, require
+from .versions import PACKAGE_FORMAT_VERSION
+
+__all__ = ["PACKAGE_KIND", "PACKAGE_FORMAT_VERSION", "MODEL_FILE", "DATA_FILE", "MANIFEST", "CONFIG_FILE",
+           "KV_DTYPES", "file_sha256", "file_table", "write_manifest", "read_manifest", "check_files",
+           "check_graph", "kv_share_buffer"]
+
+PACKAGE_KIND = "edge-recover-package"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+# KV cache element types a package may hold (manifest "kv_dtype") and their bytes per element.
+KV_DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "int8": 1}
+
+_warned: set[str] = set()
+
+
+def file_sha256(path: str | Path) -> str:
+    """`"sha256:<hex>"` of a file's bytes, read in 4 MiB blocks.
+
+    Example:
+        >>> file_sha256("out/pkg/model.onnx")  # doctest: +SKIP
+        'sha256:9f86d0...'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def file_table(folder: str | Path) -> dict[str, dict]:
+    """{relative posix path: {"size", "sha256"}} of every file under `folder` but the manifest (and hidden
+    temporary files)."""
+    root = Path(folder)
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if not f.is_file() or rel == MANIFEST or any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
+        out[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> dict:
+    """Record the file table of `folder` in `manifest` and write it as `folder/manifest.json` (atomically).
+
+    Call it last, after every other file of the package is written (and again after adding one, as
+    `edge-recover adapter add` does). Returns the manifest as written.
+    """
+    manifest = {**manifest, "files": file_table(folder)}
+    write_json_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Validate that `path` is a package folder of a format this edge-recover reads; return its manifest.
+
+    Checks: a folder, `manifest.json` holding a JSON object of kind `PACKAGE_KIND`, an integer
+    `format_version` not newer than `PACKAGE_FORMAT_VERSION`, and the model file present. File sizes and
+    hashes are `check_files`'s job.
+    """
+    p = Path(path).expanduser()
+    require(p.is_dir(), f"package {str(p)!r} is not a folder; pass a folder written by `edge-recover export`")
+    mf = p / MANIFEST
+    require(mf.is_file(), f"{str(p)!r} is not an edge-recover package (no {MANIFEST}); "
+                          f"pass a folder written by `edge-recover export`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeRecoverError(f"{str(mf)!r} is not valid JSON ({exc}); re-export the package") from None
+    require(isinstance(manifest, dict), f"{str(mf)!r} must hold a JSON object; re-export the package")
+    require(manifest.get("kind") == PACKAGE_KIND, f"{str(mf)!r} is not an edge-recover package manifest (kind "
+                                                  f"{manifest.get('kind')!r}); pass a folder written by `edge-recover export`")
+    version = manifest.get("format_version")
+    require(isinstance(version, int) and version >= 1,
+            f"{str(mf)!r} has an invalid format_version {version!r}; re-export the package")
+    require(version <= PACKAGE_FORMAT_VERSION,
+            f"package {str(p)!r} has format_version {version}, newer than this runtime reads "
+            f"({PACKAGE_FORMAT_VERSION}); upgrade edge-recover (pip install -U edge-recover)")
+    model_file = manifest.get("model_file", MODEL_FILE)
+    require(isinstance(model_file, str) and (p / model_file).is_file(),
+            f"package {str(p)!r} lacks {model_file}; the package is incomplete, re-export it")
+    files = manifest.get("files")
+    require(files is None or (isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values())), f"{str(mf)!r} has a malformed `files` table; re-export the package")
+    return manifest
+
+
+def check_files(path: str | Path, manifest: dict, hashes: bool = False) -> list[str]:
+    """Compare the package's files with `manifest["files"]`: sizes always, sha256 when `hashes`.
+
+    Raises `EdgeRecoverError` naming the first bad file (missing, other size, other hash) and the fix.
+    Returns the files on disk that the table does not list (a note, not an error). A package without a
+    file table (written before it existed) passes with one warning per folder.
+    """
+    p = Path(path).expanduser()
+    files = manifest.get("files")
+    if files is None:
+        if str(p.resolve()) not in _warned:
+            _warned.add(str(p.resolve()))
+            print(f"warning: package {str(p)!r} has no file table (written by an older edge-recover); its files "
+                  f"cannot be checked: re-export it to get one", file=sys.stderr)
+        return []
+    for rel, entry in files.items():
+        f = p / rel
+        require(f.is_file(), f"package file {str(f)!r} is missing; the package is incomplete, re-export it")
+        size = f.stat().st_size
+        require(size == entry["size"], f"package file {str(f)!r} has {size} bytes, the manifest says "
+                                       f"{entry['size']}; it is truncated or replaced: re-export the package")
+    if hashes:
+        for rel, entry in files.items():
+            f = p / rel
+            require(file_sha256(f) == entry["sha256"],
+                    f"package file {str(f)!r} does not match its sha256 in the manifest; it is corrupt: re-export "
+                    f"the package (or copy it again)")
+    on_disk = {f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file()
+               and not any(part.startswith(".") for part in f.relative_to(p).parts)}
+    return sorted(on_disk - set(files) - {MANIFEST})
+
+
+def check_graph(path: str | Path, manifest: dict) -> int:
+    """Check that `model.onnx` holds the MatMulNBits node of every layer in `manifest["layers"]` with its
+    bits (the stored width), block size and shape [N, K]; returns the number of layers checked.
+
+    Reads the graph without its weights. Raises `EdgeRecoverError` naming the first layer that differs.
+    """
+    import onnx
+
+    p = Path(path).expanduser()
+    model_file = p / manifest.get("model_file", MODEL_FILE)
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception as exc:  # protobuf raises DecodeError and others for a damaged file
+        raise EdgeRecoverError(f"package file {str(model_file)!r} is not a readable ONNX model "
+                               f"({type(exc).__name__}); re-export the package") from None
+    nodes = {n.name: n for n in graph.node}
+    layers = manifest.get("layers") or {}
+    for name, layer in layers.items():
+        node = nodes.get(layer.get("node", ""))
+        require(node is not None and node.op_type == "MatMulNBits",
+                f"package {str(p)!r}: layer {name!r} has no MatMulNBits node {layer.get('node')!r} in "
+                f"{model_file.name}; the graph does not match the manifest, re-export the package")
+        attrs = {a.name: a.i for a in node.attribute}
+        want = {"bits": layer.get("storage_bits", layer.get("bits")), "block_size": layer.get("block_size")}
+        if layer.get("shape"):
+            want["N"], want["K"] = layer["shape"]
+        for key, value in want.items():
+            require(attrs.get(key) == value,
+                    f"package {str(p)!r}: layer {name!r} node {node.name!r} has {key}={attrs.get(key)}, the manifest "
+                    f"says {value}; the graph does not match the manifest, re-export the package")
+    return len(layers)
+
+
+def kv_share_buffer(graph) -> bool:
+    """True when every `present.*` output of an ONNX `graph` is written by GroupQueryAttention, so a runtime
+    may bind past and present to one preallocated buffer (GQA writes the new positions in place;
+    onnxruntime-genai's `past_present_share_buffer`). The growing-cache graph of Optimum's attention cannot.
+
+    Example:
+        >>> kv_share_buffer(onnx.load("pkg/model.onnx", load_external_data=False).graph)  # doctest: +SKIP
+        True
+    """
+    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"
+              for o in n.output[1:3]}
+    return bool(presents) and presents <= by_gqa
