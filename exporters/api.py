@@ -142,7 +142,7 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                    low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
                    adapter_name: str | None = None, merge_method: str | None = None,
                    merge_calibration: int | None = None, eval_text: str | None = None,
-                   kv_dtype: str = "float32", share_embedding: bool = True) -> Path:
+                   kv_dtype: str = "float32", share_embedding: bool = True, static=None) -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
@@ -167,6 +167,10 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     plus `adapters/NAME.onnx_adapter`; lora.py) or `merge` (folded into the weights and re-quantized with
     `merge_method`, default the adapter's quantizer method; merge.py, `eval_text` feeds its survival
     figures). Parity is then checked against the torch model with the adapter (PEFT), or merged.
+
+    `static` (`static_graph.StaticOptions`; targets with `static_graphs`, i.e. qnn): the fixed-context
+    prefill/decode graphs and their verification on the QNN HTP (qnn.py); default: the model's context up to
+    256 positions, a 64-token window.
 
     Example:
         >>> export_package("smollm2", "out/pkg", scheme="w4w2gateup", target="cpu")  # doctest: +SKIP
@@ -215,6 +219,10 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     graph, rewritten, fusions = build_graph(lm, prof, fuse, sidecar=plan.sidecar if plan else None,
                                             low_memory=low_memory, restore=False, kv_dtype=kv_dtype,
                                             share_embedding=share)
+    if prof.static_graphs:  # refused before anything is written
+        from .qnn import preflight
+
+        static = preflight(rewritten, prof.name, static, lm.model.config)
     from .validate import validate_or_raise
 
     validate_or_raise(graph, prof, rewritten)
@@ -258,6 +266,10 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                                   f"max abs diff {ex['max_abs_diff']:.3g}); pass --no-verify to keep the package anyway")
         manifest = _manifest(lm, prof, scheme_json, method_used, rewritten, fusions, kv_dtype, parity,
                              time.time() - t0)
+        if prof.static_graphs:
+            from .qnn import export_static
+
+            manifest["static"] = export_static(tmp, static, int(lm.model.config.vocab_size))
         manifest["embedding"] = ("lm_head integers" if share else
                                  f"float32 ({why_float or 'share_embedding=False'})")
         if plan is not None:

@@ -48,6 +48,7 @@ class TargetProfile:
     activation_dtype: str  # the dtype the provider computes activations in
     contrib_ops: tuple[str, ...] = ("MatMulNBits",)  # com.microsoft ops a graph for this target may hold
     fuse: bool = False  # apply the ORT-fused-op rewrites (cpu only)
+    static_graphs: bool = False  # also write fixed-shape prefill/decode graphs, verified on the NPU (qnn.py)
     source: str = ""
     # Side-car LoRA (exporters/lora.py): the dtype the LoRA MatMuls run in, or "" when the target cannot take
     # adapter weights as run-time graph inputs; `sidecar_note` then says why and what to do instead.
@@ -125,8 +126,10 @@ TARGETS: dict[str, TargetProfile] = {
     ),
     "qnn": TargetProfile(
         "qnn", "QNNExecutionProvider", "Qualcomm Hexagon NPU (QNN HTP)",
-        native_bits=(2, 4), block_sizes=(32, 64), preferred_block_size=64, accuracy_level=0,
-        activation_dtype="float16", source="FACTS.md: QNN HTP takes 2/4-bit with block 32/64 (onnxruntime-qnn)",
+        native_bits=(2, 4), block_sizes=(32, 64, 128), preferred_block_size=64, accuracy_level=0,
+        activation_dtype="float16", static_graphs=True,
+        source="measured on the HTP emulator (onnxruntime-qnn 2.7.0): 2/4-bit MatMulNBits, blocks 32/64/128, "
+               "K a whole number of blocks; static shapes only (exporters/static_graph.py)",
         sidecar_note="QNN HTP compiles weights into its context binary; run-time LoRA there is Qualcomm's "
                      "QAIRT LoRA v2 binary sections, not ONNX graph inputs",
     ),

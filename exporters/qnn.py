@@ -1,0 +1,183 @@
+"""The qnn target's last passes: static graphs -> verified on the HTP -> EPContext binaries for one SoC.
+
+    package folder with the dynamic model.onnx (+ model.onnx.data), already verified against torch
+      └─ static_graph: prefill.onnx (window W) and decode.onnx (one token), weights shared in model.onnx.data
+      └─ on the HTP (onnxruntime-qnn, CPU fallback disabled): each graph compiles whole, or the export fails
+         naming the nodes QNN refused; one profiled run counts kernels per execution provider
+      └─ parity on the HTP vs the same static graph on the CPU EP: a prefill window of real tokens, then a
+         decode step over the cache that window filled
+      └─ EPContext (`ep.context_enable`): prefill_ctx.onnx / decode_ctx.onnx + their QNN context binaries,
+         compiled for `--soc`; reloaded once to check that they load without the ONNX graph
+    -> the manifest's "static" section: what was verified, on what, and how well
+
+On x86 the HTP backend is Qualcomm's emulator: compile and step times measured here are emulator times.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_recover.errors import require
+from edge_recover.qnn import QNN_EP, open_htp_session, placement, resolve_soc
+
+from .static_graph import GRAPH_FILES, StaticOptions, static_graph, write_static_graphs
+
+__all__ = ["check_layers", "preflight", "export_static", "default_static", "CONTEXT_FILES", "MAX_CONTEXT"]
+
+CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}
+# The longest context the export accepts for the HTP: Qualcomm's published on-device LLM contexts go to
+# 4,096 tokens; longer ones are not refused by QNN itself but have not been tried here.
+MAX_CONTEXT = 4096
+
+
+def check_layers(rewritten: dict, target_name: str) -> None:
+    """Refuse layers the HTP's MatMulNBits cannot take: measured on the emulator, K must be a whole number
+    of blocks ("K must be divisible by block_size"), bits 2/4 (targets.py checks the bits)."""
+    for name, r in rewritten.items():
+        k, bs = int(r.shape[1]), int(r.block_size)
+        require(k % bs == 0, f"layer {name!r} has K = {k} inputs, not a whole number of {bs}-blocks, which the "
+                             f"QNN HTP refuses (target {target_name!r}); pass `--block-size` with a divisor of "
+                             f"{k} (e.g. 32) or another `--target`")
+
+
+def _feeds(session, c: int, w: int, tokens: np.ndarray, past: dict | None = None,
+           filled: int = 0, start: int = 0) -> dict:
+    """Inputs of a static step: `tokens` at positions start.., cache slots [0, filled) valid."""
+    n = len(tokens)
+    feeds = {"input_ids": np.zeros((1, w), np.int64), "position_ids": np.full((1, w), start + n - 1, np.int64),
+             "attention_mask": np.zeros((1, c + w), np.int64)}
+    feeds["input_ids"][0, :n] = tokens
+    feeds["position_ids"][0, :n] = np.arange(start, start + n)
+    feeds["attention_mask"][0, :filled] = 1
+    feeds["attention_mask"][0, c:c + n] = 1
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = past[i.name] if past else np.zeros(i.shape, np.float32)
+    return feeds
+
+
+def _compare(a: np.ndarray, b: np.ndarray) -> dict:
+    return {"max_abs_diff": float(np.abs(a - b).max()), "logit_scale": float(np.abs(a).max()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+
+
+def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda s: None) -> dict:
+    """Write the static graphs (and, with `opts.compile_contexts`, EPContext models) into the package
+    `folder` and verify them on the QNN HTP; returns the manifest's "static" section."""
+    import onnxruntime as ort
+
+    import onnxruntime_qnn
+
+    soc = resolve_soc(opts.soc)
+    folder = Path(folder)
+    t0 = time.time()
+    windows = {"prefill": opts.window, "decode": 1}
+    graphs = {role: static_graph(folder / "model.onnx", opts, w) for role, w in windows.items()}
+    nodes = {role: len(g.graph.node) for role, g in graphs.items()}
+    sharing = write_static_graphs(graphs, folder)
+    del graphs
+    build_s = time.time() - t0
+    c = opts.context_length
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, size=opts.window)
+    cpu = {r: ort.InferenceSession(str(folder / f), providers=["CPUExecutionProvider"]) for r, f in GRAPH_FILES.items()}
+    section = {"context_length": c, "window": opts.window, "mask_value": opts.mask_value,
+               "graphs": {r: {"file": f, "window": windows[r], "nodes": nodes[r]} for r, f in GRAPH_FILES.items()},
+               "data_file": "model.onnx.data", "weights_shared": sharing, "build_seconds": round(build_s, 2)}
+    verified = {"provider": QNN_EP, "backend": "QNN HTP (libQnnHtp.so; on x86 Qualcomm's emulator of the NPU)",
+                "onnxruntime_qnn": getattr(onnxruntime_qnn, "__version__", "?"),
+                "soc": {"name": soc.name, "marketing": soc.marketing, "soc_model": soc.soc_model,
+                        "htp_arch": soc.htp_arch},
+                "cpu_fallback": "disabled (session.disable_cpu_ep_fallback=1)", "graphs": {}}
+    with tempfile.TemporaryDirectory(prefix="edge-recover-qnn-") as tmp:
+        sessions = {}
+        for role, w in windows.items():
+            config = ({"ep.context_enable": "1", "ep.context_file_path": str(folder / CONTEXT_FILES[role]),
+                       "ep.context_embed_mode": "0"} if opts.compile_contexts else {})
+            ts = time.time()
+            sessions[role] = open_htp_session(folder / GRAPH_FILES[role], soc, session_config=config,
+                                              profile_prefix=str(Path(tmp) / role))
+            compile_s = time.time() - ts
+            log(f"{role}: compiled on the HTP in {compile_s:.1f} s (emulator)")
+            verified["graphs"][role] = {"compile_seconds": round(compile_s, 2)}
+        pre = _feeds(cpu["prefill"], c, opts.window, tokens)
+        ts = time.time()
+        place = {"prefill": placement(sessions["prefill"], pre)}
+        step_s = {"prefill": time.time() - ts}
+        ref_pre = cpu["prefill"].run(None, pre)
+        names = [o.name for o in cpu["prefill"].get_outputs()]
+        past = {}
+        for name, value in zip(names, ref_pre):  # the window's entries into cache slots [0, W)
+            if name.startswith("present."):
+                buf = np.zeros((1, value.shape[1], c, value.shape[3]), np.float32)
+                buf[:, :, :opts.window] = value[:, :, c:c + opts.window]
+                past["past_key_values." + name[len("present."):]] = buf
+        dec = _feeds(cpu["decode"], c, 1, tokens[-1:], past, filled=opts.window, start=opts.window)
+        ts = time.time()
+        place["decode"] = placement(sessions["decode"], dec)
+        step_s["decode"] = time.time() - ts
+        htp = {"prefill": sessions["prefill"].run(["logits"], pre)[0][0],
+               "decode": sessions["decode"].run(["logits"], dec)[0][0]}
+        ref = {"prefill": ref_pre[0][0], "decode": cpu["decode"].run(["logits"], dec)[0][0]}
+        for role in windows:
+            share = place[role]["npu_share"]
+            require(share == 1.0, f"internal: {role} graph ran {1 - share:.0%} of its kernels outside QNN "
+                                  f"({place[role]['kernels']})")
+            verified["graphs"][role].update(place[role], nodes_on_npu=nodes[role], graph_nodes=nodes[role],
+                                            emulator_step_seconds=round(step_s[role], 3),
+                                            parity_vs_cpu=_compare(ref[role], htp[role]))
+        verified["nodes_on_npu_pct"] = 100.0
+        if opts.compile_contexts:
+            del sessions
+            verified["contexts"] = _check_contexts(folder, soc, {"prefill": pre, "decode": dec}, htp)
+    section["verified"] = verified
+    return section
+
+
+def _check_contexts(folder: Path, soc, feeds: dict, expected: dict) -> dict:
+    """Reload each EPContext model (no ONNX operators left to compile) and check it computes the same."""
+    import onnx
+
+    out = {}
+    for role, name in CONTEXT_FILES.items():
+        path = folder / name
+        require(path.is_file(), f"internal: QNN wrote no EPContext model {name}")
+        m = onnx.load(str(path), load_external_data=False)
+        ops = sorted({n.op_type for n in m.graph.node})
+        require(ops == ["EPContext"], f"internal: {name} holds {ops}, not only EPContext nodes")
+        bins = sorted({a.s.decode() for n in m.graph.node for a in n.attribute if a.name == "ep_cache_context"})
+        ts = time.time()
+        session = open_htp_session(path, soc)
+        load_s = time.time() - ts
+        got = session.run(["logits"], feeds[role])[0][0]
+        out[role] = {"file": name, "binaries": bins,
+                     "binary_bytes": sum((folder / b).stat().st_size for b in bins if (folder / b).is_file()),
+                     "load_seconds": round(load_s, 3),
+                     "max_abs_diff_vs_compiled": float(np.abs(got - expected[role]).max())}
+    return out
+
+
+def preflight(rewritten: dict, target_name: str, opts: "StaticOptions | None", config) -> StaticOptions:
+    """Everything that can refuse a static export, checked before anything is written: the layers' blocks,
+    the shapes against the model and `MAX_CONTEXT`, the SoC name, and that onnxruntime-qnn loads."""
+    from edge_recover.qnn import register_qnn
+
+    check_layers(rewritten, target_name)
+    opts = opts or default_static(config)
+    opts.check(int(config.max_position_embeddings))
+    require(opts.context_length <= MAX_CONTEXT,
+            f"`--context-length` {opts.context_length} exceeds {MAX_CONTEXT}, the longest the qnn target accepts; "
+            f"pass at most {MAX_CONTEXT}")
+    resolve_soc(opts.soc)
+    register_qnn()
+    return opts
+
+
+def default_static(config) -> StaticOptions:
+    """The default static shapes for a model: its context up to 256 positions, a window of up to 64 tokens."""
+    c = min(int(config.max_position_embeddings), 256)
+    return StaticOptions(context_length=c, window=min(64, c))

@@ -1,0 +1,296 @@
+"""Static-shape graphs for NPUs: the package graph as a fixed-context prefill window and a one-token step.
+
+QNN's HTP (and OpenVINO's NPU) compile a graph for fixed tensor shapes. The Optimum graph is dynamic (batch,
+sequence and past lengths are symbols, and Shape -> Gather -> Range chains build the causal mask and the
+positions at run time); with every dimension fixed, ONNX Runtime's basic optimizer folds those chains into
+constants and what is left is operators the HTP takes (FACTS.md, "The NPU target on this machine").
+
+The KV cache becomes C fixed slots. Both graphs take the whole cache as the past (past length = C) and return
+present = concat(past, new) of length C + W; the runtime copies the W new entries from present's tail into
+free slots of its buffer and marks them in attention_mask. Attention over keys is order-invariant once rotary
+has been applied with explicit position_ids, so slot order does not matter; unfilled slots are masked 0; the
+graph's own causal mask (built for past length C) orders the new tokens among themselves:
+
+    input_ids [1, W]  position_ids [1, W]  attention_mask [1, C + W]  past.{i}.key/value [1, kv, C, d]
+        └──────────────────────── the model, every shape fixed ───────────────────────┘
+    logits [1, W, V]                                                present.{i}.key/value [1, kv, C + W, d]
+
+Two such graphs, W = `window` (prefill) and W = 1 (decode), reference ONE external data file: the package's
+model.onnx.data, whose weights they share with identical offsets (`write_static_graphs`).
+
+The passes, each `(graph, options) -> graph` with its picture above it, in the order `STATIC_PASSES` runs them:
+rotary tables (cos/sin looked up, not computed in fp16 from large angles), fixed shapes, constant folding,
+a finite attention-mask value (fp16 has no -3.4e38: -inf rows become NaN on the HTP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edge_recover.errors import require
+
+__all__ = ["StaticOptions", "STATIC_PASSES", "static_graph", "write_static_graphs", "GRAPH_FILES"]
+
+GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+ROTARY = "/model/rotary_emb/"
+
+
+@dataclass(frozen=True)
+class StaticOptions:
+    """How the static graphs are shaped and checked.
+
+    Example:
+        >>> StaticOptions(context_length=128, window=32).window
+        32
+    """
+
+    context_length: int = 256   # C: KV cache slots = the longest prompt + answer
+    window: int = 64            # W: prompt tokens per prefill step
+    mask_value: float = -1.0e4  # the additive mask of a masked key (finite in fp16)
+    soc: str = "SM8650"         # the SoC the HTP graphs are verified and compiled for
+    compile_contexts: bool = True  # write EPContext models (ep.context_enable) into the package
+
+    def check(self, max_positions: int) -> None:
+        """Refuse shapes the model or the target cannot take."""
+        require(self.context_length >= 2, f"`--context-length` must be >= 2, got {self.context_length}")
+        require(self.context_length <= max_positions,
+                f"`--context-length` {self.context_length} exceeds the model's {max_positions} positions; "
+                f"pass at most {max_positions}")
+        require(1 <= self.window <= self.context_length,
+                f"the prefill window must be 1..{self.context_length} tokens, got {self.window}")
+
+
+# ─── pass 1: rotary tables ────────────────────────────────────────────────────────────────────────────
+#
+#   position_ids ─► Unsqueeze ─► Cast ─► MatMul(inv_freq) ─► Concat ─► Cos / Sin (─► Mul scale)   (before)
+#   position_ids ─► Gather(cos_table [C, d]) / Gather(sin_table [C, d])                          (after)
+#
+# Angles reach position x inv_freq (127 rad at position 127); fp16 holds them to 0.06 rad, so the HTP's
+# Cos/Sin in fp16 would be wrong by that much. The tables are computed here in float32 and only looked up.
+def rotary_tables(graph, opts: StaticOptions):
+    """Replace the rotary subgraph by Gathers from cos/sin tables of `opts.context_length` positions."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = graph.graph
+    inside = [n for n in g.node if n.name.startswith(ROTARY)]
+    if not inside:
+        return graph
+    made = {o for n in inside for o in n.output}
+    boundary = [o for o in dict.fromkeys(o for n in g.node if not n.name.startswith(ROTARY) for o in n.input)
+                if o in made]
+    sub = _subgraph(graph, boundary, ["position_ids"])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    tables = sess.run(boundary, {"position_ids": np.arange(opts.context_length, dtype=np.int64)[None]})
+    keep = [n for n in g.node if not n.name.startswith(ROTARY)]
+    new = []
+    for name, table in zip(boundary, tables):
+        table = np.ascontiguousarray(table.reshape(opts.context_length, -1))  # [C, d] per position
+        tname = f"{ROTARY}table/{name.split('/')[-1]}"
+        g.initializer.append(numpy_helper.from_array(table, tname))
+        new.append(helper.make_node("Gather", [tname, "position_ids"], [name], name=f"{tname}/Gather", axis=0))
+    del g.node[:]
+    g.node.extend(new + keep)
+    _prune(graph)
+    return graph
+
+
+def _subgraph(graph, outputs: Sequence[str], inputs: Sequence[str]):
+    """The nodes of `graph` that compute `outputs` from `inputs` (and initializers), as a model."""
+    from onnx import TensorProto, helper
+
+    g = graph.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    need, nodes, seen = list(outputs), [], set()
+    while need:
+        name = need.pop()
+        if name in seen or name in inputs or name in inits or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        if node not in nodes:
+            nodes.append(node)
+            need.extend(i for i in node.input if i)
+    order = [n for n in g.node if n in nodes]
+    used = {i for n in order for i in n.input}
+    ins = [i for i in g.input if i.name in inputs]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    sub = helper.make_graph(order, "rotary", ins, outs, [inits[n] for n in used if n in inits])
+    return helper.make_model(sub, opset_imports=list(graph.opset_import), ir_version=graph.ir_version)
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers no node reads."""
+    g = graph.graph
+    wanted = {o.name for o in g.output}
+    while True:
+        read = wanted | {i for n in g.node for i in n.input}
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    read = {i for n in g.node for i in n.input} | wanted
+    for t in [t for t in g.initializer if t.name not in read]:
+        g.initializer.remove(t)
+
+
+# ─── pass 2: fixed shapes ─────────────────────────────────────────────────────────────────────────────
+#
+#   input_ids [batch, seq]            ─►  [1, W]
+#   attention_mask [batch, past+seq]  ─►  [1, C + W]
+#   past.{i} [batch, kv, past, d]     ─►  [1, kv, C, d]     present.{i} ─► [1, kv, C + W, d]
+def fix_shapes(graph, opts: StaticOptions, window: int):
+    """Every graph input and output gets fixed dimensions (value_info is dropped: the optimizer re-infers)."""
+    g = graph.graph
+    c, w = opts.context_length, window
+
+    def put(vi, dims):
+        shape = vi.type.tensor_type.shape
+        require(len(shape.dim) == len(dims), f"graph {vi.name!r} has rank {len(shape.dim)}, expected {len(dims)}")
+        for d, v in zip(shape.dim, dims):
+            d.Clear()
+            d.dim_value = v
+
+    for vi in list(g.input) + list(g.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.name in ("input_ids", "position_ids"):
+            put(vi, [1, w])
+        elif vi.name == "attention_mask":
+            put(vi, [1, c + w])
+        elif vi.name.startswith("past_key_values."):
+            put(vi, [1, dims[1], c, dims[3]])
+        elif vi.name.startswith("present."):
+            put(vi, [1, dims[1], c + w, dims[3]])
+        elif vi.name == "logits":
+            put(vi, [1, w, dims[2]])
+    del g.value_info[:]
+    return graph
+
+
+# ─── pass 3: constant folding ─────────────────────────────────────────────────────────────────────────
+#
+#   Shape ─► Gather ─► Add ─► Range ─► ... ─► Where(mask)    ─►   one constant causal-mask tensor
+#
+# ONNX Runtime's basic level (constant folding, redundant-node elimination; no EP-specific fusions) writes
+# the optimized graph through `optimized_model_filepath`.
+def fold_constants(graph, opts: StaticOptions):
+    """Fold every shape computation into constants with ONNX Runtime's basic graph optimizer."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edge-recover-static-") as tmp:
+        src, dst = Path(tmp) / "fixed.onnx", Path(tmp) / "folded.onnx"
+        # onnx refuses a `location` that exists relative to the working directory: a name nobody else has
+        onnx.save_model(graph, str(src), save_as_external_data=True, location=f"fixed-{uuid.uuid4().hex}.data",
+                        size_threshold=1024)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        folded = onnx.load(str(dst))  # external data read in
+    folded.ir_version = graph.ir_version
+    return folded
+
+
+# ─── pass 4: a finite mask value ──────────────────────────────────────────────────────────────────────
+#
+#   Where(allowed, 0, -inf | finfo.min) ─► Add(scores)   ─►   Where(allowed, 0, mask_value) ─► Add(scores)
+def finite_mask(graph, opts: StaticOptions):
+    """Float constants at -inf or below -1e30 (the mask's 'minus infinity') become `opts.mask_value`."""
+    from onnx import numpy_helper
+
+    for t in graph.graph.initializer:
+        if t.data_type in (1, 10) and np.prod(t.dims, dtype=np.int64) <= 1 << 20:
+            a = numpy_helper.to_array(t)
+            low = np.isneginf(a) | (a < -1e30)
+            if a.size and low.any():
+                t.CopyFrom(numpy_helper.from_array(np.where(low, np.asarray(opts.mask_value, a.dtype), a), t.name))
+    return graph
+
+
+Pass = Callable[..., object]
+# (name, pass, takes the window); run in this order by `static_graph`
+STATIC_PASSES: tuple[tuple[str, Pass, bool], ...] = (
+    ("rotary tables", rotary_tables, False),
+    ("fixed shapes", fix_shapes, True),
+    ("constant folding", fold_constants, False),
+    ("finite mask", finite_mask, False),
+)
+
+
+def static_graph(dynamic_model: str | Path, opts: StaticOptions, window: int):
+    """The static graph of window `window` from a package's dynamic `model.onnx` (weights read in).
+
+    Example:
+        >>> g = static_graph("out/pkg/model.onnx", StaticOptions(128, 32), window=1)  # doctest: +SKIP
+    """
+    import onnx
+
+    graph = onnx.load(str(dynamic_model))
+    for _, fn, windowed in STATIC_PASSES:
+        graph = fn(graph, opts, window) if windowed else fn(graph, opts)
+    return graph
+
+
+def write_static_graphs(graphs: dict, folder: Path, data_file: str = "model.onnx.data",
+                        threshold: int = 1024) -> dict:
+    """Save `graphs` ({role: ModelProto}) as GRAPH_FILES[role] in `folder`, every tensor above `threshold`
+    bytes in `data_file`: one that is already there (same bytes, e.g. a weight of the dynamic graph) is
+    referenced at its offset, a new one is appended. Returns {"shared_tensors": n, "appended_bytes": n}."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    folder = Path(folder)
+    data_path = folder / data_file
+    index: dict[str, tuple[int, int]] = {}
+    dyn = folder / "model.onnx"
+    if dyn.exists() and data_path.exists():
+        blob = data_path.read_bytes()
+        for t in onnx.load(str(dyn), load_external_data=False).graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                index.setdefault(hashlib.sha256(blob[info.offset:info.offset + info.length]).hexdigest(),
+                                 (info.offset, info.length))
+        del blob
+    shared = appended = 0
+    with open(data_path, "ab") as out:
+        for role, graph in graphs.items():
+            for t in graph.graph.initializer:
+                if not t.HasField("raw_data"):
+                    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+                raw = t.raw_data
+                if len(raw) < threshold:
+                    continue
+                key = hashlib.sha256(raw).hexdigest()
+                if key in index:
+                    shared += 1
+                else:
+                    pad = (-out.tell()) % 64  # aligned, as onnx writes them
+                    out.write(b"\0" * pad)
+                    index[key] = (out.tell(), len(raw))
+                    out.write(raw)
+                    appended += len(raw) + pad
+                offset, length = index[key]
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", data_file), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+            onnx.save_model(graph, str(folder / GRAPH_FILES[role]))
+    return {"shared_tensors": shared, "appended_bytes": appended}
