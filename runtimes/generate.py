@@ -108,8 +108,10 @@ class Generator:
                  session_config: Optional[dict] = None) -> None:
         from tokenizers import Tokenizer
 
-        self.lm = OrtCausalLM(package, provider, threads, provider_options, fallback, io_binding,
-                              session_config=session_config)
+        from .static_session import open_causal_lm  # a static (NPU) package gets StaticCausalLM
+
+        self.lm = open_causal_lm(package, provider, threads, provider_options, fallback, io_binding,
+                                 session_config=session_config)
         tok_file = self.lm.package.path / "tokenizer.json"
         if not tok_file.is_file():
             raise EdgeRecoverError(f"package {str(self.lm.package.path)!r} lacks tokenizer.json; re-export it")

@@ -50,9 +50,10 @@ PROVIDERS: dict[str, ProviderSpec] = {
                         sequential=True, native_bits=(4, 8),
                         note="runs MatMulNBits as dequantize + GEMM, 4/8-bit only; needs sequential execution"),
     "qnn": ProviderSpec("qnn", "QNNExecutionProvider", "onnxruntime-qnn",
-                        {"backend_path": "QnnHtp.dll", "htp_performance_mode": "burst"},
-                        native_bits=(2, 4), note="Qualcomm HTP (NPU): 2/4-bit MatMulNBits with block 32/64; "
-                                                 "on Linux/Android set backend_path=libQnnHtp.so"),
+                        native_bits=(2, 4), note="Qualcomm HTP (NPU), a plugin EP opened by edge_recover.qnn "
+                                                 "(HTP backend, fp16, CPU fallback disabled): static packages "
+                                                 "of `export --target qnn` only; 2/4-bit MatMulNBits, blocks "
+                                                 "32/64/128, K a whole number of blocks"),
     "openvino": ProviderSpec("openvino", "OpenVINOExecutionProvider",
                              "onnxruntime-openvino (replaces the onnxruntime module: use its own venv, "
                              "see runtimes/openvino_venv.sh)",

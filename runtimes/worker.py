@@ -39,15 +39,16 @@ def _peak_rss() -> int:
 
 class _OrtEngine:
     def __init__(self, req: dict) -> None:
-        from edge_recover.runtimes.session import OrtCausalLM
+        from edge_recover.runtimes.static_session import open_causal_lm
 
-        self.lm = OrtCausalLM(req["package"], req.get("provider", "cpu"), req.get("threads"),
-                              req.get("options") or {}, bool(req.get("fallback")),
-                              session_config=req.get("session_config") or {})
+        self.lm = open_causal_lm(req["package"], req.get("provider", "cpu"), req.get("threads"),
+                                 req.get("options") or {}, bool(req.get("fallback")),
+                                 session_config=req.get("session_config") or {})
         self.vocab = self.lm.package.vocab_size
+        session = getattr(self.lm, "session", None) or self.lm.sessions["decode"]  # static packages: two graphs
         self.info = {"provider": self.lm.choice.describe(), "fell_back": self.lm.choice.fell_back,
                      "reason": self.lm.choice.reason, "threads": self.lm.threads,
-                     "session_providers": self.lm.session.get_providers()}
+                     "session_providers": session.get_providers()}
 
     def run(self, ids: list[int], new_tokens: int) -> dict:
         from edge_recover.runtimes.generate import generate_ids
