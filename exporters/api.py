@@ -270,6 +270,11 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
             from .qnn import export_static
 
             manifest["static"] = export_static(tmp, static, int(lm.model.config.vocab_size))
+        elif prof.name in ("vitisai", "openvino"):  # NPU targets that no check here covers
+            manifest["npu_verification"] = (
+                f"not verified on an NPU: target {prof.name} ({prof.provider}) cannot run on this machine and its "
+                f"graph keeps dynamic shapes; only the CPU parity above was checked (`--target qnn` is verified "
+                f"on the QNN HTP)")
         manifest["embedding"] = ("lm_head integers" if share else
                                  f"float32 ({why_float or 'share_embedding=False'})")
         if plan is not None:

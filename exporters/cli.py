@@ -32,6 +32,11 @@ def register(app: typer.Typer) -> None:
         share_embedding: bool = typer.Option(True, "--share-embedding/--float-embedding",
                                              help="a tied embedding reads the quantized lm_head's integers "
                                                   "(default) or keeps a float32 table"),
+        context_length: Optional[int] = typer.Option(None, help="qnn: KV cache slots of the static graphs (prompt + "
+                                                                 "answer; default: the model's, at most 256)"),
+        prefill_window: Optional[int] = typer.Option(None, help="qnn: prompt tokens per static prefill step (default 64)"),
+        soc: Optional[str] = typer.Option(None, help="qnn: Snapdragon SoC to verify and compile EPContext binaries "
+                                                     "for, e.g. SM8650 (8 Gen 3, default), SM8750 (8 Elite), SC8380XP (X Elite)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
         adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
         adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "
@@ -47,9 +52,10 @@ def register(app: typer.Typer) -> None:
         from .api import export_package, read_package_manifest
         from .targets import resolve_target
 
-        resolve_target(target, vendor)
+        prof = resolve_target(target, vendor)
         check_new_dir(output, overwrite)
-        path = export_package(model, output, scheme=scheme, target=target, method=method, vendor=vendor,
+        static = _static_options(prof, context_length, prefill_window, soc)
+        path = export_package(model, output, scheme=scheme, target=target, static=static, method=method, vendor=vendor,
                               verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
                               fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
                               merge_method=merge_method, merge_calibration=merge_calibration,
@@ -72,6 +78,8 @@ def register(app: typer.Typer) -> None:
                        f"top-1 {p['top1_agreement']:.1%}, max abs diff {p['max_abs_diff']:.3g} (logits up to {p['logit_scale']:.3g})")
         for a in m.get("adapters") or []:
             typer.echo(_describe_adapter(a))
+        for line in _describe_npu(m):
+            typer.echo(line)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         typer.echo(f"wrote {path} ({size / 1e6:.1f} MB)")
 
@@ -114,6 +122,51 @@ def register(app: typer.Typer) -> None:
             typer.echo(_describe_adapter(a))
         if not m.get("adapters"):
             typer.echo("no adapters")
+
+
+def _static_options(prof, context_length: Optional[int], window: Optional[int], soc: Optional[str]):
+    """The qnn target's static shapes from the CLI flags (None: the model's defaults); the flags are refused
+    for targets without static graphs."""
+    from edge_recover.errors import require
+
+    given = [f for f, v in (("--context-length", context_length), ("--prefill-window", window), ("--soc", soc))
+             if v is not None]
+    if not prof.static_graphs:
+        require(not given, f"{', '.join(given)} apply to static NPU graphs (`--target qnn` or `--target npu "
+                           f"--vendor qualcomm`), not target {prof.name!r}; drop them")
+        return None
+    if not given:
+        return None
+    from edge_recover.qnn import resolve_soc
+
+    from .static_graph import StaticOptions
+
+    soc_name = resolve_soc(soc).name  # an unknown SoC is refused here, before the model loads
+    return StaticOptions(context_length=context_length or 0, window=window or 0, soc=soc_name)
+
+
+def _describe_npu(m: dict) -> list[str]:
+    """What the package was verified on: provider, backend, SoC, nodes on the NPU, parity vs the CPU EP."""
+    st = m.get("static")
+    if isinstance(st, dict) and st.get("verified"):
+        v = st["verified"]
+        soc = v["soc"]
+        lines = [f"static graphs: context {st['context_length']}, prefill window {st['window']}; verified on "
+                 f"{v['provider']} ({v['backend']}), SoC {soc['name']} ({soc['marketing']}, soc_model "
+                 f"{soc['soc_model']}, htp_arch v{soc['htp_arch']}), CPU fallback disabled: "
+                 f"{v['nodes_on_npu_pct']:.0f} % of nodes on the NPU"]
+        for role, g in v["graphs"].items():
+            p = g["parity_vs_cpu"]
+            lines.append(f"  {role}: {g['graph_nodes']} nodes, compiled in {g['compile_seconds']:.1f} s, one step "
+                         f"{g['emulator_step_seconds']:.2f} s (emulator time, not NPU speed); vs the CPU EP max abs "
+                         f"diff {p['max_abs_diff']:.3g} (logits up to {p['logit_scale']:.3g}), top-1 "
+                         f"{p['top1_agreement']:.0%}")
+        for role, ctx in (v.get("contexts") or {}).items():
+            lines.append(f"  {role} EPContext: {ctx['file']} + {', '.join(ctx['binaries'])} "
+                         f"({ctx['binary_bytes'] / 1e6:.1f} MB), reloads in {ctx['load_seconds']:.2f} s")
+        return lines
+    note = m.get("npu_verification")
+    return [note] if note else []
 
 
 def _read_text(path: Optional[Path]) -> Optional[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,10 @@ def preflight(rewritten: dict, target_name: str, opts: "StaticOptions | None", c
     from edge_recover.qnn import register_qnn
 
     check_layers(rewritten, target_name)
-    opts = opts or default_static(config)
+    default = default_static(config)
+    opts = opts or default
+    c = opts.context_length or default.context_length
+    opts = replace(opts, context_length=c, window=opts.window or min(64, c))
     opts.check(int(config.max_position_embeddings))
     require(opts.context_length <= MAX_CONTEXT,
             f"`--context-length` {opts.context_length} exceeds {MAX_CONTEXT}, the longest the qnn target accepts; "

@@ -51,8 +51,8 @@ class StaticOptions:
         32
     """
 
-    context_length: int = 256   # C: KV cache slots = the longest prompt + answer
-    window: int = 64            # W: prompt tokens per prefill step
+    context_length: int = 0     # C: KV cache slots = the longest prompt + answer (0: the model's default)
+    window: int = 0             # W: prompt tokens per prefill step (0: the default, min(64, C))
     mask_value: float = -1.0e4  # the additive mask of a masked key (finite in fp16)
     soc: str = "SM8650"         # the SoC the HTP graphs are verified and compiled for
     compile_contexts: bool = True  # write EPContext models (ep.context_enable) into the package
