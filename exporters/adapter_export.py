@@ -49,18 +49,21 @@ def plan_adapter(adapter: str | Path, mode: str, name: str | None, target: Targe
     return AdapterPlan(mode, name, data, Sidecar(data, dtype) if dtype else None)
 
 
-def quantize_for(lm, plan: AdapterPlan) -> None:
-    """Quantize a full-precision `lm` in place the way the adapter's run did (scheme, method, calibration)."""
+def quantize_for(lm, plan: AdapterPlan) -> tuple[dict, str] | None:
+    """Quantize a full-precision `lm` in place the way the adapter's run did (scheme, method, calibration);
+    returns (scheme JSON, method) of that quantization, or None when `lm` was quantized already."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
     from edge_recover.scheme import Scheme
 
     if quantized_layers(lm.model):
-        return
+        return None
     meta = plan.data.meta
     cal = meta.get("calibration") or {}
-    quantize_loaded(lm, Scheme.from_json(meta["scheme"]), method=meta["method"],
+    scheme = Scheme.from_json(meta["scheme"])
+    quantize_loaded(lm, scheme, method=meta["method"],
                     calibration=int(cal.get("samples", 32)), seed=int(cal.get("seed", 0)), progress=False)
+    return scheme.to_json(), meta["method"]
 
 
 def bind_base(lm, plan: AdapterPlan, scheme_json: dict) -> None:

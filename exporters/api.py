@@ -33,13 +33,13 @@ from edge_recover.versions import library_versions, tool_version
 from .targets import TargetProfile, resolve_target
 
 
-def _load(model: "str | Path | LoadedModel") -> LoadedModel:
+def _load(model: "str | Path | LoadedModel", base=None) -> LoadedModel:
     if isinstance(model, LoadedModel):
         check_architecture(model.model.config)
         return model
     from edge_recover.pipeline import resolve_model
 
-    return resolve_model(model)
+    return resolve_model(model, base=base)
 
 
 def _ensure_quantized(lm: LoadedModel, scheme, target: TargetProfile, method: str, calibration: int,
@@ -142,11 +142,13 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
                    low_memory: bool | None = None, adapter: str | Path | None = None, adapter_mode: str = "sidecar",
                    adapter_name: str | None = None, merge_method: str | None = None,
                    merge_calibration: int | None = None, eval_text: str | None = None,
-                   kv_dtype: str = "float32", share_embedding: bool = True, static=None) -> Path:
+                   kv_dtype: str = "float32", share_embedding: bool = True, static=None,
+                   base: "str | Path | LoadedModel | None" = None) -> Path:
     """Export `model` as a package folder at `output` for `target`; returns the folder.
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
-    in place when it is not yet). A full-precision model is quantized under `scheme` with the target's
+    in place when it is not yet). `base` is the source model of a slim checkpoint (`quantize --slim`) when
+    its recorded source path is not on this machine. A full-precision model is quantized under `scheme` with the target's
     preferred block size (or `block_size`: one size, or per bit width as {2: 128} / "4:64,2:128"); a quantized
     one keeps its integers and is refused if the target cannot take its blocks. With `verify`, ORT CPU logits are compared with torch and the export fails
     when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py). `low_memory`
@@ -191,10 +193,9 @@ def export_package(model: "str | Path | LoadedModel", output: str | Path, scheme
     plan = adapter_export.plan_adapter(adapter, adapter_mode, adapter_name, prof) if adapter is not None else None
     out = check_new_dir(output, overwrite)
     t0 = time.time()
-    lm = _load(model)
-    if plan is not None:
-        adapter_export.quantize_for(lm, plan)
-    scheme_json, method_used = _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
+    lm = _load(model, base)
+    quantized_as = adapter_export.quantize_for(lm, plan) if plan is not None else None  # the adapter's scheme
+    scheme_json, method_used = quantized_as or _ensure_quantized(lm, scheme, prof, method, calibration, block_size)
     if low_memory is None:
         from edge_recover.apply import quantized_layers
 

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         merge_method: Optional[str] = typer.Option(None, help="with merge: re-quantize with rtn, mse or gptq (default: the adapter's method)"),
         merge_calibration: Optional[int] = typer.Option(None, help="with merge: samples for the mse/gptq Hessians"),
         eval_text: Optional[Path] = typer.Option(None, help="with merge: UTF-8 text for the survival figures (default: built-in prompts)"),
+        base: Optional[str] = typer.Option(None, help="source model of a slim checkpoint (`quantize --slim`): HF folder, "
+                                                      ".gguf file or `smollm2`, when its recorded path is not here"),
     ) -> None:
         """Export a model to an ONNX package (MatMulNBits with the quantizer's integers) for a target."""
         from edge_recover.atomic import check_new_dir
@@ -59,7 +61,8 @@ def register(app: typer.Typer) -> None:
                               verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
                               fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
                               merge_method=merge_method, merge_calibration=merge_calibration,
-                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype, share_embedding=share_embedding)
+                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype, share_embedding=share_embedding,
+                              base=base)
         m = read_package_manifest(path)
         bits: dict[str, int] = {}
         for layer in m["layers"].values():

@@ -34,6 +34,15 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
+def _verify_hashes(packages: List[Path]) -> None:
+    """sha256 of every file of each edge-recover package (folders with a manifest) against its file table."""
+    from edge_recover.contract import MANIFEST, check_files, read_manifest
+
+    for p in packages:
+        if (Path(p) / MANIFEST).is_file():  # an onnxruntime-genai builder folder has none to check against
+            check_files(p, read_manifest(p), hashes=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the `edge-recover` app."""
 
@@ -55,9 +64,14 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, help="side-car adapter of the package to activate (see `edge-recover adapter list`)"),
         session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE (repeatable), "
                                                           "e.g. mlas.use_lut_gemm=1"),
+        verify_hashes: bool = typer.Option(False, help="check every package file's sha256 against the manifest "
+                                                       "first (sizes are always checked)"),
     ) -> None:
         """Generate text from a package, streaming tokens to stdout; timings go to stderr."""
         from .sampling import Sampling
+
+        if verify_hashes:
+            _verify_hashes([package])
 
         sampling = Sampling(temperature, top_k, top_p, seed)
         if engine == "genai":
@@ -108,9 +122,14 @@ def register(app: typer.Typer) -> None:
         session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE for every "
                                                           "package (repeatable), e.g. mlas.use_lut_gemm=1"),
         overwrite: bool = typer.Option(False, help="replace an existing report folder"),
+        verify_hashes: bool = typer.Option(False, help="check every package file's sha256 against its manifest "
+                                                       "first (sizes are always checked)"),
     ) -> None:
         """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share; write a report folder."""
         from edge_recover.atomic import check_new_dir
+
+        if verify_hashes:
+            _verify_hashes(packages)
 
         from .profiler import ProfileSettings, profile_packages
 

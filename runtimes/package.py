@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_recover.contract import (CONFIG_FILE, MODEL_FILE, PACKAGE_KIND, check_files,  # noqa: F401
-                                   kv_share_buffer, read_manifest)
+from edge_recover.contract import (CONFIG_FILE, MODEL_FILE, PACKAGE_KIND, check_external_data,  # noqa: F401
+                                   check_files, kv_share_buffer, read_manifest)
 from edge_recover.errors import EdgeRecoverError
 
 __all__ = ["Package", "GraphStats", "open_package", "graph_stats", "folder_size"]
@@ -110,12 +110,14 @@ def open_package(path: str | Path, verify_hashes: bool = False) -> Package:
     p = Path(path).expanduser()
     manifest = read_manifest(p)
     check_files(p, manifest, hashes=verify_hashes)
+    model_file = p / manifest.get("model_file", MODEL_FILE)
+    if manifest.get("files") is None:  # an older package: at least its data file must hold every tensor
+        check_external_data(model_file)
     if not (p / CONFIG_FILE).is_file():
         raise EdgeRecoverError(f"package {str(p)!r} lacks {CONFIG_FILE}; re-export it")
     config = _read_json(p / CONFIG_FILE, "config")
     gen_path = p / "generation_config.json"
     generation = _read_json(gen_path, "generation config") if gen_path.is_file() else {}
-    model_file = p / manifest.get("model_file", MODEL_FILE)
     return Package(p, manifest, config, generation, graph_stats(model_file), name=p.name)
 
 

@@ -1,5 +1,6 @@
-"""`python -m edge_recover` runs the CLI."""
+"""`python -m edge_recover` runs the CLI, the same as the `edge-recover` script."""
 
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import require
+from .errors import EdgeRecoverError, require
 from .qlinear import QuantLinear
 from .quantizer import quantize_weight, sqnr_db
 from .scheme import KEEP, QuantConfig, Scheme
@@ -42,15 +42,16 @@ class QuantReport:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2)
 
-    def summary_rows(self) -> list[tuple[str, int, float]]:
-        """(config, layer count, mean SQNR dB) per distinct config, for a short table."""
+    def summary_rows(self) -> list[tuple[str, int, float | None]]:
+        """(config, layer count, mean SQNR dB) per distinct config, for a short table; the SQNR is None for
+        kept layers (no quantization error to measure)."""
         groups: dict[str, list[LayerReport]] = {}
         for layer in self.layers:
             groups.setdefault(layer.config, []).append(layer)
         rows = []
         for cfg, layers in groups.items():
             vals = [lr.sqnr_db for lr in layers if lr.sqnr_db is not None]
-            rows.append((cfg, len(layers), sum(vals) / len(vals) if vals else float("nan")))
+            rows.append((cfg, len(layers), sum(vals) / len(vals) if vals else None))
         return rows
 
 
@@ -83,6 +84,13 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
     layers = linear_layers(model)
     require(bool(layers), "the model has no nn.Linear layers to quantize")
     scheme.check_matches(layers)
+    if method == "gptq":  # refused before minutes of work, naming the layer (not after, deep in the quantizer)
+        missing = [n for n, m in layers.items() if scheme.resolve(n) != KEEP and not isinstance(m, QuantLinear)
+                   and (hessians is None or n not in hessians)]
+        if missing:
+            raise EdgeRecoverError(f"`gptq` needs the input Hessian of every layer it quantizes; none for "
+                                   f"{missing[0]!r} ({len(missing)} layers): calibrate them (pipeline.calibrate "
+                                   f"with the scheme) or use method `mse`")
     report = QuantReport(scheme=scheme.to_json(), method=method)
     items = list(layers.items())
     iterator = items

@@ -12,6 +12,8 @@ layer-by-layer pass would be needed; that is future work.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -41,8 +43,10 @@ def teacher_samples(model, tokenizer, n: int = 16, seq_len: int = 128, seed: int
 
 
 @torch.no_grad()
-def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """H = E[x x^T] [K, K] over all tokens of `windows` for the input of every nn.Linear, keyed by layer name.
+def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                   layers: "Iterable[str] | None" = None) -> dict[str, torch.Tensor]:
+    """H = E[x x^T] [K, K] over all tokens of `windows` for the input of every nn.Linear (the lm_head
+    included), or only of those named in `layers`, keyed by layer name.
 
     Example:
         >>> hs = input_hessians(model, teacher_samples(model, tok, n=8))  # doctest: +SKIP
@@ -59,8 +63,9 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 
+    wanted = None if layers is None else set(layers)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
+        if isinstance(m, nn.Linear) and (wanted is None or name in wanted):
             hooks.append(m.register_forward_pre_hook(hook(name)))
     device = next(model.parameters()).device
     try:

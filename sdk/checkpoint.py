@@ -124,6 +124,7 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
     if manifest.get("kept_weights") == "from_source":
         tensors.update(_kept_from_base(p, manifest, base))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     for name, meta in manifest["layers"].items():
         cfg = QuantConfig.from_json({k: meta[k] for k in ("bits", "block_size", "symmetric")})
         n, k = meta["shape"]
@@ -143,7 +144,8 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in qnames and not (config.tie_word_embeddings and m == "lm_head.weight")]
     require(not unexpected and not missing,
             f"{str(p)!r}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and head not in qnames:
+        # a quantized head keeps its own integers; tying would put the float embedding back in its weight
         model.tie_weights()
     model.eval()
     tok = AutoTokenizer.from_pretrained(p)
@@ -160,7 +162,7 @@ def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]
                 f"pass the source model (`--base MODEL`)")
         base = manifest["source"]
     if not isinstance(base, LoadedModel):
-        base = resolve_model(base)
+        base = resolve_model(base)  # a spec: `smollm2`, a HF folder or a .gguf file
     require(base.source_hash == manifest["source_hash"],
             f"{str(path)!r} was quantized from another model ({manifest['source_hash'][:19]}; `base` is "
             f"{base.source_hash[:19]}); pass the model it was made from")

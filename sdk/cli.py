@@ -70,6 +70,28 @@ def quantize(
     typer.echo(f"wrote {output}")
 
 
+@app.command()
+def verify(package: Path = typer.Argument(..., help="package folder written by `edge-recover export`")) -> None:
+    """Check a package: every file's size and sha256 against the manifest, and the graph's MatMulNBits
+    nodes against its layers (bits, block size, shape). A bad file is one line naming it, exit 2."""
+    from .contract import check_external_data, check_files, check_graph, read_manifest
+
+    manifest = read_manifest(package)
+    extra = check_files(package, manifest, hashes=True)
+    files = manifest.get("files")
+    if files is None:
+        check_external_data(package / manifest.get("model_file", "model.onnx"))
+    layers = check_graph(package, manifest)
+    if files is None:
+        typer.echo(f"{package}: no file table (an older package): sizes and hashes not checked; the graph holds the "
+                   f"{layers} quantized layers of the manifest")
+        return
+    size = sum(f["size"] for f in files.values())
+    typer.echo(f"{package}: ok: {len(files)} files ({size / 1e6:.1f} MB) match their sizes and sha256; the graph "
+               f"holds the {layers} quantized layers of the manifest"
+               + (f"; not in the manifest (unchecked): {', '.join(extra)}" if extra else ""))
+
+
 def _print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -78,7 +100,7 @@ def _print_report(report) -> None:
     for col in ("layers", "config", "mean SQNR dB"):
         table.add_column(col)
     for cfg, count, sqnr in report.summary_rows():
-        table.add_row(str(count), cfg, f"{sqnr:.2f}")
+        table.add_row(str(count), cfg, "- (kept)" if sqnr is None else f"{sqnr:.2f}")
     console = Console()
     console.print(table)
     console.print(f"linear weights: {report.bytes_before / 1e6:.1f} MB (fp16) -> {report.bytes_after / 1e6:.1f} MB "
@@ -106,13 +128,23 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         _echo_err("interrupted; nothing half-written was kept")
         sys.exit(130)
-    except Exception as exc:  # click usage errors (typer >= 0.20 vendors click as typer._click)
-        try:
-            from click.exceptions import ClickException
-        except ImportError:
-            from typer._click.exceptions import ClickException
-
-        if isinstance(exc, ClickException):
+    except Exception as exc:  # click usage errors: typer >= 0.20 vendors click as typer._click, older typer uses click
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """ClickException of the vendored click and of a separately installed one (either may be absent)."""
+    found = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(name).ClickException)
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+if __name__ == "__main__":  # `python -m edge_recover.cli` (`python -m edge_recover` is __main__.py)
+    main()

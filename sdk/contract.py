@@ -35,7 +35,7 @@ from .versions import PACKAGE_FORMAT_VERSION
 
 __all__ = ["PACKAGE_KIND", "PACKAGE_FORMAT_VERSION", "MODEL_FILE", "DATA_FILE", "MANIFEST", "CONFIG_FILE",
            "KV_DTYPES", "file_sha256", "file_table", "write_manifest", "read_manifest", "check_files",
-           "check_graph", "kv_share_buffer"]
+           "check_graph", "check_external_data", "kv_share_buffer"]
 
 PACKAGE_KIND = "edge-recover-package"
 MODEL_FILE = "model.onnx"
@@ -184,6 +184,31 @@ def check_graph(path: str | Path, manifest: dict) -> int:
                     f"package {str(p)!r}: layer {name!r} node {node.name!r} has {key}={attrs.get(key)}, the manifest "
                     f"says {value}; the graph does not match the manifest, re-export the package")
     return len(layers)
+
+
+def check_external_data(model_file: str | Path) -> None:
+    """Refuse an ONNX file whose external tensors do not lie inside their data files (a truncated or missing
+    `model.onnx.data`): the check a package without a file table still gets. Reads no weights."""
+    import onnx
+
+    model_file = Path(model_file)
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception as exc:  # protobuf raises DecodeError and others for a damaged file
+        raise EdgeRecoverError(f"package file {str(model_file)!r} is not a readable ONNX model "
+                               f"({type(exc).__name__}); re-export the package") from None
+    sizes: dict[str, int] = {}
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        f = model_file.parent / info.get("location", "")
+        if f.name not in sizes:
+            require(f.is_file(), f"package file {str(f)!r} is missing; the package is incomplete, re-export it")
+            sizes[f.name] = f.stat().st_size
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        require(end <= sizes[f.name], f"package file {str(f)!r} has {sizes[f.name]} bytes but tensor "
+                                      f"{init.name!r} ends at byte {end}; it is truncated: re-export the package")
 
 
 def kv_share_buffer(graph) -> bool:

@@ -127,6 +127,9 @@ def load_model(path: str | Path, dtype=None, base=None) -> LoadedModel:
     """
     p = Path(path).expanduser()
     require(p.exists(), f"model path {str(p)!r} does not exist; run `edge-recover fetch smollm2` or pass a HF folder / .gguf file")
+    require(base is None or (p / QUANTIZED_MARKER).is_file(),
+            f"`--base` is the source model of a slim quantized checkpoint, but {str(p)!r} is not a quantized "
+            f"checkpoint; drop --base")
     if p.is_file():
         require(p.suffix == ".gguf", f"model file {str(p)!r} is not a .gguf file; pass a .gguf file or a HF model folder")
         model, tok = _load_hf(p.parent, gguf_file=p.name, dtype=dtype)

