@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from edge_recover.contract import PROVIDER_KERNELS
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.scheme import QuantConfig
 
@@ -110,23 +111,29 @@ class TargetProfile:
                 + (f"; side-car LoRA {self.sidecar_dtype}" if self.sidecar_dtype else "; no side-car LoRA"))
 
 
+def _kernels(ep: str) -> dict:
+    """native_bits and block_sizes of `ep` from the package contract's one provider table."""
+    k = PROVIDER_KERNELS[ep]
+    return {"native_bits": k.bits, "block_sizes": k.block_sizes}
+
+
 TARGETS: dict[str, TargetProfile] = {
     "cpu": TargetProfile(
         "cpu", "CPUExecutionProvider", "x86/ARM CPU: 2/4/8-bit native (ORT >= 1.24)",
-        native_bits=(2, 4, 8), block_sizes=ALL_BLOCKS, preferred_block_size=64, accuracy_level=4,
+        **_kernels("CPUExecutionProvider"), preferred_block_size=64, accuracy_level=4,
         activation_dtype="float32", contrib_ops=("MatMulNBits",) + CPU_FUSED_OPS, fuse=True,
         source="FACTS.md: 2-bit bs32 is slower than 4-bit; bs64/bs128 2-bit beat 4-bit; accuracy_level 0 is a slow path",
         sidecar_dtype="float32", sidecar_note="measured here: ORT CPU EP, LoraAdapter + add_active_adapter",
     ),
     "dml": TargetProfile(
         "dml", "DmlExecutionProvider", "DirectML (Windows GPUs/NPUs): 4/8-bit only, dequantize + GEMM",
-        native_bits=(4, 8), block_sizes=(16, 32, 64, 128), preferred_block_size=32, accuracy_level=0,
+        **_kernels("DmlExecutionProvider"), preferred_block_size=32, accuracy_level=0,
         activation_dtype="float16", source="FACTS.md: DirectML EP MatMulNBits is 4/8-bit",
         sidecar_dtype="float16", sidecar_note="fp16 LoRA MatMuls; graph inputs work on any EP (not run here: Windows only)",
     ),
     "qnn": TargetProfile(
         "qnn", "QNNExecutionProvider", "Qualcomm Hexagon NPU (QNN HTP)",
-        native_bits=(2, 4), block_sizes=(32, 64, 128), preferred_block_size=64, accuracy_level=0,
+        **_kernels("QNNExecutionProvider"), preferred_block_size=64, accuracy_level=0,
         activation_dtype="float16", static_graphs=True,
         source="measured on the HTP emulator (onnxruntime-qnn 2.7.0): 2/4-bit MatMulNBits, blocks 32/64/128, "
                "K a whole number of blocks; static shapes only (exporters/static_graph.py)",
@@ -135,13 +142,13 @@ TARGETS: dict[str, TargetProfile] = {
     ),
     "openvino": TargetProfile(
         "openvino", "OpenVINOExecutionProvider", "Intel CPU/GPU/NPU through OpenVINO (2 -> u2, 4 -> u4, 8 -> u8)",
-        native_bits=(2, 4, 8), block_sizes=(16, 32, 64, 128, 256), preferred_block_size=64, accuracy_level=0,
+        **_kernels("OpenVINOExecutionProvider"), preferred_block_size=64, accuracy_level=0,
         activation_dtype="float16", source="FACTS.md: the OpenVINO EP maps 2-bit to u2 and 4-bit to u4",
         sidecar_dtype="float16", sidecar_note="fp16 LoRA MatMuls as plain ONNX ops (not run on the OpenVINO EP here)",
     ),
     "vitisai": TargetProfile(
         "vitisai", "VitisAIExecutionProvider", "AMD Ryzen AI NPU: 4-bit, 2-bit codes in 4-bit containers",
-        native_bits=(4,), block_sizes=(32, 64, 128), preferred_block_size=128, accuracy_level=0,
+        **_kernels("VitisAIExecutionProvider"), preferred_block_size=128, accuracy_level=0,
         activation_dtype="bfloat16", source="FACTS.md: no evidence of 2-bit on VitisAI; Ryzen AI LLM flow uses int4 g128",
         sidecar_note="the Ryzen AI NPU flow compiles a static graph; no evidence that it takes weights as "
                      "run-time inputs",

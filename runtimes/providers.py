@@ -6,8 +6,9 @@ An adapter is a frozen `ProviderSpec`; `PROVIDERS` maps the short names the CLI 
 package to install. Falling back to the CPU provider happens only when the caller asks for it
 (`fallback=True`), and the returned `ProviderChoice` says that it happened and why.
 
-Trade-off: the EP-specific knowledge stays in this one table (options, the MatMulNBits bit widths each EP
-runs natively); the session and generation code never branch on the provider.
+Trade-off: the EP-specific knowledge stays in this one table (options, pip packages); the MatMulNBits bit
+widths each EP runs natively come from the package contract's `PROVIDER_KERNELS`, the table the exporter's
+targets read too. The session and generation code never branch on the provider.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from edge_recover.contract import PROVIDER_KERNELS
 from edge_recover.errors import EdgeRecoverError
 
 __all__ = ["ProviderSpec", "ProviderChoice", "PROVIDERS", "installed_providers", "resolve_provider",
@@ -36,21 +38,25 @@ class ProviderSpec:
     options: Mapping[str, str] = field(default_factory=dict)           # provider options (defaults)
     session_config: Mapping[str, str] = field(default_factory=dict)    # SessionOptions config entries
     sequential: bool = False               # needs ORT_SEQUENTIAL execution and no memory pattern (DirectML)
-    native_bits: tuple[int, ...] = (2, 4, 8)  # MatMulNBits bit widths this EP runs natively
     note: str = ""
+
+    @property
+    def native_bits(self) -> tuple[int, ...]:
+        """MatMulNBits bit widths this EP runs natively (the package contract's one provider table)."""
+        return PROVIDER_KERNELS[self.ep].bits
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
     "cpu": ProviderSpec("cpu", "CPUExecutionProvider", "onnxruntime",
                         note="MatMulNBits 2/4/8-bit (2-bit since ORT 1.24); accuracy_level 4 = int8 activations"),
     "cuda": ProviderSpec("cuda", "CUDAExecutionProvider", "onnxruntime-gpu", {"device_id": "0"},
-                         native_bits=(4, 8), note="MatMulNBits 4/8-bit only: export with a target that stores "
-                                                  "2-bit codes in a 4-bit container"),
+                         note="MatMulNBits 4/8-bit only: export with a target that stores "
+                              "2-bit codes in a 4-bit container"),
     "dml": ProviderSpec("dml", "DmlExecutionProvider", "onnxruntime-directml (Windows only)", {"device_id": "0"},
-                        sequential=True, native_bits=(4, 8),
+                        sequential=True,
                         note="runs MatMulNBits as dequantize + GEMM, 4/8-bit only; needs sequential execution"),
     "qnn": ProviderSpec("qnn", "QNNExecutionProvider", "onnxruntime-qnn",
-                        native_bits=(2, 4), note="Qualcomm HTP (NPU), a plugin EP opened by edge_recover.qnn "
+                        note="Qualcomm HTP (NPU), a plugin EP opened by edge_recover.qnn "
                                                  "(HTP backend, fp16, CPU fallback disabled): static packages "
                                                  "of `export --target qnn` only; 2/4-bit MatMulNBits, blocks "
                                                  "32/64/128, K a whole number of blocks"),
@@ -58,10 +64,10 @@ PROVIDERS: dict[str, ProviderSpec] = {
                              "onnxruntime-openvino (replaces the onnxruntime module: use its own venv, "
                              "see runtimes/openvino_venv.sh)",
                              {"device_type": "CPU", "precision": "ACCURACY"},
-                             native_bits=(2, 4, 8), note="maps 2-bit to u2 and 4-bit to u4; device_type CPU/GPU/NPU"),
+                             note="maps 2-bit to u2 and 4-bit to u4; device_type CPU/GPU/NPU"),
     "vitisai": ProviderSpec("vitisai", "VitisAIExecutionProvider", "onnxruntime-vitisai (AMD Ryzen AI Software)",
-                            {"config_file": "vaip_config.json"}, native_bits=(4, 8),
-                            note="AMD Ryzen AI NPU; no evidence of 2-bit MatMulNBits"),
+                            {"config_file": "vaip_config.json"},
+                            note="AMD Ryzen AI NPU: 4-bit MatMulNBits (no evidence of 2- or 8-bit)"),
 }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_json_atomic
@@ -35,7 +36,7 @@ from .versions import PACKAGE_FORMAT_VERSION
 
 __all__ = ["PACKAGE_KIND", "PACKAGE_FORMAT_VERSION", "MODEL_FILE", "DATA_FILE", "MANIFEST", "CONFIG_FILE",
            "KV_DTYPES", "file_sha256", "file_table", "write_manifest", "read_manifest", "check_files",
-           "check_graph", "check_external_data", "kv_share_buffer"]
+           "check_graph", "check_external_data", "kv_share_buffer", "ProviderKernels", "PROVIDER_KERNELS"]
 
 PACKAGE_KIND = "edge-recover-package"
 MODEL_FILE = "model.onnx"
@@ -46,6 +47,29 @@ CONFIG_FILE = "config.json"
 KV_DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "int8": 1}
 
 _warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ProviderKernels:
+    """What one ONNX Runtime execution provider's MatMulNBits runs natively: bit widths and block sizes."""
+
+    bits: tuple[int, ...]
+    block_sizes: tuple[int, ...]
+    source: str
+
+
+_ALL_BLOCKS = (16, 32, 64, 128, 256)
+# The one table of what each provider runs (FACTS.md). exporters/targets.py builds its target profiles from
+# it and runtimes/providers.py refuses packages with it, so export and runtime cannot disagree.
+PROVIDER_KERNELS: dict[str, ProviderKernels] = {
+    "CPUExecutionProvider": ProviderKernels((2, 4, 8), _ALL_BLOCKS, "ORT >= 1.24 CPU EP: 2/4/8-bit (measured here)"),
+    "CUDAExecutionProvider": ProviderKernels((4, 8), _ALL_BLOCKS, "ORT CUDA EP: 4/8-bit only (not run here)"),
+    "DmlExecutionProvider": ProviderKernels((4, 8), (16, 32, 64, 128), "DirectML: 4/8-bit, dequantize + GEMM"),
+    "QNNExecutionProvider": ProviderKernels((2, 4), (32, 64, 128), "QNN HTP: 2/4-bit (onnxruntime-qnn emulator)"),
+    "OpenVINOExecutionProvider": ProviderKernels((2, 4, 8), _ALL_BLOCKS, "OpenVINO: 2 -> u2, 4 -> u4, 8 -> u8"),
+    "VitisAIExecutionProvider": ProviderKernels((4,), (32, 64, 128), "Ryzen AI NPU: int4 (g128 in its LLM flow); "
+                                                                     "no evidence of 2- or 8-bit MatMulNBits"),
+}
 
 
 def file_sha256(path: str | Path) -> str:
