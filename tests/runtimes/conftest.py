@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -39,11 +38,14 @@ def make_tiny_hf(path: Path, seed: int = 0) -> Path:
 
 
 def write_manifest(pkg: Path, source: Path, scheme=None, format_version: int = PACKAGE_FORMAT_VERSION) -> None:
-    """A manifest.json per docs/design.md (what the exporter writes), for an unquantized Optimum export."""
+    """A manifest.json per docs/design.md (what the exporter writes, file table included), for an unquantized
+    Optimum export."""
+    from edge_recover import contract
+
     manifest = {"format_version": format_version, "kind": "edge-recover-package", "scheme": scheme, "layers": {},
                 "target": "cpu", "source": str(source), "source_hash": "test", "tool_version": tool_version(),
                 "versions": library_versions(), "parity": {}, "adapters": []}
-    (pkg / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    contract.write_manifest(pkg, manifest)
 
 
 def make_fp32_package(hf: Path, out: Path) -> Path:
