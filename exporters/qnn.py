@@ -85,7 +85,10 @@ def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda
     c = opts.context_length
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab_size, size=opts.window)
-    cpu = {r: ort.InferenceSession(str(folder / f), providers=["CPUExecutionProvider"]) for r, f in GRAPH_FILES.items()}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the runtime: no fusions
+    cpu = {r: ort.InferenceSession(str(folder / f), so, providers=["CPUExecutionProvider"])
+           for r, f in GRAPH_FILES.items()}
     section = {"context_length": c, "window": opts.window, "mask_value": opts.mask_value,
                "graphs": {r: {"file": f, "window": windows[r], "nodes": nodes[r]} for r, f in GRAPH_FILES.items()},
                "data_file": "model.onnx.data", "weights_shared": sharing, "build_seconds": round(build_s, 2)}

@@ -20,7 +20,7 @@ model.onnx.data, whose weights they share with identical offsets (`write_static_
 
 The passes, each `(graph, options) -> graph` with its picture above it, in the order `STATIC_PASSES` runs them:
 rotary tables (cos/sin looked up, not computed in fp16 from large angles), fixed shapes, constant folding,
-a finite attention-mask value (fp16 has no -3.4e38: -inf rows become NaN on the HTP).
+a finite attention-mask value (fp16 has no -3.4e38), an RMS norm that squares x / max|x| (x² overflows fp16).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class StaticOptions:
     mask_value: float = -1.0e4  # the additive mask of a masked key (finite in fp16)
     soc: str = "SM8650"         # the SoC the HTP graphs are verified and compiled for
     compile_contexts: bool = True  # write EPContext models (ep.context_enable) into the package
+    numerics: tuple[str, ...] = ("rotary tables", "finite mask", "scale-safe RMS norm")  # fp16 fixes to apply
 
     def check(self, max_positions: int) -> None:
         """Refuse shapes the model or the target cannot take."""
@@ -222,13 +223,79 @@ def finite_mask(graph, opts: StaticOptions):
     return graph
 
 
+# ─── pass 5: a scale-safe RMS norm ────────────────────────────────────────────────────────────────────
+#
+#   x ─► Pow(2) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Div(x, ·) ─► Mul(weight)                    (before)
+#
+#   x ─► Abs ─► ReduceMax ─► Max(1e-3) = m
+#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add(eps / m²) ─► Sqrt ─► Div(u, ·) ─► Mul(weight)        (after)
+#
+# Exact in real numbers (x / rms(x) = u / rms(u)); in fp16 x² overflows at |x| > 256 (65504), which
+# residual streams of real models reach, while u² <= 1.
+def safe_rms_norm(graph, opts: StaticOptions):
+    """Rewrite each Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div(x, .) chain to square x / max|x|."""
+    from onnx import helper, numpy_helper
+
+    g = graph.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+
+    def only(name, op):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    added, done = [], 0
+    for pow_ in [n for n in g.node if n.op_type == "Pow"]:
+        exp = inits.get(pow_.input[1])
+        if exp is None or float(numpy_helper.to_array(exp).reshape(-1)[0]) != 2.0:
+            continue
+        mean = only(pow_.output[0], "ReduceMean")
+        add = mean and only(mean.output[0], "Add")
+        sqrt = add and only(add.output[0], "Sqrt")
+        div = sqrt and only(sqrt.output[0], "Div")
+        x = pow_.input[0]
+        if not div or div.input[0] != x:
+            continue
+        eps_name = next((i for i in add.input if i != mean.output[0]), None)
+        if eps_name not in inits:
+            continue
+        p = pow_.name.rsplit("/", 1)[0] + "/safe"
+        axes = [i for i in mean.input[1:] if i]
+        absx, m0, m, u, m2, eps_s = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "max2", "eps"))
+        g.initializer.append(numpy_helper.from_array(np.asarray(1e-3, np.float32), f"{p}/floor"))
+        reduce = (helper.make_node("ReduceMax", [absx, *axes], [m0], name=f"{p}/ReduceMax", keepdims=1) if axes else
+                  helper.make_node("ReduceMax", [absx], [m0], name=f"{p}/ReduceMax", keepdims=1,
+                                   axes=[a.ints for a in mean.attribute if a.name == "axes"][0]))
+        added.append((pow_, [helper.make_node("Abs", [x], [absx], name=f"{p}/Abs"), reduce,
+                             helper.make_node("Max", [m0, f"{p}/floor"], [m], name=f"{p}/Max"),
+                             helper.make_node("Div", [x, m], [u], name=f"{p}/Div"),
+                             helper.make_node("Mul", [m, m], [m2], name=f"{p}/Mul"),
+                             helper.make_node("Div", [eps_name, m2], [eps_s], name=f"{p}/DivEps")]))
+        pow_.input[0] = u
+        div.input[0] = u
+        add.input[list(add.input).index(eps_name)] = eps_s
+        done += 1
+    nodes = list(g.node)
+    for pow_, new in reversed(added):
+        at = nodes.index(pow_)
+        nodes[at:at] = new
+    del g.node[:]
+    g.node.extend(nodes)
+    return graph
+
+
 Pass = Callable[..., object]
+NUMERICS = ("rotary tables", "finite mask", "scale-safe RMS norm")  # the passes only fp16 needs (optional)
 # (name, pass, takes the window); run in this order by `static_graph`
 STATIC_PASSES: tuple[tuple[str, Pass, bool], ...] = (
     ("rotary tables", rotary_tables, False),
     ("fixed shapes", fix_shapes, True),
     ("constant folding", fold_constants, False),
     ("finite mask", finite_mask, False),
+    ("scale-safe RMS norm", safe_rms_norm, False),
 )
 
 
@@ -241,7 +308,9 @@ def static_graph(dynamic_model: str | Path, opts: StaticOptions, window: int):
     import onnx
 
     graph = onnx.load(str(dynamic_model))
-    for _, fn, windowed in STATIC_PASSES:
+    for name, fn, windowed in STATIC_PASSES:
+        if name in NUMERICS and name not in opts.numerics:
+            continue
         graph = fn(graph, opts, window) if windowed else fn(graph, opts)
     return graph
 
