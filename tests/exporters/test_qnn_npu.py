@@ -152,6 +152,8 @@ def test_run_and_profile_cli_on_the_htp(npu_pkg, tmp_path):
     res = cli("run", pkg, "--provider", "qnn", "-p", "the quick brown fox", "--max-new-tokens", "4")
     assert res.exit_code == 0, res.output
     assert "on qnn (prefill_ctx.onnx, decode_ctx.onnx on the HTP for SM8650" in res.output
+    res = cli("run", pkg, "--provider", "cpu", "-p", "the quick brown fox", "--max-new-tokens", "4")
+    assert res.exit_code == 0 and "on cpu (portable static graphs; static context 40" in res.output, res.output
     res = cli("profile", pkg, "--provider", "qnn", "--prompt-lengths", "20", "--new-tokens", "4",
               "--repeats", "1", "--warmup", "0", "-o", tmp_path / "prof")
     assert res.exit_code == 0, res.output
@@ -214,3 +216,12 @@ def test_prompt_longer_than_the_context(npu_pkg, tmp_path):
     res = cli("run", pkg, "--provider", "qnn", "-p", "to be or not to be " * 20)
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "context" in lines[0], res.output
+
+
+def test_npu_without_vendor_says_it_is_not_verified(tiny_hf, tmp_path):
+    out = tmp_path / "pkg"
+    res = cli("export", tiny_hf, "-o", out, "--target", "npu", "--method", "rtn", "--calibration", "0")
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["name"] == "vitisai" and "static" not in m
+    assert m["npu_verification"].startswith("not verified on an NPU") and "not verified on an NPU" in res.output
