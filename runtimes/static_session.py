@@ -17,7 +17,7 @@ refused before any step.
 Providers: `qnn` opens the package's EPContext models (compiled for the SoC in the manifest; no compile at
 load) or, without them, compiles the portable graphs; in both cases with the CPU fallback disabled, so
 every node is on the HTP (on x86, Qualcomm's emulator). `cpu` runs the same static graphs on the CPU EP:
-the reference a test compares the HTP with.
+the reference a test compares the HTP with; `openvino` runs them on the OpenVINO EP (its own venv).
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ class StaticCausalLM:
         if key in ("qnn", "qnnexecutionprovider"):
             self.choice = ProviderChoice("qnn", resolve_provider_spec("qnn"), dict(provider_options or {}))
             self.sessions, self.loaded_from = self._open_qnn(provider_options, use_contexts, session_config)
-        elif key in ("cpu", "cpuexecutionprovider"):
-            self.choice = resolve_provider("cpu")
-            self.sessions, self.loaded_from = self._open_cpu(session_config), "portable static graphs"
+        elif key in ("cpu", "cpuexecutionprovider", "openvino", "openvinoexecutionprovider"):
+            self.choice = resolve_provider(key, provider_options)  # openvino: its own venv (openvino_venv.sh)
+            self.sessions = self._open_ort(self.choice.providers_arg(), session_config)
+            self.loaded_from = "portable static graphs"
         else:
-            raise EdgeRecoverError(f"static packages run on `--provider qnn` or `cpu`, not {provider!r}")
+            raise EdgeRecoverError(f"static packages run on `--provider qnn`, `cpu` or `openvino`, not {provider!r}")
         self._c = int(st["context_length"])
         self._w = {role: int(g["window"]) for role, g in st["graphs"].items()}
         dec = self.sessions["decode"]
@@ -89,7 +90,7 @@ class StaticCausalLM:
         self._present = {n: "present." + n[len("past_key_values."):] for n in self._kv}
         self.adapter = None
 
-    def _open_cpu(self, session_config):
+    def _open_ort(self, providers: list, session_config):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -100,8 +101,13 @@ class StaticCausalLM:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         for k, v in (session_config or {}).items():
             so.add_session_config_entry(str(k), str(v))
-        return {role: ort.InferenceSession(str(self.package.path / g["file"]), so, providers=["CPUExecutionProvider"])
-                for role, g in self.static["graphs"].items()}
+        sessions = {role: ort.InferenceSession(str(self.package.path / g["file"]), so, providers=providers)
+                    for role, g in self.static["graphs"].items()}
+        for s in sessions.values():
+            if s.get_providers()[0] != self.choice.spec.ep:
+                raise EdgeRecoverError(f"onnxruntime did not enable {self.choice.spec.ep} (got "
+                                       f"{', '.join(s.get_providers())})")
+        return sessions
 
     def _open_qnn(self, provider_options, use_contexts: bool, session_config):
         from edge_recover.qnn import open_htp_session, resolve_soc

@@ -176,12 +176,12 @@ def open_htp_session(model, soc: Soc, provider_options: Optional[Mapping[str, st
                            f"({(why or error)[:400]}{'; ' + '; '.join(reasons)[:300] if reasons else ''})")
 
 
-def placement(session, feeds: Mapping) -> dict:
+def placement(session, feeds: Mapping) -> tuple[dict, list]:
     """Run `session` (opened with a profile prefix) once on `feeds`; count profiled kernels per EP.
 
-    Returns {"kernels": {ep: n}, "npu_share": share of kernels on QNN}. With the CPU fallback disabled a
-    session exists only when QNN took every node; this is the measured confirmation of that."""
-    session.run(None, dict(feeds))
+    Returns ({"kernels": {ep: n}, "npu_share": share of kernels on QNN}, the run's outputs). With the CPU
+    fallback disabled a session exists only when QNN took every node; this is the measured confirmation."""
+    outputs = session.run(None, dict(feeds))
     path = Path(session.end_profiling())
     try:
         events = json.loads(path.read_text())
@@ -190,4 +190,4 @@ def placement(session, feeds: Mapping) -> dict:
     kernels = Counter(e["args"].get("provider", "?") for e in events
                       if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"))
     total = sum(kernels.values())
-    return {"kernels": dict(kernels), "npu_share": (kernels.get(QNN_EP, 0) / total) if total else 0.0}
+    return {"kernels": dict(kernels), "npu_share": (kernels.get(QNN_EP, 0) / total) if total else 0.0}, outputs
