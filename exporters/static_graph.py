@@ -204,6 +204,12 @@ def fold_constants(graph, opts: StaticOptions):
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         folded = onnx.load(str(dst))  # external data read in
     folded.ir_version = graph.ir_version
+    for node in folded.graph.node:  # ORT 1.31 writes its schema default weight_prepacked=0, which older
+        keep = [a for a in node.attribute  # onnxruntime builds (a device's, OpenVINO's 1.24) refuse
+                if not (a.name == "weight_prepacked" and a.type == onnx.AttributeProto.INT and a.i == 0)]
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
     return folded
 
 

@@ -225,3 +225,38 @@ def test_npu_without_vendor_says_it_is_not_verified(tiny_hf, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["target"]["name"] == "vitisai" and "static" not in m
     assert m["npu_verification"].startswith("not verified on an NPU") and "not verified on an NPU" in res.output
+
+
+@pytest.mark.slow
+def test_the_same_static_graphs_on_openvino(npu_pkg):
+    """OpenVINO's CPU device (its own venv, runtimes/openvino_venv.sh, created if missing) runs the static
+    graphs with the CPU EP's greedy tokens, the MatMulNBits inside OpenVINO."""
+    import subprocess
+    from pathlib import Path
+
+    from edge_recover.runtimes.profiler import PackageEntry, Worker
+
+    repo = Path(__file__).resolve().parents[2]
+    python = repo / ".venv-openvino" / "bin" / "python"
+    if not python.exists():
+        subprocess.run(["bash", str(repo / "runtimes" / "openvino_venv.sh")], check=True, timeout=1500)
+    pkg, _ = npu_pkg
+    prompt, tokens = _prompt(W + 5), {}
+    for provider, py in (("cpu", sys.executable), ("openvino", str(python))):
+        w = Worker(PackageEntry(str(pkg), python=py))
+        try:
+            info = w.ask(op="load", package=str(pkg), provider=provider, threads=1)
+            assert info["session_providers"][0] == {"cpu": "CPUExecutionProvider",
+                                                    "openvino": "OpenVINOExecutionProvider"}[provider]
+            tokens[provider] = w.ask(op="run", ids=prompt, new_tokens=16)["ids"]
+        finally:
+            w.close()
+    assert len(tokens["cpu"]) == 16 and tokens["openvino"] == tokens["cpu"]
+    probe = ("import onnxruntime as ort, sys; so = ort.SessionOptions(); so.log_severity_level = 0; "
+             "ort.InferenceSession(sys.argv[1], so, providers=[('OpenVINOExecutionProvider', "
+             "{'device_type': 'CPU', 'precision': 'ACCURACY'})])")
+    log = subprocess.run([str(python), "-c", probe, str(pkg / "decode.onnx")], capture_output=True, text=True,
+                         timeout=600).stderr
+    assert "Node(s) placed on [OpenVINOExecutionProvider]" in log
+    cpu_part = log.split("Node(s) placed on [CPUExecutionProvider]")[-1] if "placed on [CPUExecutionProvider]" in log else ""
+    assert "MatMulNBits" not in cpu_part.split("VerifyEachNodeIsAssignedToAnEp] Some nodes")[0]
