@@ -75,8 +75,10 @@ class StaticCausalLM:
         self.threads = int(threads or os.cpu_count() or 1)
         key = provider.lower().strip()
         if key in ("qnn", "qnnexecutionprovider"):
-            self.choice = ProviderChoice("qnn", resolve_provider_spec("qnn"), dict(provider_options or {}))
             self.sessions, self.loaded_from = self._open_qnn(provider_options, use_contexts, session_config)
+            backend = "HTP emulator (x86)" if "emulator" in self.loaded_from else "HTP"
+            self.choice = ProviderChoice("qnn", resolve_provider_spec("qnn"),
+                                         {**dict(provider_options or {}), "backend": backend})
         elif key in ("cpu", "cpuexecutionprovider", "openvino", "openvinoexecutionprovider"):
             self.choice = resolve_provider(key, provider_options)  # openvino: its own venv (openvino_venv.sh)
             self.sessions = self._open_ort(self.choice.providers_arg(), session_config)
@@ -124,7 +126,10 @@ class StaticCausalLM:
                 raise EdgeRecoverError(f"package {str(self.package.path)!r} lacks {path.name}; re-export it")
             sessions[role] = open_htp_session(path, soc, opts, session_config)
             source.append(path.name)
-        return sessions, f"{', '.join(source)} on the HTP for {soc.name} (CPU fallback disabled)"
+        import platform
+
+        where = " (x86: Qualcomm's HTP emulator, times are not NPU speed)" if platform.machine() in ("x86_64", "AMD64") else ""
+        return sessions, f"{', '.join(source)} on the HTP for {soc.name}{where} (CPU fallback disabled)"
 
     @property
     def context_length(self) -> int:

@@ -151,7 +151,7 @@ def test_run_and_profile_cli_on_the_htp(npu_pkg, tmp_path):
     pkg, _ = npu_pkg
     res = cli("run", pkg, "--provider", "qnn", "-p", "the quick brown fox", "--max-new-tokens", "4")
     assert res.exit_code == 0, res.output
-    assert "on qnn (prefill_ctx.onnx, decode_ctx.onnx on the HTP for SM8650" in res.output
+    assert "on qnn (prefill_ctx.onnx, decode_ctx.onnx on the HTP for SM8650 (x86: Qualcomm's HTP emulator" in res.output
     res = cli("run", pkg, "--provider", "cpu", "-p", "the quick brown fox", "--max-new-tokens", "4")
     assert res.exit_code == 0 and "on cpu (portable static graphs; static context 40" in res.output, res.output
     res = cli("profile", pkg, "--provider", "qnn", "--prompt-lengths", "20", "--new-tokens", "4",
