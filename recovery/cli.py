@@ -64,7 +64,8 @@ def recover_cmd(
 
 
 def eval_cmd(
-    model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
+    model: Optional[str] = typer.Argument(None, help="full-precision teacher: HF folder, .gguf file, or `smollm2` "
+                                                     "(leave out with `--package`)"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: Hamlet + Macbeth, held out)"),
     scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
@@ -74,9 +75,26 @@ def eval_cmd(
     max_windows: Optional[int] = typer.Option(None, help="score at most this many windows"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    tasks: Optional[str] = typer.Option(None, help="score multiple-choice tasks instead of perplexity: names, JSON "
+                                                   "files or `default`, comma-separated (docs/eval.md)"),
+    limit: Optional[int] = typer.Option(None, help="--tasks: at most this many examples per task (a fixed subset)"),
+    package: Optional[Path] = typer.Option(None, help="--tasks: score this package through ONNX Runtime instead"),
+    provider: str = typer.Option("cpu", help="--package: execution provider (cpu, dml, qnn, openvino, ...)"),
+    report: Optional[Path] = typer.Option(None, help="--tasks: write report.json, report.md, accuracy.png to this new folder"),
 ) -> None:
-    """Perplexity, cross-entropy, KL and top-1 agreement vs the teacher; with an adapter, the recovery share."""
+    """Perplexity, cross-entropy, KL and top-1 agreement vs the teacher; with an adapter, the recovery share.
+    With `--tasks`: multiple-choice accuracy per task (fp, quantized, recovered; or one `--package`)."""
+    from edge_recover.errors import require
     from edge_recover.scheme import load_scheme
+
+    if tasks is not None or package is not None:
+        from .task_eval_cli import eval_tasks_cmd
+
+        eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit,
+                       scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
+                       method=method, device=device, report=report, json_out=json_out, echo=typer.echo)
+        return
+    require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`)")
 
     from .evaluation import evaluate_recovery
 

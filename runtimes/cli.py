@@ -45,6 +45,9 @@ def _verify_hashes(packages: List[Path]) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the `edge-recover` app."""
+    from edge_recover.tasks_score import register_backend
+
+    register_backend("package", "edge_recover.runtimes.task_eval:PackageLoglikelihood")  # `eval --package`
 
     @app.command()
     def run(

@@ -33,11 +33,34 @@ from .errors import EdgeRecoverError
 from .tasks import Task
 
 __all__ = ["LogLikelihood", "TaskResult", "score_task", "score_tasks", "encode_pair", "mean_stderr",
-           "recovery_share", "recovery_table", "reach"]
+           "recovery_share", "recovery_table", "reach", "register_backend", "open_backend"]
 
 # (context, continuation) pairs -> one (log p(continuation | context), continuation is the greedy pick) each
 LogLikelihood = Callable[[Sequence[tuple[str, str]]], Sequence[tuple[float, bool]]]
 REACH = 0.8  # the paper's bar: a task "recovers" when its recovery share reaches 80 %
+# Backends of later stages, by name -> "module:callable" (imported only when opened), so that the CLI of an
+# earlier stage (recovery/cli.py's `eval --package`) can reach the runtime's backend without importing it.
+_BACKENDS: dict[str, str] = {}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register a backend factory `target` ("package.module:Callable", returning a `LogLikelihood`) as `name`.
+
+    Example:
+        >>> register_backend("package", "edge_recover.runtimes.task_eval:PackageLoglikelihood")
+    """
+    _BACKENDS[name] = target
+
+
+def open_backend(name: str, *args, **kwargs) -> LogLikelihood:
+    """Open the registered backend `name` with the factory's arguments."""
+    import importlib
+
+    if name not in _BACKENDS:
+        raise EdgeRecoverError(f"no `{name}` scoring backend is registered; install edge-recover with its runtimes "
+                               "(edge_recover.runtimes) to score packages")
+    module, attr = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), attr)(*args, **kwargs)
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
