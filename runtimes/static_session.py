@@ -218,7 +218,7 @@ def open_causal_lm(package, provider: str = "cpu", threads: Optional[int] = None
         return StaticCausalLM(pkg, provider, threads, provider_options, session_config=session_config)
     from .session import OrtCausalLM
 
-    if provider.lower().strip() in ("qnn", "qnnexecutionprovider"):
-        raise EdgeRecoverError(f"package {str(pkg.path)!r} has dynamic shapes, which the QNN HTP refuses; "
-                               f"export it with `--target qnn` for `--provider qnn`")
+    if provider.lower().strip() in ("qnn", "qnnexecutionprovider") and not fallback:
+        raise EdgeRecoverError(f"package {str(pkg.path)!r} has dynamic shapes, which the QNN HTP (onnxruntime-qnn) "
+                               f"refuses; export it with `--target qnn` for `--provider qnn`, or pass --fallback-cpu")
     return OrtCausalLM(pkg, provider, threads, provider_options, fallback, io_binding, session_config=session_config)
