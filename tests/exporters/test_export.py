@@ -77,9 +77,9 @@ def test_block_size_per_bit_width_reaches_the_graph(tmp_path):
 def test_block_size_the_target_cannot_take_is_refused_before_quantizing(tmp_path):
     from edge_recover.errors import EdgeRecoverError
 
-    with pytest.raises(EdgeRecoverError, match="2-bit blocks of 128 are not taken by target 'qnn'"):
+    with pytest.raises(EdgeRecoverError, match="2-bit blocks of 256 are not taken by target 'qnn'"):
         export_package(make_loaded("qwen3"), tmp_path / "pkg", scheme="w4w2gateup", target="qnn", method="rtn",
-                       calibration=0, block_size="2:128")
+                       calibration=0, block_size="2:256")
     assert not (tmp_path / "pkg").exists()
 
 
