@@ -107,7 +107,14 @@ def _print_report(report) -> None:
                   f"({report.bytes_before / max(report.bytes_after, 1):.2f}x smaller)")
 
 
+_registered: list[str] = []
+
+
 def _register_parts() -> None:
+    """Add the parts' commands once (main() may run several times in one process, as in tests)."""
+    if _registered:
+        return
+    _registered.append("done")
     for name in _PARTS:
         try:
             module = importlib.import_module(name)

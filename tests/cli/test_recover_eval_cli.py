@@ -1,0 +1,48 @@
+"""`edge-recover recover` and `edge-recover eval` as the README and docs/recovery.md show them (CPU smoke
+sizes: a few steps, so what is checked is the plumbing, not the recovery)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli.conftest import ADAPTER_HF_ARGS, cli, ok, one_line_error, recover_mode_args
+
+
+def test_recover_writes_an_adapter_for_the_checkpoint(adapter, q_gptq):
+    meta = json.loads((adapter / "edge_recover_adapter.json").read_text())
+    report = json.loads((adapter / "recovery_report.json").read_text())
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert meta["method"] == "gptq" and meta["scheme"]["name"] == "w4w2gateup+custom"
+    assert report["step"] >= 1 and report["kl_after"] > 0
+
+
+def test_recover_resume(hf, work, adapter_hf):
+    """`recover ... --resume`: refused without a checkpoint (one line); continues a run from its work folder
+    (here a finished one, so it ends where that run ended)."""
+    args = (*ADAPTER_HF_ARGS, *recover_mode_args())
+    one_line_error(cli("recover", hf, "-o", work / "a-none", "--resume", *args), "--resume")
+    first = json.loads((adapter_hf / "recovery_report.json").read_text())
+    again = ok("recover", hf, "-o", adapter_hf, "--resume", "--overwrite", *args)
+    report = json.loads((adapter_hf / "recovery_report.json").read_text())
+    assert report["step"] == first["step"] and f"{report['kl_after']:.4f}" in again.stdout
+
+
+def test_eval_quantized_with_adapter(hf, q_gptq, adapter, text_file, work):
+    """`eval MODEL --quantized Q --adapter A --json OUT` (docs/recovery.md)."""
+    out = work / "eval.json"
+    r = ok("eval", hf, "--quantized", q_gptq, "--adapter", adapter, "--text", text_file, "--seq-len", "32",
+           "--max-windows", "2", "--device", "cpu", "--json", out)
+    figs = json.loads(out.read_text())
+    assert "recovered" in r.stdout and "recovery:" in r.stdout
+    assert figs["ppl_quant"] > 0 and figs["ppl_recovered"] > 0 and "recovery_pct" in figs
+
+
+def test_eval_scheme_with_adapter(hf, adapter_hf, text_file, work):
+    """`eval MODEL --scheme SCHEME --adapter A --text FILE` (README): MODEL quantized as A's run did. The
+    scheme is A's, as a JSON file: `recover` quantizes with its own block sizes, which a scheme name alone
+    does not say."""
+    scheme = work / "adapter-scheme.json"
+    scheme.write_text(json.dumps(json.loads((adapter_hf / "edge_recover_adapter.json").read_text())["scheme"]))
+    r = ok("eval", hf, "--scheme", scheme, "--adapter", adapter_hf, "--text", text_file, "--seq-len", "32",
+           "--max-windows", "1", "--device", "cpu")
+    assert "recovered" in r.stdout and "quantized" in r.stdout
