@@ -234,10 +234,11 @@ def finite_mask(graph, opts: StaticOptions):
 #   x ─► Pow(2) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Div(x, ·) ─► Mul(weight)                    (before)
 #
 #   x ─► Abs ─► ReduceMax ─► Max(1e-3) = m
-#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add(eps / m²) ─► Sqrt ─► Div(u, ·) ─► Mul(weight)        (after)
+#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add(eps / m²) ─► Sqrt ─► Mul(m) ─► Div(x, ·) ─► Mul(weight)  (after)
 #
-# Exact in real numbers (x / rms(x) = u / rms(u)); in fp16 x² overflows at |x| > 256 (65504), which
-# residual streams of real models reach, while u² <= 1.
+# Exact in real numbers (rms(x) = m · rms(u)); in fp16 x² overflows at |x| > 256 (65504), which residual
+# streams of real models reach (SmolLM2: 800 by layer 3, 1e4 later), while u² <= 1. Only the mean sees u:
+# small elements of u = x / 1e4 would be fp16 subnormals, so the division keeps x itself.
 def safe_rms_norm(graph, opts: StaticOptions):
     """Rewrite each Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div(x, .) chain to square x / max|x|."""
     from onnx import helper, numpy_helper
@@ -270,7 +271,7 @@ def safe_rms_norm(graph, opts: StaticOptions):
             continue
         p = pow_.name.rsplit("/", 1)[0] + "/safe"
         axes = [i for i in mean.input[1:] if i]
-        absx, m0, m, u, m2, eps_s = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "max2", "eps"))
+        absx, m0, m, u, m2, eps_s, rms = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "max2", "eps", "rms"))
         g.initializer.append(numpy_helper.from_array(np.asarray(1e-3, np.float32), f"{p}/floor"))
         reduce = (helper.make_node("ReduceMax", [absx, *axes], [m0], name=f"{p}/ReduceMax", keepdims=1) if axes else
                   helper.make_node("ReduceMax", [absx], [m0], name=f"{p}/ReduceMax", keepdims=1,
@@ -280,13 +281,14 @@ def safe_rms_norm(graph, opts: StaticOptions):
                              helper.make_node("Div", [x, m], [u], name=f"{p}/Div"),
                              helper.make_node("Mul", [m, m], [m2], name=f"{p}/Mul"),
                              helper.make_node("Div", [eps_name, m2], [eps_s], name=f"{p}/DivEps")]))
+        added.append((div, [helper.make_node("Mul", [sqrt.output[0], m], [rms], name=f"{p}/MulRms")]))
         pow_.input[0] = u
-        div.input[0] = u
+        div.input[1] = rms
         add.input[list(add.input).index(eps_name)] = eps_s
         done += 1
     nodes = list(g.node)
-    for pow_, new in reversed(added):
-        at = nodes.index(pow_)
+    for before, new in added:  # each group right before the node that first reads it
+        at = nodes.index(before)
         nodes[at:at] = new
     del g.node[:]
     g.node.extend(nodes)
