@@ -247,8 +247,10 @@ def named_scheme(name: str) -> Scheme:
     return NAMED_SCHEMES[name]
 
 
-def parse_rule(text: str) -> Rule:
+def parse_rule(text: str, block_size: "BlockSizes | None" = None) -> Rule:
     """Parse a `--rule` option: `PATTERN=keep` or `PATTERN=BITS[:BLOCK][:sym]`.
+
+    A rule without BLOCK takes `block_size` (one size, or {bits: size}; the command's `--block-size`), else 32.
 
     Example:
         >>> parse_rule(r"down_proj$=2:64").config
@@ -261,9 +263,12 @@ def parse_rule(text: str) -> Rule:
     parts = target.split(":")
     try:
         bits = int(parts[0])
-        block = int(parts[1]) if len(parts) > 1 and parts[1] != "sym" else 32
+        block = int(parts[1]) if len(parts) > 1 and parts[1] != "sym" else None
     except ValueError:
         raise EdgeRecoverError(f"--rule {text!r}: bits and block size must be integers, e.g. 'down_proj$=4:64'") from None
+    if block is None:
+        default = block_size.get(bits) if isinstance(block_size, Mapping) else block_size
+        block = default or 32
     return Rule(pattern, QuantConfig(bits, block, symmetric="sym" in parts[1:]))
 
 
@@ -282,4 +287,4 @@ def load_scheme(spec: str, rules: Iterable[str] = (), block_size: "BlockSizes | 
         scheme = named_scheme(spec)
     if block_size is not None:
         scheme = scheme.with_block_size(block_size)
-    return scheme.with_rules(parse_rule(r) for r in rules)
+    return scheme.with_rules(parse_rule(r, block_size) for r in rules)

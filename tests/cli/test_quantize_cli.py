@@ -25,15 +25,17 @@ def test_gptq_with_a_quantized_head(q_gptq):
 @pytest.mark.parametrize("method", ["rtn", "mse"])
 def test_methods_and_rules(hf, work, method):
     """`--scheme w4 --rule 'down_proj$=8' --rule 'layers\\.0\\.=keep'` (README); the report's kept layers
-    print '-', not nan (issue 17, case 7)."""
+    print '-', not nan (issue 17, case 7); the rules take the command's --block-size."""
     out = work / f"q-{method}"
-    r = ok("quantize", hf, "--scheme", "w4", "--method", method, "--block-size", "32", "--calibration", "2",
+    r = ok("quantize", hf, "--scheme", "w4", "--method", method, "--block-size", "16", "--calibration", "2",
            "--rule", "down_proj$=8", "--rule", r"layers\.0\.=keep", "-o", out)
     assert "nan" not in r.stdout and "- (kept)" in r.stdout and f"wrote {out}" in r.stdout
     layers = _report(out)["layers"]
     # rules are tried in order, the first regex that matches wins: layer 0's down_proj is 8-bit, the rest kept
     assert [n for n in layers if n.startswith("model.layers.0.")] == ["model.layers.0.mlp.down_proj"]
     assert "lm_head" not in layers and layers["model.layers.1.mlp.down_proj"]["bits"] == 8
+    # a rule without its own block size takes the command's --block-size
+    assert {v["block_size"] for v in layers.values()} == {16}
     assert layers["model.layers.1.mlp.gate_proj"]["bits"] == 4
 
 
