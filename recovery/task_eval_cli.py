@@ -16,19 +16,20 @@ from edge_recover.errors import require
 __all__ = ["eval_tasks_cmd", "format_table"]
 
 
-def _cell(r: dict) -> str:
-    se = "" if math.isnan(r["acc_stderr"]) else f"±{100 * r['acc_stderr']:.1f}"
-    return f"{100 * r['acc']:.1f}{se}"
+def _cell(r: dict, key: str) -> str:
+    se = "" if math.isnan(r[f"{key}_stderr"]) else f"±{100 * r[f'{key}_stderr']:.1f}"
+    return f"{100 * r[key]:.1f}{se}"
 
 
 def format_table(data: dict) -> list[str]:
-    """Plain-text lines: accuracy ± s.e. per task and model, then the recovery shares."""
+    """Plain-text lines: each task's headline metric ± s.e. per model, then the recovery shares."""
     models, tasks = data["models"], data["tasks"]
     width = max([len(t["name"]) for t in tasks] + [8]) + 2
-    lines = [f"{'task':<{width}}{'n':>6}{'chance':>8}" + "".join(f"{m['label']:>16}" for m in models)]
+    lines = [f"{'task':<{width}}{'metric':>9}{'n':>6}{'chance':>8}" + "".join(f"{m['label']:>16}" for m in models)]
     for i, t in enumerate(tasks):
-        lines.append(f"{t['name']:<{width}}{t['examples']:>6}{100 * t['chance']:>8.1f}"
-                     + "".join(f"{_cell(m['results'][i]):>16}" for m in models))
+        key = t.get("metric", "acc")
+        lines.append(f"{t['name']:<{width}}{key:>9}{t['examples']:>6}{100 * t['chance']:>8.1f}"
+                     + "".join(f"{_cell(m['results'][i], key):>16}" for m in models))
     for rec in data.get("recovery", []):
         shares = ", ".join(f"{row['task']} " + ("no gap" if math.isnan(row["share"]) else f"{100 * row['share']:.0f} %")
                            for row in rec["rows"])

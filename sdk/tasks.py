@@ -33,9 +33,10 @@ from .atomic import atomic_dir
 from .errors import EdgeRecoverError
 
 __all__ = ["Example", "Task", "load_task_file", "resolve_task", "resolve_tasks", "fetch_bigbench", "tasks_dir",
-           "BIGBENCH_TASKS", "DEFAULT_SUITE", "TASK_FORMAT"]
+           "BIGBENCH_TASKS", "DEFAULT_SUITE", "DEFAULT_METRICS", "TASK_FORMAT", "METRICS"]
 
 TASK_FORMAT, TASK_FORMAT_VERSION = "edge-recover-task", 1
+METRICS = ("acc", "acc_norm")
 BIGBENCH = {"package": "bigbench==1.0.0", "pip": "pip==25.3", "dir": "bigbench"}
 # BIG-bench multiple-choice tasks in English with short contexts (mean input under ~1,000 characters) and
 # task.json files under 2 MB: the candidates measured for the default suite (docs/eval.md).
@@ -52,6 +53,8 @@ BIGBENCH_TASKS = (
 # The default suite: BIG-bench tasks on which SmolLM2-135M's fp model is clearly above chance
 # (measured: docs/eval.md, "The default suite").
 DEFAULT_SUITE = ("metaphor_boolean", "presuppositions_as_nli", "date_understanding", "physics")
+# Each suite task's headline metric, chosen on the fp model in the same measurement (the other is reported too).
+DEFAULT_METRICS = {name: "acc" for name in DEFAULT_SUITE}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Task:
     examples: tuple[Example, ...]
     source: str
     description: str = ""
+    metric: str = "acc"  # the task's headline metric (`acc` or `acc_norm`): what recovery shares are taken of
 
     @property
     def chance(self) -> float:
@@ -129,7 +133,10 @@ def _ours(data: dict, path: Path) -> Task:
                              f"in 0..{len(choices) - 1}")
         out.append(Example(context, tuple(delimiter + c for c in choices), tuple(sorted(set(gold)))))
     name = data.get("name") or path.stem
-    return Task(str(name), tuple(out), str(path), str(data.get("description", "")))
+    metric = data.get("metric", "acc")
+    if metric not in METRICS:
+        raise _bad(path, f"has `metric` {metric!r}; use one of {', '.join(METRICS)}")
+    return Task(str(name), tuple(out), str(path), str(data.get("description", "")), metric)
 
 
 def _bigbench(data: dict, path: Path, name: str) -> Task:
@@ -165,7 +172,7 @@ def _bigbench(data: dict, path: Path, name: str) -> Task:
         choices = tuple(values)
         out.append(Example(task_prefix + inp_prefix + text + out_prefix, choices,
                            tuple(j for j, c in enumerate(choices) if values[c] == best)))
-    return Task(name, tuple(out), str(path), str(data.get("description", "")))
+    return Task(name, tuple(out), str(path), str(data.get("description", "")), DEFAULT_METRICS.get(name, "acc"))
 
 
 def load_task_file(path: str | Path, name: str | None = None) -> Task:

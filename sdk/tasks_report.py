@@ -39,14 +39,14 @@ def task_report(tasks: Sequence[Task], models: Sequence[dict], recoveries: Seque
     by_label = {m["label"]: [TaskResult.from_json(r) for r in m["results"]] for m in models}
     rec = []
     for f, q, r in recoveries:
-        rows = recovery_table(by_label[f], by_label[q], by_label[r])
+        rows = recovery_table(by_label[f], by_label[q], by_label[r], [t.metric for t in tasks])
         rec.append({"fp": f, "quantized": q, "recovered": r, "rows": rows, "reach": reach(rows), "bar": REACH})
     return {"kind": "edge-recover-task-eval", "format_version": 1,
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "settings": {"acc_norm": "log-prob / characters of the choice (leading whitespace not counted)",
                          "shots": 0, **(settings or {})},
-            "tasks": [{"name": t.name, "examples": len(t.examples), "chance": t.chance, "source": t.source}
-                      for t in tasks],
+            "tasks": [{"name": t.name, "examples": len(t.examples), "chance": t.chance, "source": t.source,
+                       "metric": t.metric} for t in tasks],
             "models": list(models), "recovery": rec}
 
 
@@ -68,28 +68,33 @@ def render_markdown(data: dict) -> str:
              f"{st['acc_norm']}."
              + (f" At most {st['limit']} examples per task (a fixed random subset)." if st.get("limit") else ""), ""]
     lines += [f"- `{m['label']}`: {m['what']}" for m in models]
-    lines += ["", "| task | n | chance | " + " | ".join(m["label"] for m in models) + " |",
-              "| --- | ---: | ---: | " + " | ".join("---:" for _ in models) + " |"]
+    lines += ["", "Each task in its headline metric (`metric`; both metrics are in report.json and below):", "",
+              "| task | metric | n | chance | " + " | ".join(m["label"] for m in models) + " |",
+              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in models) + " |"]
     for i, t in enumerate(tasks):
-        cells = [_acc(m["results"][i]) for m in models]
-        lines.append(f"| {t['name']} | {t['examples']} | {_pct(t['chance'])} | " + " | ".join(cells) + " |")
-    means = [sum(m["results"][i]["acc"] for i in range(len(tasks))) / max(len(tasks), 1) for m in models]
-    lines.append("| **mean** | | " + _pct(sum(t["chance"] for t in tasks) / max(len(tasks), 1)) + " | "
+        metric = t.get("metric", "acc")
+        cells = [_acc(m["results"][i], metric) for m in models]
+        lines.append(f"| {t['name']} | {metric} | {t['examples']} | {_pct(t['chance'])} | " + " | ".join(cells) + " |")
+    means = [sum(m["results"][i][t.get("metric", "acc")] for i, t in enumerate(tasks)) / max(len(tasks), 1)
+             for m in models]
+    lines.append("| **mean** | | | " + _pct(sum(t["chance"] for t in tasks) / max(len(tasks), 1)) + " | "
                  + " | ".join(f"**{_pct(x)}**" for x in means) + " |")
-    lines += ["", "acc_norm:", "", "| task | " + " | ".join(m["label"] for m in models) + " |",
-              "| --- | " + " | ".join("---:" for _ in models) + " |"]
-    for i, t in enumerate(tasks):
-        lines.append(f"| {t['name']} | " + " | ".join(_acc(m["results"][i], "acc_norm") for m in models) + " |")
+    for key in ("acc", "acc_norm"):
+        lines += ["", f"`{key}`:", "", "| task | " + " | ".join(m["label"] for m in models) + " |",
+                  "| --- | " + " | ".join("---:" for _ in models) + " |"]
+        for i, t in enumerate(tasks):
+            lines.append(f"| {t['name']} | " + " | ".join(_acc(m["results"][i], key) for m in models) + " |")
     for rec in data.get("recovery", []):
         lines += ["", f"Recovery share of `{rec['recovered']}` over `{rec['quantized']}` (against `{rec['fp']}`), "
                       f"(acc_recovered - acc_quantized) / (acc_fp - acc_quantized), ± paired-bootstrap standard "
                       f"error: **{rec['reach']} of {len(rec['rows'])} tasks reach {100 * rec['bar']:.0f} %**.", "",
-                  "| task | fp | quantized | recovered | recovery share % |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "| task | metric | fp | quantized | recovered | recovery share % |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
         for row in rec["rows"]:
             share = ("no gap" if math.isnan(row["share"]) else
                      f"{_pct(row['share'])} ± {_pct(row['share_stderr'])}")
-            lines.append(f"| {row['task']} | {_pct(row['fp'])} | {_pct(row['quantized'])} | {_pct(row['recovered'])} "
-                         f"| {share} |")
+            lines.append(f"| {row['task']} | {row.get('metric', 'acc')} | {_pct(row['fp'])} | {_pct(row['quantized'])} "
+                         f"| {_pct(row['recovered'])} | {share} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,13 +110,15 @@ def plot_report(data: dict, path: str | Path) -> None:
     x = np.arange(len(tasks))
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 4.2))
+    keys = [t.get("metric", "acc") for t in tasks]
     for j, m in enumerate(models):
-        acc = [100 * r["acc"] for r in m["results"]]
-        se = [0 if math.isnan(r["acc_stderr"]) else 100 * r["acc_stderr"] for r in m["results"]]
+        acc = [100 * r[k] for r, k in zip(m["results"], keys)]
+        se = [0 if math.isnan(r[f"{k}_stderr"]) else 100 * r[f"{k}_stderr"] for r, k in zip(m["results"], keys)]
         ax.bar(x - 0.4 + width * (j + 0.5), acc, width, yerr=se, capsize=2, label=m["label"])
     ax.scatter(x, [100 * t["chance"] for t in tasks], marker="_", s=900, color="black", zorder=3, label="chance")
-    ax.set_xticks(x, [t["name"] for t in tasks], rotation=20, ha="right")
-    ax.set_ylabel("accuracy % (± s.e.)")
+    ax.set_xticks(x, [t["name"] + ("\n(acc_norm)" if k == "acc_norm" else "") for t, k in zip(tasks, keys)],
+                  rotation=20, ha="right")
+    ax.set_ylabel("accuracy % (± s.e.), headline metric")
     ax.set_title("Zero-shot multiple-choice accuracy")
     ax.legend(fontsize=8, ncol=min(len(models) + 1, 4))
     fig.tight_layout()

@@ -206,20 +206,22 @@ def _bootstrap_share(fp: Sequence[int], q: Sequence[int], r: Sequence[int], roun
 
 
 def recovery_table(fp: Sequence[TaskResult], quantized: Sequence[TaskResult],
-                   recovered: Sequence[TaskResult], metric: str = "acc") -> list[dict]:
-    """Per task: the three accuracies and the recovery share with its paired-bootstrap standard error.
+                   recovered: Sequence[TaskResult], metrics: str | Sequence[str] = "acc") -> list[dict]:
+    """Per task: the three accuracies and the recovery share with its paired-bootstrap standard error, in
+    `metrics` (`acc` or `acc_norm`: one for all tasks, or one per task).
 
     Example:
         >>> rows = recovery_table(fp_results, q_results, r_results)  # doctest: +SKIP
         >>> rows[0]["share"], rows[0]["share_stderr"]  # doctest: +SKIP
     """
+    per_task = [metrics] * len(fp) if isinstance(metrics, str) else list(metrics)
     rows = []
-    per = "correct" if metric == "acc" else "correct_norm"
-    for f, q, r in zip(fp, quantized, recovered):
+    for f, q, r, metric in zip(fp, quantized, recovered, per_task):
         if not (f.task == q.task == r.task and f.examples == q.examples == r.examples):
             raise EdgeRecoverError(f"recovery needs the same examples for every model; got {f.task}/{q.task}/{r.task}")
+        per = "correct" if metric == "acc" else "correct_norm"
         a = [getattr(x, metric) for x in (f, q, r)]
-        rows.append({"task": f.task, "fp": a[0], "quantized": a[1], "recovered": a[2],
+        rows.append({"task": f.task, "metric": metric, "fp": a[0], "quantized": a[1], "recovered": a[2],
                      "share": recovery_share(*a),
                      "share_stderr": _bootstrap_share(getattr(f, per), getattr(q, per), getattr(r, per))})
     return rows
