@@ -1,7 +1,8 @@
 """Calibration without a corpus: the model's own samples, and per-channel activation importance.
 
 `teacher_samples` lets the full-precision model write text from random first tokens (no labels, no data
-set: the same idea recovery uses at scale). `input_hessians` runs those samples through the model and
+set: the same idea recovery uses at scale), through `sample_rows`, the one teacher sampler (a KV-cache
+loop; recovery's synthetic data set is the same loop with a temperature per row). `input_hessians` runs those samples through the model and
 records H = E[x x^T] over the inputs of every linear layer. GPTQ uses H itself; the `mse` quantizer uses
 its diagonal E[x_k^2] to weight each input channel's error, which turns weight error into an estimate of
 output error.
@@ -18,28 +19,68 @@ import torch
 from torch import nn
 
 
+def ordinary_token_pool(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ids a sample may start from: every token id below `vocab_size` that is not a special token."""
+    from .errors import require
+
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    n = min(len(tokenizer), vocab_size) if tokenizer is not None else vocab_size
+    pool = torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
+    require(pool.numel() > 0, "the tokenizer has no ordinary tokens to start samples from")
+    return pool
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits) [B, V] restricted to the top-p nucleus; returns [B]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the first token always stays
+        pick = torch.multinomial(sorted_p * keep, 1, generator=generator)
+        return order.gather(-1, pick).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_rows(model, first: torch.Tensor, seq_len: int, temperature: "torch.Tensor | float" = 1.0,
+                top_p: float = 0.95, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The teacher sampler: `model` continues each first token [B] to `seq_len` tokens; returns [B, seq_len].
+
+    A plain KV-cache loop (one forward per new token for the whole batch, no `generate()`), top-p sampling
+    at a per-row `temperature` ([B] or one float), no stop at EOS: every row is exactly `seq_len` long and
+    the batch never shrinks. Runs on the model's device; wrap it in autocast for bf16 on a GPU.
+
+    Example:
+        >>> rows = sample_rows(model, torch.tensor([17, 42]), seq_len=32)  # doctest: +SKIP
+    """
+    device = next(model.parameters()).device
+    ids = first.view(-1, 1).to(device)
+    inv_t = (1.0 / torch.as_tensor(temperature, dtype=torch.float32)).reshape(-1, 1).to(device)
+    generator = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+    rows = [ids]
+    step = model(input_ids=ids, use_cache=True)
+    for _ in range(seq_len - 1):
+        nxt = sample_top_p(step.logits[:, -1].float() * inv_t, top_p, generator).view(-1, 1)
+        rows.append(nxt)
+        step = model(input_ids=nxt, past_key_values=step.past_key_values, use_cache=True)
+    return torch.cat(rows, dim=1).cpu()
+
+
 @torch.no_grad()
 def teacher_samples(model, tokenizer, n: int = 16, seq_len: int = 128, seed: int = 0,
                     batch_size: int = 16, top_p: float = 0.95, temperature: float = 1.0) -> torch.Tensor:
-    """[n, seq_len] token ids sampled from `model`, each started from a random ordinary token.
+    """[n, seq_len] token ids sampled from `model` (`sample_rows`), each started from a random ordinary token.
 
     Example:
         >>> ids = teacher_samples(model, tok, n=4, seq_len=32)  # doctest: +SKIP
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    special = set(tokenizer.all_special_ids)
-    pool = torch.tensor([i for i in range(min(len(tokenizer), model.config.vocab_size)) if i not in special])
-    out = []
-    torch.manual_seed(seed)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        first = pool[torch.randint(len(pool), (b,), generator=gen)].view(b, 1).to(device)
-        seqs = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_p=top_p,
-                              temperature=temperature, top_k=0, max_length=seq_len, min_length=seq_len,
-                              pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
-        out.append(seqs[:, :seq_len].cpu())
-    return torch.cat(out)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    pool = ordinary_token_pool(tokenizer, model.config.vocab_size)
+    first = pool[torch.randint(len(pool), (n,), generator=cpu_gen)]
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    return torch.cat([sample_rows(model, first[i:i + batch_size], seq_len, temperature, top_p, dev_gen)
+                      for i in range(0, n, batch_size)])
 
 
 @torch.no_grad()
