@@ -3,53 +3,25 @@
     tiny HF folder ─► quantize (gptq, lm_head=4) ─► checkpoint Q ─► recover (LoRA, few steps) ─► adapter A
                    └► export (HF + A, side-car) ─► package S ─► adapter add ─► run / profile / verify
 
-`cli(...)` runs `edge_recover.cli.main` in this process with `sys.argv` set, so a command goes through the
-same error handling as the `edge-recover` script (an `EdgeRecoverError` is one line on stderr, exit 2)
-without paying a Python start-up per call. Each artefact is built once per test session.
+`cli(...)` (tests/fixtures/cli.py) runs `edge_recover.cli.main` in this process with `sys.argv` set, so
+a command goes through the same error handling as the `edge-recover` script (an `EdgeRecoverError` is one
+line on stderr, exit 2) without paying a Python start-up per call. Each artefact is built once per test session.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
+from tests.fixtures.cli import Result, run_cli
 
 
 def cli(*args, cwd: Path | None = None) -> Result:
     """Run `edge-recover ARGS` in this process; returns exit code, stdout and stderr."""
-    import os
-
-    from edge_recover.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = ["edge-recover", *map(str, args)]
-    code = 0
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(old_cwd)
-    return Result(code, out.getvalue(), err.getvalue())
+    return run_cli(*args, cwd=cwd)
 
 
 def ok(*args, cwd: Path | None = None) -> Result:
