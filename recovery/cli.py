@@ -1,5 +1,6 @@
 """`edge-recover recover` and `edge-recover eval`: thin wrappers over `distill.recover` and
-`evaluation.evaluate_recovery`. No torch import at module import time (the CLI must start fast)."""
+`evaluation.evaluate_recovery`. `recover` takes everything the benchmark needs (mode, block sizes, batch
+sizes, learning rates), so the documented recipe is the CLI's recipe. No torch import at module import time (the CLI must start fast)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,32 @@ def register(app: typer.Typer) -> None:
 
 def recover_cmd(
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
-    output: Path = typer.Option(..., "-o", "--output", help="adapter folder to create"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder to create: a quantized checkpoint (qat) or an adapter (lora)"),
+    mode: str = typer.Option("qat", help="`qat`: train the integers themselves (output a quantized checkpoint that "
+                                         "`export` packs as it is: no side-car, full speed); `lora`: Recover-LoRA adapter"),
     scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
-    method: str = typer.Option("gptq", help="quantizer method for the student (see `edge-recover quantize`)"),
+    block_size: Optional[str] = typer.Option(None, help="block size, one (64) or per bit width (4:64,2:128); default "
+                                                         "4:64,2:128, the CPU's fast layout (when quantizing here)"),
+    method: Optional[str] = typer.Option(None, help="quantizer of the start integers (default: rtn for qat, gptq for lora)"),
     calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
-    save_quantized: Optional[Path] = typer.Option(None, help="also write the student's quantized checkpoint here"),
+    save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here"),
     quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),
     samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
     seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
-    rank: int = typer.Option(32, help="LoRA rank"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank)"),
-    targets: str = typer.Option("low-bit", help="`low-bit` (the layers at the scheme's lowest bit width: gate/up for "
-                                                "w4w2gateup), `2bit`, `all` quantized layers, or regexes"),
-    init: str = typer.Option("activation", help="LoRA start: `zero` (PEFT's), `residual` (top-r SVD of the quantization "
-                                          "error) or `activation` (the same, weighted by the teacher's layer inputs)"),
+    gen_batch_size: int = typer.Option(512, help="sequences the teacher samples at once"),
+    rank: int = typer.Option(32, help="lora: LoRA rank"),
+    alpha: Optional[float] = typer.Option(None, help="lora: LoRA alpha (default: 2 x rank)"),
+    targets: str = typer.Option("low-bit", help="lora: `low-bit` (the layers at the scheme's lowest bit width: gate/up "
+                                                "for w4w2gateup), `2bit`, `all` quantized layers, or regexes"),
+    init: str = typer.Option("activation", help="lora: LoRA start: `zero` (PEFT's), `residual` (top-r SVD of the "
+                                                "quantization error) or `activation` (the same, weighted by the teacher's layer inputs)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
-    lr: float = typer.Option(3e-4, help="peak learning rate (warm-up, then cosine)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (warm-up, then cosine) of the LoRA tensors or the "
+                                                  "qat latents (default: 3e-4 lora, 3e-5 qat)"),
+    lr_scale: float = typer.Option(2e-3, help="qat: peak learning rate of the block log-scales"),
+    lr_norm: float = typer.Option(1e-4, help="qat: peak learning rate of the norm weights"),
+    train_norms: bool = typer.Option(True, help="qat: also train the norm weights (they ship as floats: no new bytes)"),
+    latent_units: str = typer.Option("weight", help="qat: latent in `weight` units or in quantization `step` units"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
@@ -44,22 +55,36 @@ def recover_cmd(
     checkpoint_every: int = typer.Option(200, help="optimizer steps between checkpoints"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ) -> None:
-    """Recover-LoRA: distil the full-precision teacher into LoRA adapters on the quantized student."""
+    """Recover the quantized model by distilling the full-precision teacher into it (qat: its integers; lora: an adapter)."""
     from edge_recover.atomic import check_new_dir
+    from edge_recover.errors import require
     from edge_recover.scheme import load_scheme
 
-    from .distill import RecoverConfig, recover
+    from .distill import DEFAULT_BLOCK_SIZES, RecoverConfig, recover
 
     check_new_dir(output, overwrite)
-    cfg = RecoverConfig(samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init, epochs=epochs,
-                        lr=lr, temperature=temperature, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-                        method=method, calibration=calibration, checkpoint_every=checkpoint_every)
-    result = recover(model, load_scheme(scheme) if scheme else None, output, cfg, work_dir=work_dir, device=device, resume=resume,
+    cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
+                        epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, train_norms=train_norms,
+                        latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
+                        grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
+                        gen_batch_size=gen_batch_size)
+    require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
+    require(not (block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; quantize it "
+                                            "with that block size, or leave `--quantized` out")
+    fast = ",".join(f"{b}:{n}" for b, n in DEFAULT_BLOCK_SIZES.items())
+    sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the fast layout
+    if scheme or block_size:  # a named scheme gets the fast layout too; a JSON file keeps its blocks unless told
+        named = scheme is None or not (scheme.endswith(".json") or Path(scheme).is_file())
+        sch = load_scheme(scheme or "w4w2gateup", block_size=block_size or (fast if named and not quantized else None))
+    result = recover(model, sch, output, cfg, work_dir=work_dir, device=device, resume=resume,
                      quantized=quantized, dataset=dataset, save_quantized_to=save_quantized,
                      overwrite=overwrite)
     r = result.report
     typer.echo(f"KL on held-out teacher samples: {r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token "
                f"({r['step']} steps, {r['seconds'] / 60:.1f} min)")
+    if r.get("codes_moved") is not None:
+        typer.echo(f"codes moved: {100 * r['codes_moved']:.1f} % (a quantized checkpoint: `edge-recover export "
+                   f"{output}` packs it as it is)")
     typer.echo(f"wrote {output}")
 
 

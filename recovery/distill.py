@@ -1,9 +1,15 @@
-"""Recover-LoRA distillation: train LoRA on the quantized student to match the teacher's next-token distributions.
+"""Recovery by distillation: train the quantized student to match the teacher's next-token distributions.
 
     teacher (full precision) ──samples──► dataset.safetensors [N, T]
                 │                               │ batches (seeded order per epoch)
                 ▼ logits (no grad, on the fly)  ▼
-          KL(teacher/τ ‖ student/τ)·τ²  ◄── student = QuantLinear integers (frozen) + LoRA A·B (trained)
+          KL(teacher/τ ‖ student/τ)·τ²  ◄── student, one of two modes:
+              qat  (default) the integers themselves, trained through the fake quantizer (qat.py); the output
+                   is a quantized checkpoint, exported as it is: no side-car, the speed of an unrecovered package
+              lora (the paper's Recover-LoRA) QuantLinear integers frozen + LoRA A·B trained; output an adapter
+
+`recover` runs four stages: the student's base integers (`_student_base`), the teacher's data
+(`_teacher_data`), the one training loop (`_train`, shared by both modes) and the mode's output.
 
 The loss is the token-level KL divergence over the full vocabulary, computed in fp32 from bf16-autocast
 logits. The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
@@ -17,9 +23,16 @@ permutation seeded by (seed, e), and LoRA dropout is off, so nothing random is l
 checkpoint (LoRA tensors + AdamW state + step, written atomically into WORK/checkpoint) is the full state,
 and `--resume` continues bit-for-bit on the same device (tests check this on the CPU).
 
+A diverging run (a non-finite loss or gradient, or a loss above `_EXPLODE` x the held-out KL it started
+at, plus one, for `_PATIENCE` steps in a row) stops with one line naming the step and the fix; it never
+overwrites the checkpoint: a checkpoint is written only once a later step's loss has shown its weights to
+be sound (the last one at the end of the run), so what is on disk is the last good state.
+
 Work folder (default OUTPUT.work): dataset.safetensors (reusable), checkpoint/, metrics.jsonl.
-Output folder (written all-or-nothing at the end): PEFT adapter_config.json + adapter_model.safetensors,
-edge_recover_adapter.json (base hash, scheme, method, integer hash), recovery_report.json, metrics.jsonl.
+Output folder (written all-or-nothing at the end), lora: PEFT adapter_config.json + adapter_model.safetensors,
+edge_recover_adapter.json (base hash, scheme, method, integer hash); qat: a quantized checkpoint
+(sdk/checkpoint.py: model.safetensors, edge_recover_quantized.json, config, tokenizer); both:
+recovery_report.json, metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -34,18 +47,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edge_recover.errors import require
-from edge_recover.scheme import Scheme, named_scheme
+from edge_recover.apply import quantized_layers
+from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.scheme import BlockSizes, Scheme, named_scheme
 
 from .data import SampleSettings, SyntheticDataset, generate_dataset, load_dataset, split_holdout
 from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_activations, init_lora_from_residual,
                       load_student_checkpoint, quant_hash, quantize_student, resolve_targets)
 
 REPORT_NAME = "recovery_report.json"
+MODES = ("qat", "lora")
+# The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64): what `recover`
+# quantizes with unless told otherwise, so that the recovered integers are the ones that ship.
+DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128}
+# A run has diverged when its loss is not finite, or stays above _EXPLODE x the starting held-out KL (+1)
+# for _PATIENCE steps in a row (one early spike is not divergence: on SmolLM2 a healthy warm-up touched 2.3x).
+_EXPLODE = 2.0
+_PATIENCE = 10
 # LoRA starts: PEFT's zero B; the top-r SVD of the weight error; the same weighted by the inputs' statistics.
 INITS = ("zero", "residual", "activation")
 # Fields that do not change the training trajectory: they may differ between a run and its resume.
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
+# Defaults per mode where they differ: (qat, lora).
+_MODE_DEFAULTS = {"method": ("rtn", "gptq"), "lr": (3e-5, 3e-4)}
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,7 @@ class RecoverConfig:
         4
     """
 
+    mode: str = "qat"  # one of MODES
     samples: int = 10_000
     seq_len: int = 256
     rank: int = 32
@@ -64,7 +89,11 @@ class RecoverConfig:
     init: str = "activation"  # one of INITS (student.init_lora_from_residual / init_lora_from_activations)
     targets: str = "low-bit"  # the layers at the scheme's lowest bit width (gate/up for w4w2gateup)
     epochs: int = 2
-    lr: float = 3e-4
+    lr: float | None = None  # peak LR (LoRA tensors, or QAT latents); None: the mode's default (_MODE_DEFAULTS)
+    lr_scale: float = 2e-3  # qat: peak LR of the log-scales
+    lr_norm: float = 1e-4  # qat: peak LR of the norm weights
+    train_norms: bool = True  # qat: also train the norm weights (they ship as floats)
+    latent_units: str = "weight"  # qat: `weight` or `step` (sdk/fakequant.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0
@@ -73,7 +102,7 @@ class RecoverConfig:
     seed: int = 0
     batch_size: int = 16
     grad_accum: int = 1
-    method: str = "gptq"
+    method: str | None = None  # quantizer of the start integers; None: the mode's default (rtn for qat, gptq for lora)
     calibration: int = 32
     top_p: float = 0.95
     temperature_min: float = 0.8
@@ -86,6 +115,13 @@ class RecoverConfig:
     eval_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        require(self.mode in MODES, f"`--mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name, (qat, lora) in _MODE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, qat if self.mode == "qat" else lora)
+        require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
+        require(self.lr_scale > 0 and self.lr_norm > 0,
+                f"`--lr-scale` and `--lr-norm` must be positive, got {self.lr_scale!r} and {self.lr_norm!r}; try 2e-3 and 1e-4")
         require(isinstance(self.rank, int) and self.rank > 0, f"`--rank` must be a positive integer, got {self.rank!r}; try 32")
         require(isinstance(self.samples, int) and self.samples > 0,
                 f"`--samples` must be a positive integer, got {self.samples!r}; try 10000 (GPU) or 64 (CPU)")
@@ -191,14 +227,18 @@ def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autoca
     return total / count
 
 
-def _write_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+def _tensor_file(cfg: RecoverConfig) -> str:
+    return "lora.safetensors" if cfg.mode == "lora" else "qat.safetensors"
+
+
+def _write_checkpoint(path: Path, model, optimizer, state: dict, cfg: RecoverConfig) -> None:
     from safetensors.torch import save_file
 
     from edge_recover.atomic import atomic_dir
 
     with atomic_dir(path, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / "lora.safetensors"))
+                  str(tmp / _tensor_file(cfg)))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
@@ -206,11 +246,9 @@ def _write_checkpoint(path: Path, model, optimizer, state: dict) -> None:
 def _read_checkpoint(path: Path, model, optimizer, cfg: RecoverConfig, qhash: str) -> dict:
     from safetensors.torch import load_file
 
-    from edge_recover.errors import EdgeRecoverError
-
     try:
         state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "lora.safetensors"))
+        tensors = load_file(str(path / _tensor_file(cfg)))
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise EdgeRecoverError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}); delete it to start "
@@ -223,7 +261,7 @@ def _read_checkpoint(path: Path, model, optimizer, cfg: RecoverConfig, qhash: st
             f"`--resume`: the checkpoint in {str(path)!r} was trained on other quantized integers; "
             "use the same MODEL, `--scheme` and `--method`")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    require(set(params) == set(tensors), f"`--resume`: checkpoint {str(path)!r} does not match the LoRA layout")
+    require(set(params) == set(tensors), f"`--resume`: checkpoint {str(path)!r} does not match the student's layout")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))
@@ -239,23 +277,176 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, resume: bool, progress: bool):
+    """The student's start integers (a QuantLinear model on the CPU), its scheme, method and quantizer report."""
+    from edge_recover.models import LoadedModel
+
+    if quantized is not None:
+        base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
+        return base, scheme, qmanifest["method"], None
+    scheme = scheme or named_scheme("w4w2gateup").with_block_size(DEFAULT_BLOCK_SIZES)
+    base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
+                                     progress=progress)
+    if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
+        from edge_recover.checkpoint import save_quantized
+
+        save_quantized(LoadedModel(base, lm.tokenizer, lm.source, lm.source_hash), save_quantized_to, qreport)
+    return base, scheme, cfg.method, qreport
+
+
+def _teacher_data(teacher_model, lm, cfg: RecoverConfig, data_path: Path, dev, progress: bool) -> SyntheticDataset:
+    """The teacher's synthetic sequences: read from `data_path` when it matches `cfg`, else sampled and saved."""
+    if data_path.is_file():
+        ds = load_dataset(data_path, teacher_hash=lm.source_hash)
+        want = cfg.sample_settings()
+        require(replace(ds.settings, batch_size=1) == replace(want, batch_size=1),
+                f"dataset {str(data_path)!r} was sampled with other settings ({ds.settings.samples} x {ds.settings.seq_len}, "
+                f"seed {ds.settings.seed}); pass matching `--samples/--seq-len/--seed` or another `--dataset`")
+        return ds
+    ds = generate_dataset(teacher_model, lm.tokenizer, cfg.sample_settings(), lm.source_hash, device=dev,
+                          progress=progress)
+    ds.save(data_path)
+    return ds
+
+
+def _lora_student(base, teacher_model, targets, cfg: RecoverConfig, train_ids, dev, resume: bool):
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    student = add_lora(base, targets, cfg.rank, cfg.lora_alpha).to(dev)
+    if cfg.init == "residual" and not resume:
+        init_lora_from_residual(student, teacher_model, targets)
+    elif cfg.init == "activation" and not resume:
+        from edge_recover.calibration import input_hessians
+
+        hessians = input_hessians(teacher_model, train_ids[: max(cfg.calibration, 64)], batch_size=cfg.batch_size)
+        init_lora_from_activations(student, teacher_model, targets, hessians)
+        del hessians
+    params = [p for p in student.parameters() if p.requires_grad]
+    return student, [{"params": params, "lr": cfg.lr, "peak_lr": cfg.lr}], {}
+
+
+def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
+    from .qat import make_qat_student, param_groups
+
+    base = base.to(dev)
+    start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units)
+    return base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm), start.to_json()
+
+
+@dataclass
+class _Loop:
+    """What the training loop needs besides the student: the run's files and its starting point."""
+
+    ckpt: Path
+    metrics_path: Path
+    qhash: str
+    kl_before: float
+    prior_seconds: float
+    t_start: float
+
+
+def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, step: int, loop: _Loop, acc,
+           progress: bool) -> tuple[int, float]:
+    """The one distillation loop (both modes): optimizer steps from `step` to the stop; returns (step, seconds).
+
+    A checkpoint due after step j is written at step j + 1, once that step's loss shows the weights of step
+    j are sound; so a diverging run (see `_EXPLODE`) stops with the last good checkpoint on disk."""
+    dev, autocast = acc.device, acc.autocast
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total = cfg.optimizer_steps
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    limit = _EXPLODE * loop.kl_before + 1.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"recover ({cfg.mode})", unit="step")
+    t_train = time.perf_counter()
+    tokens_since, t_log = 0, time.perf_counter()
+    pending = False  # a checkpoint is due for the current weights
+    high = 0  # steps in a row with a loss above `limit`
+
+    def save() -> None:
+        state = {"step": step, "config": cfg.trajectory(), "quant_hash": loop.qhash, "kl_before": loop.kl_before,
+                 "seconds": loop.prior_seconds + time.perf_counter() - loop.t_start}
+        _write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
+
+    student.train()
+    with open(loop.metrics_path, "a") as log:
+        while step < stop_at:
+            epoch, in_epoch = divmod(step, cfg.steps_per_epoch)
+            order = epoch_order(cfg.train_rows, cfg.seed, epoch)
+            rows = order[in_epoch * cfg.rows_per_step:(in_epoch + 1) * cfg.rows_per_step]
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lr / cfg.lr
+            loss_sum = 0.0
+            for micro in rows.split(cfg.batch_size):
+                batch = train_ids[micro].to(dev)
+                with torch.no_grad(), autocast():
+                    t_logits = teacher_model(input_ids=batch).logits
+                with autocast():
+                    s_logits = student(input_ids=batch).logits
+                loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
+                acc.backward(loss)
+                loss_sum += loss.item()
+                tokens_since += batch.numel()
+                del t_logits, s_logits, loss
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            bad_grad = grad_norm is not None and not math.isfinite(float(grad_norm))
+            high = high + 1 if loss_sum > limit else 0
+            if not math.isfinite(loss_sum) or high >= _PATIENCE or bad_grad:
+                kept = (f"the last good checkpoint (step {json.loads((loop.ckpt / 'state.json').read_text())['step']}) "
+                        f"is in {str(loop.ckpt)!r}") if (loop.ckpt / "state.json").is_file() else "no checkpoint was written yet"
+                raise EdgeRecoverError(
+                    f"training diverged at step {step + 1} (loss {loss_sum:.4g}"
+                    f"{f', above {limit:.3g} for {high} steps' if high >= _PATIENCE else ''}; held-out KL at the start "
+                    f"{loop.kl_before:.4g}{', gradient not finite' if bad_grad else ''}); {kept}; lower `--lr` "
+                    f"(now {cfg.lr:g}) and start over")
+            if pending and high == 0:  # this step's loss shows the weights of the last step are sound
+                save()
+                pending = False
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                rec = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens_per_s": tokens_since / max(now - t_log, 1e-9), "seconds": now - t_train}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tokens_since, t_log = 0, now
+            if step == stop_at:
+                save()
+            elif step % cfg.checkpoint_every == 0:
+                pending = True
+    if bar is not None:
+        bar.close()
+    return step, time.perf_counter() - t_train
+
+
 def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverConfig, *, work_dir: str | Path | None = None,
             device: str = "auto", resume: bool = False, quantized: str | Path | None = None,
             dataset: str | Path | None = None, save_quantized_to: str | Path | None = None, overwrite: bool = False,
             progress: bool = True) -> "RecoverResult":
-    """Run Recover-LoRA for `teacher` (a `LoadedModel` or a model spec) under `scheme`.
+    """Recover `teacher` (a `LoadedModel` or a model spec) quantized under `scheme`, in mode `cfg.mode`.
 
-    `scheme=None` takes the scheme of the `quantized` checkpoint (or `w4w2gateup` when quantizing here).
+    `scheme=None` takes the scheme of the `quantized` checkpoint, or else w4w2gateup at the CPU's fast
+    layout (`DEFAULT_BLOCK_SIZES`: 4-bit block 64, 2-bit block 128).
 
-    The result's report has `status` "done" (adapter written to `output`) or "stopped" (`cfg.max_steps`
-    reached; a checkpoint in the work folder, continue with `resume=True`).
+    The result's report has `status` "done" (output written: a quantized checkpoint for `qat`, an adapter
+    for `lora`) or "stopped" (`cfg.max_steps` reached; a checkpoint in the work folder, continue with
+    `resume=True`).
 
     Example:
-        >>> report = recover("smollm2", named_scheme("w4w2gateup"), "out/adapter", RecoverConfig())  # doctest: +SKIP
+        >>> report = recover("smollm2", None, "out/recovered", RecoverConfig())  # doctest: +SKIP
     """
     from accelerate import Accelerator
 
-    from edge_recover.atomic import atomic_dir, check_new_dir
+    from edge_recover.atomic import check_new_dir
     from edge_recover.models import LoadedModel
     from edge_recover.pipeline import resolve_model
 
@@ -279,21 +470,11 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     require(lm.quantized_manifest is None,
             f"{lm.source!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
 
-    # Student base first, on the CPU (the same integers as `edge-recover quantize` makes there).
-    if quantized is not None:
-        base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
-        method = qmanifest["method"]
-    else:
-        scheme = scheme or named_scheme("w4w2gateup")
-        base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
-                                         progress=progress)
-        method = cfg.method
-        if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
-            from edge_recover.checkpoint import save_quantized
-
-            save_quantized(LoadedModel(base, lm.tokenizer, lm.source, lm.source_hash), save_quantized_to, qreport)
+    # 1. the student's start integers, on the CPU (the same integers as `edge-recover quantize` makes there)
+    base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to, resume, progress)
     qhash = quant_hash(base)
-    targets = resolve_targets(base, cfg.targets)
+    targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
+    start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None
 
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if (use_cuda and cfg.bf16) else "no")
     dev = acc.device
@@ -301,32 +482,18 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     for p in teacher_model.parameters():
         p.requires_grad_(False)
 
+    # 2. the teacher's data
     data_path = Path(dataset) if dataset else work / "dataset.safetensors"
-    if data_path.is_file():
-        ds = load_dataset(data_path, teacher_hash=lm.source_hash)
-        want = cfg.sample_settings()
-        require(replace(ds.settings, batch_size=1) == replace(want, batch_size=1),
-                f"dataset {str(data_path)!r} was sampled with other settings ({ds.settings.samples} x {ds.settings.seq_len}, "
-                f"seed {ds.settings.seed}); pass matching `--samples/--seq-len/--seed` or another `--dataset`")
-    else:
-        ds = generate_dataset(teacher_model, lm.tokenizer, cfg.sample_settings(), lm.source_hash, device=dev,
-                              progress=progress)
-        ds.save(data_path)
+    ds = _teacher_data(teacher_model, lm, cfg, data_path, dev, progress)
     train_ids, hold_ids = ds.input_ids[: cfg.train_rows], ds.input_ids[cfg.train_rows:]
 
-    torch.manual_seed(cfg.seed)  # LoRA A init
-    student = add_lora(base, targets, cfg.rank, cfg.lora_alpha).to(dev)
-    if cfg.init == "residual" and not resume:
-        init_lora_from_residual(student, teacher_model, targets)
-    elif cfg.init == "activation" and not resume:
-        from edge_recover.calibration import input_hessians
-
-        hessians = input_hessians(teacher_model, train_ids[: max(cfg.calibration, 64)], batch_size=cfg.batch_size)
-        init_lora_from_activations(student, teacher_model, targets, hessians)
-        del hessians
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    autocast = acc.autocast
+    # 3. the student and the loop
+    if cfg.mode == "lora":
+        student, groups, start = _lora_student(base, teacher_model, targets, cfg, train_ids, dev, resume)
+    else:
+        student, groups, start = _qat_student(base, teacher_model, cfg, dev)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    params = [p for g in groups for p in g["params"]]
 
     work.mkdir(parents=True, exist_ok=True)
     metrics_path = work / "metrics.jsonl"
@@ -338,77 +505,44 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
         step, prior_seconds = 0, 0.0
         metrics_path.write_text("")
         student.eval()
-        kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, autocast)
+        kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast)
+    loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start)
+    step, train_seconds = _train(student, teacher_model, optimizer, train_ids, cfg, step, loop, acc, progress)
 
-    total = cfg.optimizer_steps
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="recover", unit="step")
-    t_train = time.perf_counter()
-    tokens_since, t_log = 0, time.perf_counter()
-
-    def checkpoint_state() -> dict:
-        return {"step": step, "config": cfg.trajectory(), "quant_hash": qhash, "kl_before": kl_before,
-                "seconds": prior_seconds + time.perf_counter() - t_start}
-
-    student.train()
-    with open(metrics_path, "a") as log:
-        while step < stop_at:
-            epoch, in_epoch = divmod(step, cfg.steps_per_epoch)
-            order = epoch_order(cfg.train_rows, cfg.seed, epoch)
-            rows = order[in_epoch * cfg.rows_per_step:(in_epoch + 1) * cfg.rows_per_step]
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in rows.split(cfg.batch_size):
-                batch = train_ids[micro].to(dev)
-                with torch.no_grad(), autocast():
-                    t_logits = teacher_model(input_ids=batch).logits
-                with autocast():
-                    s_logits = student(input_ids=batch).logits
-                loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
-                acc.backward(loss)
-                loss_sum += loss.item()
-                tokens_since += batch.numel()
-                del t_logits, s_logits, loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                rec = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "tokens_per_s": tokens_since / max(now - t_log, 1e-9), "seconds": now - t_train}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                tokens_since, t_log = 0, now
-            if step % cfg.checkpoint_every == 0 or step == stop_at:
-                _write_checkpoint(ckpt, student, optimizer, checkpoint_state())
-    if bar is not None:
-        bar.close()
-
-    report = {"status": "done" if step >= total else "stopped", "step": step, "optimizer_steps": total,
-              "config": cfg.to_json(), "scheme": scheme.to_json(), "method": method, "targets": len(targets),
+    report = {"status": "done" if step >= cfg.optimizer_steps else "stopped", "mode": cfg.mode, "step": step,
+              "optimizer_steps": cfg.optimizer_steps, "config": cfg.to_json(), "scheme": scheme.to_json(),
+              "method": method, "targets": len(targets) if targets else len(start_codes or {}),
               "trainable_parameters": sum(p.numel() for p in params), "base_source_hash": lm.source_hash,
               "quant_hash": qhash, "dataset": {"path": str(data_path), **ds.settings.to_json(),
                                                 "generate_seconds": ds.seconds},
               "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev),
-              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": start}
     if report["status"] == "stopped":
         report["seconds"] = prior_seconds + time.perf_counter() - t_start
         return RecoverResult(report, student, teacher_model)
+    if cfg.mode == "qat":
+        from .qat import codes_moved, freeze_qat_student
+
+        student = freeze_qat_student(student)  # from here on the student is exactly what ships
+        report["codes_moved"] = codes_moved(student, start_codes)
     student.eval()
-    report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, autocast)
+    report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast)
     report["seconds"] = prior_seconds + time.perf_counter() - t_start
-    report["train_seconds"] = time.perf_counter() - t_train
+    report["train_seconds"] = train_seconds
+    if cfg.mode == "qat":
+        _write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model)
+        report["quantized"] = str(output)
+    else:
+        _write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
+                       overwrite)
+        report["adapter"] = str(output)
+    return RecoverResult(report, student, teacher_model)
+
+
+def _write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
+                   overwrite) -> None:
+    from edge_recover.atomic import atomic_dir
+
     with atomic_dir(output, overwrite) as tmp:
         student.save_pretrained(str(tmp))
         meta = adapter_metadata(lm.source_hash, scheme, method, qhash, targets, cfg.rank, cfg.lora_alpha,
@@ -416,5 +550,19 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
         (tmp / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
-    report["adapter"] = str(output)
-    return RecoverResult(report, student, teacher_model)
+
+
+def _write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model) -> None:
+    """The recovered integers as a quantized checkpoint (the trained norm weights with them), all-or-nothing."""
+    from edge_recover.checkpoint import save_quantized
+    from edge_recover.models import LoadedModel
+
+    from .qat import norm_parameters, recovered_report
+
+    qreport = recovered_report(student, teacher_model, scheme.to_json(), method)
+    norms = tuple(norm_parameters(student)) if report["config"]["train_norms"] else ()
+    save_quantized(LoadedModel(student, lm.tokenizer, lm.source, lm.source_hash), output, qreport, overwrite=overwrite,
+                   slim_include=norms,
+                   extra_files={REPORT_NAME: json.dumps(report, indent=2), "metrics.jsonl": metrics_path.read_text()},
+                   manifest_extra={"recovery": {"mode": "qat", "start_quant_hash": report["quant_hash"],
+                                                "kl_before": report["kl_before"], "kl_after": report["kl_after"]}})

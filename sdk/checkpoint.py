@@ -47,8 +47,13 @@ def _packed_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overwrite: bool = False,
-                   slim: bool = False) -> Path:
-    """Write `lm` (already quantized in place) as a checkpoint folder, all-or-nothing (`slim`: integers only)."""
+                   slim: bool = False, slim_include: tuple[str, ...] = (), extra_files: dict[str, str] | None = None,
+                   manifest_extra: dict | None = None) -> Path:
+    """Write `lm` (already quantized in place) as a checkpoint folder, all-or-nothing (`slim`: integers only).
+
+    `slim_include`: kept tensors a slim checkpoint stores anyway (e.g. norm weights that recovery trained;
+    the loader takes only the others from the source). `extra_files` {name: text} are written beside, in
+    the same all-or-nothing step; `manifest_extra` adds keys to the manifest (e.g. how it was recovered)."""
     from safetensors.torch import save_file
 
     model = lm.model
@@ -62,8 +67,8 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
         layers_meta[name] = {**q.config.to_json(), "shape": [q.out_features, q.in_features]}
         skip.update({f"{name}.weight", f"{name}.codes", f"{name}.scales", f"{name}.zero_points"})
     seen_ptrs = set()
-    for key, t in ([] if slim else model.state_dict().items()):  # slim: the kept tensors stay with the source
-        if key in skip:
+    for key, t in model.state_dict().items():  # slim: the kept tensors stay with the source
+        if key in skip or (slim and key not in slim_include):
             continue
         ptr = t.data_ptr()
         if ptr in seen_ptrs:  # tied weights (lm_head = embed_tokens) are stored once
@@ -79,6 +84,7 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
         "kept_weights": "from_source" if slim else "included",
         "versions": library_versions(),
         "report": report.to_json(),
+        **(manifest_extra or {}),
     }
     with atomic_dir(path, overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "edge-recover-quantized"})
@@ -87,6 +93,8 @@ def save_quantized(lm: LoadedModel, path: str | Path, report: QuantReport, overw
             model.generation_config.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / QUANTIZED_MARKER).write_text(json.dumps(manifest, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(path)
 
 
@@ -122,7 +130,8 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
     except (SafetensorError, OSError) as exc:
         raise EdgeRecoverError(f"{str(p / 'model.safetensors')!r} is corrupt or missing ({exc}); re-run `edge-recover quantize`") from None
     if manifest.get("kept_weights") == "from_source":
-        tensors.update(_kept_from_base(p, manifest, base))
+        for key, t in _kept_from_base(p, manifest, base).items():  # tensors the slim file holds win
+            tensors.setdefault(key, t)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     for name, meta in manifest["layers"].items():

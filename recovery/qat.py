@@ -1,0 +1,133 @@
+"""Integer-exact recovery (`--mode qat`): distil the teacher into the quantized integers themselves.
+
+    teacher W ──► start integers (RTN min-max, GPTQ, or a --quantized checkpoint)
+                      │ every QuantLinear -> FakeQuantLinear (latent w, log-scale, integer zero point)
+                      ▼ distil (distill.py's loop: same data, KL, schedule, checkpoints, resume)
+                  FakeQuantLinear -> QuantLinear(to_quantized())  ──► quantized checkpoint (sdk/checkpoint.py)
+
+What ships is a checkpoint in the format `edge-recover quantize` writes, so `edge-recover export` packs its
+integers unchanged: the package has the nodes and weight bytes of an unrecovered one, no side-car, and
+decodes at the same speed. What trains:
+- every quantized layer's latent weights and block scales (through the fake quantizer, `sdk/fakequant.py`);
+  zero points stay the integers they start as (in range, uint8), which is what MatMulNBits and QNN read;
+- the latent in weight units or in units of the quantization step (`units`, see sdk/fakequant.py);
+- optionally (`train_norms`, default on) the RMSNorm weights, which ship as floats anyway: no new bytes.
+Each group has its own learning rate (latents move in weight units, log-scales in relative units).
+
+The latent starts at the teacher's float weight where that reproduces the start integers (RTN: it does, and
+the latent then keeps each weight's position inside its rounding step), else at the dequantized weight,
+the centre of each code's interval (GPTQ integers); `qat_start` reports which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edge_recover.apply import QuantReport, _set_module, quantized_layers
+from edge_recover.fakequant import FakeQuantLinear
+from edge_recover.quantizer import sqnr_db
+
+
+@dataclass
+class QatStart:
+    """How the QAT student started: layers whose latent is the teacher weight vs the dequantized one."""
+
+    from_teacher: int
+    from_dequantized: int
+
+    def to_json(self) -> dict:
+        return {"latent_from_teacher": self.from_teacher, "latent_from_dequantized": self.from_dequantized}
+
+
+def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    """The trainable fake-quantized layers of `model`, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of the normalization layers (RMSNorm / LayerNorm), which ship as floats."""
+    out = {}
+    for name, m in model.named_modules():
+        if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter):
+            out[f"{name}.weight"] = m.weight
+    return out
+
+
+def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight") -> QatStart:
+    """Turn every `QuantLinear` of `base` (in place) into a `FakeQuantLinear` that starts at its integers.
+
+    Only the latents, log-scales and (with `train_norms`) norm weights are left trainable.
+
+    Example:
+        >>> start = make_qat_student(student_model, teacher_model)  # doctest: +SKIP
+    """
+    for p in base.parameters():
+        p.requires_grad_(False)
+    n_teacher = n_deq = 0
+    for name, q in quantized_layers(base).items():
+        w = teacher.get_submodule(name).weight.detach().to(q.codes.device, torch.float32)
+        fq = FakeQuantLinear.from_quant_linear(q, latent=w, units=units)
+        if torch.equal(fq.to_quantized().codes, q.codes):
+            n_teacher += 1
+        else:
+            fq = FakeQuantLinear.from_quant_linear(q, units=units)
+            n_deq += 1
+        _set_module(base, name, fq)
+    if train_norms:
+        for p in norm_parameters(base).values():
+            p.requires_grad_(True)
+    return QatStart(n_teacher, n_deq)
+
+
+def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float) -> list[dict]:
+    """AdamW groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`.
+
+    Each group records its peak as `peak_lr`; the schedule scales every group by the same factor."""
+    latents, scales = [], []
+    for fq in fake_quant_layers(model).values():
+        latents.append(fq.latent)
+        scales.append(fq.log_scale)
+    norms = [p for p in norm_parameters(model).values() if p.requires_grad]
+    groups = [{"params": latents, "lr": lr, "peak_lr": lr}, {"params": scales, "lr": lr_scale, "peak_lr": lr_scale}]
+    if norms:
+        groups.append({"params": norms, "lr": lr_norm, "peak_lr": lr_norm, "weight_decay": 0.0})
+    return groups
+
+
+@torch.no_grad()
+def freeze_qat_student(model: nn.Module) -> nn.Module:
+    """Replace every `FakeQuantLinear` (in place) by the frozen `QuantLinear` of its integers; returns `model`."""
+    for name, fq in fake_quant_layers(model).items():
+        _set_module(model, name, fq.to_quant_linear(dtype=torch.float32))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def codes_moved(model: nn.Module, start: dict[str, torch.Tensor]) -> float:
+    """Share of codes that differ from the start integers (`start`: name -> codes)."""
+    moved = total = 0
+    for name, q in quantized_layers(model).items():
+        moved += int((q.codes.cpu() != start[name]).sum())
+        total += q.codes.numel()
+    return moved / max(total, 1)
+
+
+@torch.no_grad()
+def recovered_report(model: nn.Module, teacher: nn.Module, scheme_json: dict, method: str) -> QuantReport:
+    """A `QuantReport` for the recovered integers: per layer its config and SQNR against the teacher weight."""
+    from edge_recover.apply import LayerReport, effective_bits
+
+    rep = QuantReport(scheme=scheme_json, method=method)
+    for name, q in quantized_layers(model).items():
+        w = teacher.get_submodule(name).weight.detach().float().cpu()
+        deq = q.quantized().dequantize().cpu()
+        rep.layers.append(LayerReport(name, (q.out_features, q.in_features), q.config.describe(),
+                                      effective_bits(q.config), sqnr_db(w, deq)))
+        rep.bytes_before += w.numel() * 2
+        rep.bytes_after += int(round(w.numel() * effective_bits(q.config) / 8))
+    return rep

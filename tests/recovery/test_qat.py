@@ -1,0 +1,170 @@
+"""Integer-exact recovery (`--mode qat`) on a tiny random model: the fake quantizer is the package's function,
+training lowers held-out KL, the output exports as it is, resume is bit-exact, a diverging run stops cleanly."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+from edge_recover.apply import quantized_layers
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.fakequant import FakeQuantLinear
+from edge_recover.models import load_model
+from edge_recover.qlinear import QuantLinear
+from edge_recover.quantizer import quantize_weight
+from edge_recover.recovery.distill import RecoverConfig, recover
+from edge_recover.scheme import QuantConfig, named_scheme
+
+SCHEME = named_scheme("w4w2gateup").with_block_size({4: 32, 2: 32})  # the tiny model's K = 64 / 128
+CFG = dict(samples=96, seq_len=48, epochs=2, batch_size=8, lr=3e-3, lr_scale=1e-2, lr_norm=1e-3, log_every=2,
+           checkpoint_every=4)
+
+
+@pytest.mark.parametrize("units", ["weight", "step"])
+def test_fake_quant_forward_is_the_quantlinear_of_its_integers(units):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(80, 24)
+    cfg = QuantConfig(bits=2, block_size=32)
+    q = QuantLinear.from_quantized(quantize_weight(lin.weight, cfg, "rtn"), lin.bias)
+    fq = FakeQuantLinear.from_quant_linear(q, latent=lin.weight, units=units)
+    assert torch.equal(fq.to_quantized().codes, q.codes)  # RTN: the teacher weight rounds to the start codes
+    with torch.no_grad():  # move the latents and scales as training would
+        fq.latent.add_(0.3 * torch.randn_like(fq.latent) * (1.0 if units == "step" else fq.scales().mean()))
+        fq.log_scale.add_(0.1 * torch.randn_like(fq.log_scale))
+    x = torch.randn(5, 80)
+    frozen = fq.to_quant_linear()
+    assert torch.equal(fq(x), frozen(x))  # bit for bit: the checkpoint holds what the student computed with
+    qw = fq.to_quantized()
+    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= 3
+    assert not torch.equal(qw.codes, q.codes)
+    fq(x).square().sum().backward()  # the straight-through estimator passes gradients to latents and scales
+    assert fq.latent.grad.abs().sum() > 0 and fq.log_scale.grad.abs().sum() > 0
+
+
+def test_fake_quant_from_integers_not_made_by_rounding():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    q = QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=4, block_size=32), "mse"))
+    fq = FakeQuantLinear.from_quant_linear(q)  # latent at the dequantized weight: the centre of each code
+    assert torch.equal(fq.to_quantized().codes, q.codes) and torch.equal(fq.zero_points, q.zero_points)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qat")
+    res = recover(load_model(tiny_model), SCHEME, root / "rec", RecoverConfig(**CFG), device="cpu", progress=False,
+                  save_quantized_to=root / "start")
+    return root, res
+
+
+def test_a_few_steps_lower_held_out_kl_and_codes_stay_in_range(run):
+    root, res = run
+    r = res.report
+    assert r["status"] == "done" and r["mode"] == "qat" and r["method"] == "rtn"
+    assert r["kl_after"] < 0.9 * r["kl_before"], (r["kl_before"], r["kl_after"])
+    assert 0 < r["codes_moved"] < 0.5 and r["start"]["latent_from_dequantized"] == 0
+    rec = load_model(root / "rec")  # a quantized checkpoint, read back to the same integers
+    start = load_model(root / "start")
+    layers, start_layers = quantized_layers(rec.model), quantized_layers(start.model)
+    assert layers.keys() == start_layers.keys() and len(layers) == 14
+    for name, q in layers.items():
+        assert q.zero_points.dtype == torch.uint8 and int(q.zero_points.max()) < q.config.levels
+        assert torch.equal(q.zero_points, start_layers[name].zero_points)  # zero points stay the start integers
+        assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < q.config.levels
+        assert bool((q.scales > 0).all())
+        assert torch.equal(q.codes, quantized_layers(res.student)[name].codes.cpu())
+    norm = "model.layers.0.input_layernorm.weight"  # the trained norm weights ship with the integers
+    assert not torch.equal(rec.model.state_dict()[norm], start.model.state_dict()[norm])
+    ids = torch.randint(0, rec.model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(rec.model(input_ids=ids).logits, res.student.cpu()(input_ids=ids).logits)
+    assert json.loads((root / "rec" / "recovery_report.json").read_text())["kl_after"] == r["kl_after"]
+
+
+def test_resume_is_bit_exact(run, tiny_model, tmp_path):
+    root, res = run
+    dataset = root / "rec.work" / "dataset.safetensors"
+    stopped = recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**{**CFG, "max_steps": 5}),
+                      device="cpu", dataset=dataset, progress=False).report
+    assert stopped["status"] == "stopped" and not (tmp_path / "a").exists()
+    recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**CFG), device="cpu", dataset=dataset,
+            resume=True, progress=False)
+    resumed, whole = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(root / "rec" / "model.safetensors"))
+    assert resumed.keys() == whole.keys()
+    diff = [k for k in whole if not torch.equal(resumed[k], whole[k])]
+    assert not diff, f"resumed run differs from the uninterrupted one in {diff[:3]}"
+
+
+def test_diverging_run_stops_with_one_line(run, tiny_model, tmp_path):
+    root, _ = run
+    cfg = RecoverConfig(**{**CFG, "lr": 1e4, "checkpoint_every": 1, "warmup": 0.0})
+    with pytest.raises(EdgeRecoverError, match=r"training diverged at step \d+ \(loss .*lower `--lr` \(now 10000\)") as err:
+        recover(load_model(tiny_model), SCHEME, tmp_path / "d", cfg, device="cpu",
+                dataset=root / "rec.work" / "dataset.safetensors", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "d").exists()
+
+
+def test_a_nan_loss_keeps_the_last_good_checkpoint(run, tiny_model, tmp_path, monkeypatch):
+    import edge_recover.recovery.distill as distill
+
+    root, _ = run
+    calls, real = [], distill.kd_loss
+
+    def nan_from_the_fourth_step(s, t, temperature=1.0):
+        if torch.is_grad_enabled():  # training steps (the held-out KL runs without gradients)
+            calls.append(1)
+        loss = real(s, t, temperature)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(distill, "kd_loss", nan_from_the_fourth_step)
+    with pytest.raises(EdgeRecoverError, match=r"diverged at step 4 \(loss nan.*last good checkpoint \(step 2\)"):
+        recover(load_model(tiny_model), SCHEME, tmp_path / "n", RecoverConfig(**{**CFG, "checkpoint_every": 1}),
+                device="cpu", dataset=root / "rec.work" / "dataset.safetensors", progress=False)
+    ckpt = tmp_path / "n.work" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpt / "qat.safetensors")).values())
+    # the kept state resumes (the patched loss is gone): the run continues from step 2 and finishes
+    monkeypatch.setattr(distill, "kd_loss", real)
+    done = recover(load_model(tiny_model), SCHEME, tmp_path / "n", RecoverConfig(**{**CFG, "checkpoint_every": 1}),
+                   device="cpu", dataset=root / "rec.work" / "dataset.safetensors", resume=True, progress=False)
+    assert done.report["status"] == "done"
+
+
+def _matmulnbits_b(pkg) -> dict[str, np.ndarray]:
+    m = onnx.load(str(pkg / "model.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in m.graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path):
+    exe = [sys.executable, "-c", "from edge_recover.cli import main; main()"]
+    rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
+                                "48", "--epochs", "1", "--batch-size", "8", "--lr", "3e-3", "--lr-scale", "1e-2",
+                                "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
+                                "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
+    assert rec.returncode == 0, rec.stderr
+    assert "held-out teacher samples" in rec.stdout and "codes moved" in rec.stdout
+    pkgs = {}
+    for name in ("rec", "start"):
+        out = subprocess.run(exe + ["export", str(tmp_path / name), "-o", str(tmp_path / f"pkg-{name}"), "--target",
+                                    "cpu"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        pkgs[name] = tmp_path / f"pkg-{name}"
+    manifest = json.loads((pkgs["rec"] / "manifest.json").read_text())
+    exact = manifest["parity"]["exact"]  # the package equals torch for the trained integers
+    assert manifest["parity"]["ok"] and exact["max_abs_diff"] / exact["logit_scale"] < 1e-4
+    a, b = onnx.load(str(pkgs["rec"] / "model.onnx")), onnx.load(str(pkgs["start"] / "model.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]  # the same nodes
+    size = lambda m: sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)  # noqa: E731
+    assert size(a) == size(b)  # and the same weight bytes: no side-car
+    got, start = _matmulnbits_b(pkgs["rec"]), _matmulnbits_b(pkgs["start"])
+    assert got.keys() == start.keys() and any(not np.array_equal(got[k], start[k]) for k in got)
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "qlora"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "`--mode`" in bad.stderr and "Traceback" not in bad.stderr
