@@ -226,3 +226,47 @@ def test_cli_fetch_bigbench_extracts_only_the_task_files(tmp_path, monkeypatch):
     assert resolve_task(f"bigbench:{BIGBENCH_TASKS[0]}").examples[0].context == f"\nQ: {BIGBENCH_TASKS[0]}" \
         + "".join(f"\n  choice: {c}" for c in np.random.RandomState(seed=42).permutation(["a", "b"])) + "\nA: "
     assert _cli("fetch", "bigbench")[0] == 0 and len(calls) == 2  # cached: no second download
+
+
+def test_cli_eval_default_suite_with_quantized_and_adapter(tiny_model, tmp_path, monkeypatch):
+    """`eval MODEL --tasks default --quantized Q --adapter A`: fp, quantized and recovered rows, and a recovery
+    share per task; the default suite read from the cache (task files made here, named as the suite)."""
+    import edge_recover.tasks as tasks
+    from edge_recover.models import load_model
+    from edge_recover.recovery.student import (ADAPTER_MARKER, adapter_metadata, add_lora, load_student_checkpoint,
+                                               quant_hash)
+
+    monkeypatch.setenv("EDGE_RECOVER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "tasks" / "bigbench"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in tasks.DEFAULT_SUITE:
+        examples = [{"input": ctx, "target_scores": {w: int(j == 0) for j, w in
+                                                     enumerate(rng.choice(WORDS, 3, replace=False))}}
+                    for ctx in CONTEXTS]
+        (folder / f"{name}.json").write_text(json.dumps({"examples": examples}))
+    q = tmp_path / "q"
+    code, _, err = _cli("quantize", tiny_model, "--method", "rtn", "--calibration", "0", "-o", q)
+    assert code == 0, err
+    teacher = load_model(tiny_model)
+    base, manifest, scheme = load_student_checkpoint(q, teacher, None)
+    qhash = quant_hash(base)
+    peft = add_lora(base, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], rank=4, alpha=8)
+    with torch.no_grad():  # a LoRA that changes the model (PEFT starts B at zero)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(str(adapter))
+    (adapter / ADAPTER_MARKER).write_text(json.dumps(adapter_metadata(
+        teacher.source_hash, scheme, "rtn", qhash, ["gate_proj", "up_proj"], 4, 8)))
+    report = tmp_path / "report"
+    code, out, err = _cli("eval", tiny_model, "--tasks", "default", "--quantized", q, "--adapter", adapter,
+                          "--limit", "4", "--report", report)
+    assert code == 0, err
+    data = json.loads((report / "report.json").read_text())
+    assert [m["label"] for m in data["models"]] == ["fp", "quantized", "recovered"]
+    assert [t["name"] for t in data["tasks"]] == list(tasks.DEFAULT_SUITE)
+    assert len(data["recovery"]) == 1 and len(data["recovery"][0]["rows"]) == len(tasks.DEFAULT_SUITE)
+    assert all(row["metric"] == "acc" for row in data["recovery"][0]["rows"])
+    assert "recovery share (recovered over quantized)" in out

@@ -121,7 +121,7 @@ def _teacher_task(tiny_hf, path: Path) -> Path:
 def test_cli_known_answer_scores_first_and_writes_report(tiny_hf, tiny_package, tmp_path):
     task = _teacher_task(tiny_hf, tmp_path / "teacher_pick.json")
     report = tmp_path / "report"
-    code, out, err = _cli("eval", "--package", tiny_package, "--tasks", task, "--report", report)
+    code, out, err = _cli("eval", "--package", tiny_package, "--provider", "cpu", "--tasks", task, "--report", report)
     assert code == 0, err
     data = json.loads((report / "report.json").read_text())
     res = data["models"][0]["results"][0]
