@@ -234,11 +234,12 @@ def finite_mask(graph, opts: StaticOptions):
 #   x ─► Pow(2) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Div(x, ·) ─► Mul(weight)                    (before)
 #
 #   x ─► Abs ─► ReduceMax ─► Max(1e-3) = m
-#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add(eps / m²) ─► Sqrt ─► Mul(m) ─► Div(x, ·) ─► Mul(weight)  (after)
+#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add((√eps / m)²) ─► Sqrt ─► Mul(m) ─► Div(x, ·) ─► Mul(weight)  (after)
 #
 # Exact in real numbers (rms(x) = m · rms(u)); in fp16 x² overflows at |x| > 256 (65504), which residual
 # streams of real models reach (SmolLM2: 800 by layer 3, 1e4 later), while u² <= 1. Only the mean sees u:
-# small elements of u = x / 1e4 would be fp16 subnormals, so the division keeps x itself.
+# small elements of u = x / 1e4 would be fp16 subnormals, so the division keeps x itself; eps / m² is
+# computed as (√eps / m)², since m² overflows fp16 past m = 256 (SmolLM2 decode went wrong from layer 25 there).
 def safe_rms_norm(graph, opts: StaticOptions):
     """Rewrite each Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div(x, .) chain to square x / max|x|."""
     from onnx import helper, numpy_helper
@@ -271,16 +272,18 @@ def safe_rms_norm(graph, opts: StaticOptions):
             continue
         p = pow_.name.rsplit("/", 1)[0] + "/safe"
         axes = [i for i in mean.input[1:] if i]
-        absx, m0, m, u, m2, eps_s, rms = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "max2", "eps", "rms"))
+        absx, m0, m, u, m2, eps_s, rms = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "eps_root", "eps", "rms"))
         g.initializer.append(numpy_helper.from_array(np.asarray(1e-3, np.float32), f"{p}/floor"))
+        eps = float(numpy_helper.to_array(inits[eps_name]).reshape(-1)[0])
+        g.initializer.append(numpy_helper.from_array(np.asarray(np.sqrt(eps), np.float32), f"{p}/sqrt_eps"))
         reduce = (helper.make_node("ReduceMax", [absx, *axes], [m0], name=f"{p}/ReduceMax", keepdims=1) if axes else
                   helper.make_node("ReduceMax", [absx], [m0], name=f"{p}/ReduceMax", keepdims=1,
                                    axes=[a.ints for a in mean.attribute if a.name == "axes"][0]))
         added.append((pow_, [helper.make_node("Abs", [x], [absx], name=f"{p}/Abs"), reduce,
                              helper.make_node("Max", [m0, f"{p}/floor"], [m], name=f"{p}/Max"),
                              helper.make_node("Div", [x, m], [u], name=f"{p}/Div"),
-                             helper.make_node("Mul", [m, m], [m2], name=f"{p}/Mul"),
-                             helper.make_node("Div", [eps_name, m2], [eps_s], name=f"{p}/DivEps")]))
+                             helper.make_node("Div", [f"{p}/sqrt_eps", m], [m2], name=f"{p}/DivEps"),
+                             helper.make_node("Mul", [m2, m2], [eps_s], name=f"{p}/SquareEps")]))
         added.append((div, [helper.make_node("Mul", [sqrt.output[0], m], [rms], name=f"{p}/MulRms")]))
         pow_.input[0] = u
         div.input[1] = rms
@@ -292,6 +295,7 @@ def safe_rms_norm(graph, opts: StaticOptions):
         nodes[at:at] = new
     del g.node[:]
     g.node.extend(nodes)
+    _prune(graph)  # the old epsilon constants
     return graph
 
 
