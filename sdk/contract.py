@@ -162,19 +162,27 @@ def check_files(path: str | Path, manifest: dict, hashes: bool = False) -> list[
         return []
     for rel, entry in files.items():
         f = p / rel
-        require(f.is_file(), f"package file {str(f)!r} is missing; the package is incomplete, re-export it")
+        require(f.is_file(), f"package file {str(f)!r} is missing; the package is incomplete: {_fix(p, rel)}")
         size = f.stat().st_size
         require(size == entry["size"], f"package file {str(f)!r} has {size} bytes, the manifest says "
-                                       f"{entry['size']}; it is truncated or replaced: re-export the package")
+                                       f"{entry['size']}; it is truncated or replaced: {_fix(p, rel)}")
     if hashes:
         for rel, entry in files.items():
             f = p / rel
             require(file_sha256(f) == entry["sha256"],
-                    f"package file {str(f)!r} does not match its sha256 in the manifest; it is corrupt: re-export "
-                    f"the package (or copy it again)")
+                    f"package file {str(f)!r} does not match its sha256 in the manifest; it is corrupt: "
+                    f"{_fix(p, rel)} (or copy it again)")
     on_disk = {f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file()
                and not any(part.startswith(".") for part in f.relative_to(p).parts)}
     return sorted(on_disk - set(files) - {MANIFEST})
+
+
+def _fix(package: Path, rel: str) -> str:
+    """What to do about a bad file: re-add a side-car adapter, else re-export the package."""
+    if rel.startswith("adapters/") and rel.endswith(".onnx_adapter"):
+        name = rel[len("adapters/"):-len(".onnx_adapter")]
+        return f"re-add it with `edge-recover adapter add {package} ADAPTER_DIR --name {name} --overwrite`"
+    return "re-export the package"
 
 
 def check_graph(path: str | Path, manifest: dict) -> int:

@@ -7,6 +7,8 @@ tokens; a missing or unknown adapter is one clear error line and a non-zero CLI 
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -84,12 +86,19 @@ def test_missing_and_unknown_adapters(packages, tmp_path):
     with pytest.raises(EdgeRecoverError, match="no adapter named 'c'.*it has: a, b"):
         OrtCausalLM(pkg, threads=1, adapter="c")
     (pkg / "adapters" / "b.onnx_adapter").unlink()
-    with pytest.raises(EdgeRecoverError, match="missing from package"):
+    # the package's file table (sdk/contract.py) sees a missing or altered adapter file on every load
+    with pytest.raises(EdgeRecoverError, match=r"b.onnx_adapter' is missing.*adapter add .* --name b"):
         OrtCausalLM(pkg, threads=1, adapter="b")
     res = _cli("run", pkg, "--prompt", "hi", "--adapter", "b", "--max-new-tokens", "2")
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().count("\n") == 0 and "missing from package" in res.stderr, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "b.onnx_adapter' is missing" in res.stderr, res.stderr
+    pkg = shutil.copytree(packages["both"], tmp_path / "pkg2")
     (pkg / "adapters" / "a.onnx_adapter").write_bytes(b"not an adapter")
+    with pytest.raises(EdgeRecoverError, match="a.onnx_adapter' has 14 bytes"):
+        OrtCausalLM(pkg, threads=1, adapter="a")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    del manifest["files"]  # an older package: the adapter's own sha256 still catches it
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EdgeRecoverError, match="differs from the file the manifest records"):
         OrtCausalLM(pkg, threads=1, adapter="a")
     plain = export_package(str(packages["ckpt"]), tmp_path / "plain", verify=False)
