@@ -8,7 +8,6 @@ tokens; a missing or unknown adapter is one clear error line and a non-zero CLI 
 from __future__ import annotations
 
 import json
-
 import subprocess
 import sys
 
