@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from edge_recover.atomic import atomic_dir
+from edge_recover.atomic import atomic_dir, atomic_file, write_json_atomic
 from edge_recover.errors import EdgeRecoverError
 
 
@@ -35,3 +35,17 @@ def test_error_leaves_nothing_and_existing_output_is_kept(tmp_path):
         (tmp / "new.txt").write_text("y")
     assert [p.name for p in (tmp_path / "old").iterdir()] == ["new.txt"]
     assert os.listdir(tmp_path) == ["old"]
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "a.onnx_adapter"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.onnx_adapter"]
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"new")
+    write_json_atomic(tmp_path / "m.json", "{}")
+    assert target.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["a.onnx_adapter", "m.json"]
