@@ -23,13 +23,14 @@ Methods:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from .errors import require
 from .scheme import QuantConfig
 
-METHODS = ("rtn", "mse", "gptq")
+METHODS = ("rtn", "mse", "gptq")  # the registered handlers below, in order of cost
 _CLIP_GRID = 20  # candidate shrink factors from 1.0 down to _CLIP_MIN
 _CLIP_MIN = 0.35
 _LS_ROUNDS = 4
@@ -121,7 +122,27 @@ def _least_squares(wb, q, weight, z, cfg: QuantConfig):
 
 def check_method(method: str) -> None:
     """Refuse an unknown quantization method by name, before any long work starts."""
-    require(method in METHODS, f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    require(method in _HANDLERS, f"unknown `method` {method!r}; choose one of {', '.join(_HANDLERS)}")
+
+
+# A method is a handler `(w [N, K] fp32, config, importance [K] | None, hessian [K, K] | None) -> QuantizedWeight`
+# registered under its name; `quantize_weight` looks it up (torchao's config -> handler table, not an if-chain).
+Handler = Callable[[torch.Tensor, QuantConfig, "torch.Tensor | None", "torch.Tensor | None"], QuantizedWeight]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def register_method(name: str) -> Callable[[Handler], Handler]:
+    """Register a quantization method handler under `name` (see `Handler`).
+
+    Example:
+        >>> @register_method("mine")  # doctest: +SKIP
+        ... def _mine(w, config, importance, hessian): ...
+    """
+    def add(fn: Handler) -> Handler:
+        _HANDLERS[name] = fn
+        return fn
+
+    return add
 
 
 def quantize_weight(
@@ -131,7 +152,7 @@ def quantize_weight(
     importance: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize a linear weight [N, K] (out, in) to MatMulNBits integers.
+    """Quantize a linear weight [N, K] (out, in) to MatMulNBits integers with the handler of `method`.
 
     `importance` [K] (optional, `mse` only) weights the error of each input channel, e.g. E[x_k^2].
     `hessian` [K, K] (required by `gptq`) is E[x x^T] of the layer's inputs.
@@ -143,43 +164,65 @@ def quantize_weight(
     """
     check_method(method)
     require(weight.ndim == 2, f"a linear weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().float()
+    return _HANDLERS[method](weight.detach().float(), config, importance, hessian)
+
+
+@register_method("rtn")
+def _rtn(w: torch.Tensor, config: QuantConfig, importance=None, hessian=None) -> QuantizedWeight:
+    """Round to nearest on each block's min-max range."""
+    wb, _ = _blocks(w, config.block_size)
+    s, z = _minmax_params(wb.amin(-1), wb.amax(-1), config)
+    return _finish(w, wb, s, z, config)
+
+
+@register_method("mse")
+def _mse(w: torch.Tensor, config: QuantConfig, importance=None, hessian=None) -> QuantizedWeight:
+    """Clipping search, then alternating least squares on (scale, zero point), errors weighted by `importance`."""
     n, k = w.shape
     qmax = config.levels - 1
-    if method == "gptq":
-        require(hessian is not None and hessian.shape == (k, k),
-                f"`gptq` needs the layer's input Hessian [{k}, {k}]; calibrate first (pipeline.calibrate)")
-        from .gptq import gptq_quantize
-
-        def params(group, imp):
-            qw = quantize_weight(group, replace(config, block_size=_pow2_at_least(group.shape[1])), "mse", imp)
-            return qw.scales[:, 0], qw.zero_points[:, 0].float()
-
-        codes, s, z = gptq_quantize(w, hessian.to(w.device), config.block_size, qmax, params)
-        return QuantizedWeight(codes.to(torch.uint8), s.contiguous(), z.to(torch.uint8), config)
     wb, mask = _blocks(w, config.block_size)
     lo, hi = wb.amin(-1), wb.amax(-1)
     s, z = _minmax_params(lo, hi, config)
-    if method == "mse":
-        weight_bk = mask.float().expand_as(wb)
-        if importance is not None:
-            require(importance.shape == (k,), f"`importance` must have shape ({k},), got {tuple(importance.shape)}")
-            imp, _ = _blocks(importance.detach().float().view(1, k).to(w.device), config.block_size)
-            weight_bk = weight_bk * imp.clamp_min(1e-8)
-        best_err = _block_error(wb, _codes(wb, s, z, qmax), s, z, weight_bk)
-        for alpha in torch.linspace(1.0, _CLIP_MIN, _CLIP_GRID)[1:].tolist():
-            cs, cz = _minmax_params(lo * alpha, hi * alpha, config)
-            err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
-            better = err < best_err
-            s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
-        for _ in range(_LS_ROUNDS):
-            q = _codes(wb, s, z, qmax)
-            cs, cz = _least_squares(wb, q, weight_bk, z, config)
-            cs = torch.where(cs > 0, cs, s)
-            err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
-            better = err < best_err
-            s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
-    codes = _codes(wb, s, z, qmax).reshape(n, -1)[:, :k].to(torch.uint8)
+    weight_bk = mask.float().expand_as(wb)
+    if importance is not None:
+        require(importance.shape == (k,), f"`importance` must have shape ({k},), got {tuple(importance.shape)}")
+        imp, _ = _blocks(importance.detach().float().view(1, k).to(w.device), config.block_size)
+        weight_bk = weight_bk * imp.clamp_min(1e-8)
+    best_err = _block_error(wb, _codes(wb, s, z, qmax), s, z, weight_bk)
+    for alpha in torch.linspace(1.0, _CLIP_MIN, _CLIP_GRID)[1:].tolist():
+        cs, cz = _minmax_params(lo * alpha, hi * alpha, config)
+        err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
+        better = err < best_err
+        s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
+    for _ in range(_LS_ROUNDS):
+        q = _codes(wb, s, z, qmax)
+        cs, cz = _least_squares(wb, q, weight_bk, z, config)
+        cs = torch.where(cs > 0, cs, s)
+        err = _block_error(wb, _codes(wb, cs, cz, qmax), cs, cz, weight_bk)
+        better = err < best_err
+        s, z, best_err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best_err)
+    return _finish(w, wb, s, z, config)
+
+
+@register_method("gptq")
+def _gptq(w: torch.Tensor, config: QuantConfig, importance=None, hessian=None) -> QuantizedWeight:
+    """GPTQ (gptq.py) with each block's grid from the `mse` search; needs the layer's input Hessian."""
+    n, k = w.shape
+    require(hessian is not None and hessian.shape == (k, k),
+            f"`gptq` needs the layer's input Hessian [{k}, {k}]; calibrate first (pipeline.calibrate)")
+    from .gptq import gptq_quantize
+
+    def params(group, imp):
+        qw = _mse(group, replace(config, block_size=_pow2_at_least(group.shape[1])), imp)
+        return qw.scales[:, 0], qw.zero_points[:, 0].float()
+
+    codes, s, z = gptq_quantize(w, hessian.to(w.device), config.block_size, config.levels - 1, params)
+    return QuantizedWeight(codes.to(torch.uint8), s.contiguous(), z.to(torch.uint8), config)
+
+
+def _finish(w: torch.Tensor, wb: torch.Tensor, s: torch.Tensor, z: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    n, k = w.shape
+    codes = _codes(wb, s, z, config.levels - 1).reshape(n, -1)[:, :k].to(torch.uint8)
     return QuantizedWeight(codes.contiguous(), s.contiguous(), z.to(torch.uint8).contiguous(), config)
 
 

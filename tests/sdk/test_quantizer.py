@@ -84,3 +84,25 @@ def test_quant_linear_keeps_integers_under_dtype_cast():
     assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
     layer.to(torch.float32).refresh_weight()
     torch.testing.assert_close(layer.weight, dequantize(qw.codes, qw.scales, qw.zero_points, 16))
+
+
+def test_methods_are_registered_handlers():
+    """quantize_weight dispatches through the handler table; a registered method is usable by name."""
+    from edge_recover import quantizer
+
+    assert tuple(quantizer._HANDLERS)[:3] == quantizer.METHODS
+    calls = []
+
+    @quantizer.register_method("test-rtn-twice")
+    def _twice(w, config, importance, hessian):
+        calls.append(tuple(w.shape))
+        return quantizer._HANDLERS["rtn"](w, config, importance, hessian)
+
+    try:
+        w = torch.randn(8, 64)
+        qw = quantizer.quantize_weight(w, QuantConfig(4, 32), "test-rtn-twice")
+        assert calls == [(8, 64)] and torch.equal(qw.codes, quantizer.quantize_weight(w, QuantConfig(4, 32)).codes)
+    finally:
+        del quantizer._HANDLERS["test-rtn-twice"]
+    with pytest.raises(EdgeRecoverError, match="unknown `method` 'nope'; choose one of rtn, mse, gptq"):
+        quantizer.quantize_weight(w, QuantConfig(4, 32), "nope")
