@@ -39,11 +39,11 @@ def recover_cmd(
                                                 "quantization error) or `activation` (the same, weighted by the teacher's layer inputs)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (warm-up, then cosine) of the LoRA tensors or the "
-                                                  "qat latents (default: 3e-4 lora, 3e-5 qat)"),
+                                                  "qat latents (default: 3e-4 lora, 2e-3 qat)"),
     lr_scale: float = typer.Option(2e-3, help="qat: peak learning rate of the block log-scales"),
     lr_norm: float = typer.Option(1e-4, help="qat: peak learning rate of the norm weights"),
     train_norms: bool = typer.Option(True, help="qat: also train the norm weights (they ship as floats: no new bytes)"),
-    latent_units: str = typer.Option("weight", help="qat: latent in `weight` units or in quantization `step` units"),
+    latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),

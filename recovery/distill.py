@@ -69,7 +69,8 @@ INITS = ("zero", "residual", "activation")
 # Fields that do not change the training trajectory: they may differ between a run and its resume.
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
 # Defaults per mode where they differ: (qat, lora).
-_MODE_DEFAULTS = {"method": ("rtn", "gptq"), "lr": (3e-5, 3e-4)}
+# qat's lr is that of latents in step units (the best measured design: docs/recovery.md).
+_MODE_DEFAULTS = {"method": ("rtn", "gptq"), "lr": (2e-3, 3e-4)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class RecoverConfig:
     lr_scale: float = 2e-3  # qat: peak LR of the log-scales
     lr_norm: float = 1e-4  # qat: peak LR of the norm weights
     train_norms: bool = True  # qat: also train the norm weights (they ship as floats)
-    latent_units: str = "weight"  # qat: `weight` or `step` (sdk/fakequant.py)
+    latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0

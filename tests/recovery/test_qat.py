@@ -22,8 +22,8 @@ from edge_recover.recovery.distill import RecoverConfig, recover
 from edge_recover.scheme import QuantConfig, named_scheme
 
 SCHEME = named_scheme("w4w2gateup").with_block_size({4: 32, 2: 32})  # the tiny model's K = 64 / 128
-CFG = dict(samples=96, seq_len=48, epochs=2, batch_size=8, lr=3e-3, lr_scale=1e-2, lr_norm=1e-3, log_every=2,
-           checkpoint_every=4)
+CFG = dict(samples=96, seq_len=48, epochs=2, batch_size=8, latent_units="weight", lr=3e-3, lr_scale=1e-2, lr_norm=1e-3,
+           log_every=2, checkpoint_every=4)  # the CLI test runs the default, step units
 
 
 @pytest.mark.parametrize("units", ["weight", "step"])
@@ -145,7 +145,8 @@ def _matmulnbits_b(pkg) -> dict[str, np.ndarray]:
 def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path):
     exe = [sys.executable, "-c", "from edge_recover.cli import main; main()"]
     rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
-                                "48", "--epochs", "1", "--batch-size", "8", "--lr", "3e-3", "--lr-scale", "1e-2",
+                                "48", "--epochs", "1", "--batch-size", "8", "--mode", "qat", "--latent-units", "step",  # the defaults
+                                "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
