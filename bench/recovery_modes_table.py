@@ -72,8 +72,13 @@ def main(argv=None) -> dict:
         print(f"{label}: ORT perplexity {ppl:.2f} over {tokens} tokens", flush=True)
     from edge_recover.evaluate import evaluate
 
-    fp = evaluate(resolve_model("smollm2").model, torch.from_numpy(windows), batch_size=2, device="cpu", progress=False)
-    ce_fp = fp.cross_entropy  # torch, the fp32 teacher on the same windows (the fp model has no package here)
+    fp_cache = Path(pkgs["unrecovered"]) / f"torch_fp_ce-{len(windows)}.json"
+    if fp_cache.is_file():
+        ce_fp = json.loads(fp_cache.read_text())
+    else:  # torch, the fp32 teacher on the same windows (the fp model has no package here)
+        ce_fp = evaluate(resolve_model("smollm2").model, torch.from_numpy(windows), batch_size=2, device="cpu",
+                         progress=False).cross_entropy
+        fp_cache.write_text(json.dumps(ce_fp))
     ce_u = rows["unrecovered"]["ce_ort"]
     for r in rows.values():
         r["recovery_pct"] = 100 * (ce_u - r["ce_ort"]) / (ce_u - ce_fp)
@@ -103,7 +108,8 @@ def main(argv=None) -> dict:
                           "gpu_minutes": gpu_minutes, "codes_moved": best["codes_moved"],
                           "torch_ppl_recovered": best["ppl_recovered"], "torch_recovery_pct": best["recovery_pct"],
                           "kl_holdout": [best["kl_holdout_before"], best["kl_holdout_after"]]},
-        "not_measured": {t: ("did not finish: " + (r["log_tail"].strip().splitlines() or ["(no log)"])[-1][:300])
+        "not_measured": {t: ("stopped: " + r["log_tail"].strip().splitlines()[-1][:300]
+                             if "Error" in r["log_tail"] else "did not finish within the device budget (no result)")
                          for t, r in gpu["runs"].items() if r["result"] is None},
     }
     OUT.mkdir(parents=True, exist_ok=True)
