@@ -21,6 +21,7 @@ later runs and is refused for another teacher. No pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from edge_recover.calibration import ordinary_token_pool, sample_rows, sample_top_p  # noqa: F401 (the one teacher sampler; re-exported)
 from edge_recover.errors import EdgeRecoverError, require
 
 DATASET_KIND = "edge-recover-synthetic-dataset"
@@ -128,27 +130,6 @@ def load_dataset(path: str | Path, teacher_hash: str | None = None) -> Synthetic
     return SyntheticDataset(ids, temps, settings, meta.get("teacher_hash", ""), meta.get("seconds", 0.0))
 
 
-def ordinary_token_pool(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Ids a row may start from: every token id below `vocab_size` that is not a special token."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
-    n = min(len(tokenizer), vocab_size) if tokenizer is not None else vocab_size
-    pool = torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
-    require(pool.numel() > 0, "the tokenizer has no ordinary tokens to start samples from")
-    return pool
-
-
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from softmax(logits) [B, V] restricted to the top-p nucleus; returns [B]."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the first token always stays
-        sorted_p = sorted_p * keep
-        pick = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, pick).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: str, device: str | torch.device | None = None,
                      progress: bool = True) -> SyntheticDataset:
@@ -174,33 +155,17 @@ def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: s
         from tqdm import tqdm
 
         bar = tqdm(total=settings.tokens, desc="teacher samples", unit="tok", unit_scale=True, leave=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     for start in starts:
         end = min(start + settings.batch_size, settings.samples)
-        ids = first[start:end].view(-1, 1).to(device)
-        inv_t = (1.0 / temps[start:end]).view(-1, 1).to(device)
-        rows = [ids]
         with autocast:
-            step = model(input_ids=ids, use_cache=True)
-            for _ in range(settings.seq_len - 1):
-                nxt = sample_top_p(step.logits[:, -1].float() * inv_t, settings.top_p, dev_gen).view(-1, 1)
-                rows.append(nxt)
-                step = model(input_ids=nxt, past_key_values=step.past_key_values, use_cache=True)
-        out[start:end] = torch.cat(rows, dim=1).cpu()
-        del step
+            out[start:end] = sample_rows(model, first[start:end], settings.seq_len, temps[start:end],
+                                         settings.top_p, dev_gen)
         if bar is not None:
             bar.update((end - start) * settings.seq_len)
     if bar is not None:
         bar.close()
     return SyntheticDataset(out, temps, settings, teacher_hash, seconds=time.perf_counter() - t0)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def split_holdout(n: int, share: float = 0.02, minimum: int = 4, maximum: int = 256) -> int:
