@@ -97,10 +97,25 @@ class ProviderChoice:
 
 
 def installed_providers() -> list[str]:
-    """The execution providers the installed onnxruntime build offers."""
+    """The execution providers the installed onnxruntime build offers, plugin EPs included.
+
+    onnxruntime-qnn is a plugin EP: it shows in `get_available_providers()` only once registered, so it is
+    registered here when installed (otherwise the answer would depend on what ran before in the process)."""
+    import importlib.util
+
     import onnxruntime as ort
 
-    return list(ort.get_available_providers())
+    have = list(ort.get_available_providers())
+    if "QNNExecutionProvider" not in have and importlib.util.find_spec("onnxruntime_qnn") is not None:
+        from edge_recover.errors import EdgeRecoverError
+        from edge_recover.qnn import register_qnn
+
+        try:
+            register_qnn()
+        except EdgeRecoverError:  # installed but unusable: reported as not installed, with the pip hint
+            return have
+        have = list(ort.get_available_providers())
+    return have
 
 
 def _spec(name: str) -> ProviderSpec:

@@ -173,6 +173,10 @@ class OrtCausalLM:
                                        f"--fallback-cpu") from None
             else:
                 raise
+        if self.choice.spec.ep not in self.session.get_providers() and fallback:
+            # e.g. a plugin EP (QNN) that takes sessions through add_provider_for_devices, or refused every node
+            self.choice = ProviderChoice(self.choice.requested, resolve_provider("cpu").spec, {}, True,
+                                         f"onnxruntime did not enable {self.choice.spec.ep} for this graph")
         if self.choice.spec.ep not in self.session.get_providers():
             raise EdgeRecoverError(f"onnxruntime did not enable {self.choice.spec.ep} (got "
                                    f"{', '.join(self.session.get_providers())}); pass --fallback-cpu to accept that")

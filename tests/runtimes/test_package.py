@@ -58,7 +58,13 @@ def test_unknown_provider():
         resolve_provider("tpu")
 
 
-@pytest.mark.parametrize("name", ["qnn", "dml", "vitisai", "openvino"])
+def test_qnn_is_installed_whatever_ran_before():
+    """onnxruntime-qnn is a test dependency and a plugin EP: resolving `qnn` registers it (no order dependence)."""
+    choice = resolve_provider("qnn")
+    assert not choice.fell_back and choice.spec.ep == "QNNExecutionProvider"
+
+
+@pytest.mark.parametrize("name", ["dml", "vitisai", "openvino"])
 def test_missing_provider_names_installed_and_pip(name):
     spec = PROVIDERS[name]
     with pytest.raises(EdgeRecoverError) as info:
@@ -71,9 +77,12 @@ def test_missing_provider_names_installed_and_pip(name):
     assert "fell back from " + name in choice.describe()
 
 
-def test_fallback_session_runs_on_cpu(tiny_package):
-    lm = OrtCausalLM(tiny_package, provider="qnn", fallback=True, threads=1)
+@pytest.mark.parametrize("provider", ["qnn", "dml"])
+def test_fallback_session_runs_on_cpu(tiny_package, provider):
+    """dml is not installed; qnn is, but a plain session does not enable the plugin EP: both fall back."""
+    lm = OrtCausalLM(tiny_package, provider=provider, fallback=True, threads=1)
     assert lm.session.get_providers() == ["CPUExecutionProvider"] and lm.choice.fell_back
+    assert lm.choice.reason
 
 
 def test_provider_aliases_and_options():
