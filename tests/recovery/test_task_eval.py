@@ -8,10 +8,7 @@ files and unknown tasks are one line, exit 2; `edge-recover fetch bigbench` extr
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.cli import run_cli as _cli
 from edge_recover.errors import EdgeRecoverError
 from edge_recover.tasks import BIGBENCH_TASKS, load_task_file, resolve_task, resolve_tasks
 from edge_recover.tasks_score import (TaskResult, encode_pair, mean_stderr, reach, recovery_share, recovery_table,
@@ -27,23 +25,6 @@ from edge_recover.tasks_score import (TaskResult, encode_pair, mean_stderr, reac
 CONTEXTS = ["the quick brown fox", "to be or not to be", "all the world's a stage", "merely players and",
             "the lazy dog", "that is the question", "and all the men", "a stage and"]
 WORDS = ["fox", "dog", "stage", "question", "players", "men", "women", "lazy", "brown", "world"]
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    from edge_recover.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["edge-recover", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def _ours(path: Path, examples: list[dict], **extra) -> Path:
@@ -225,7 +206,7 @@ def test_cli_fetch_bigbench_extracts_only_the_task_files(tmp_path, monkeypatch):
     assert sorted(p.stem for p in folder.glob("*.json")) == sorted(BIGBENCH_TASKS)
     assert resolve_task(f"bigbench:{BIGBENCH_TASKS[0]}").examples[0].context == f"\nQ: {BIGBENCH_TASKS[0]}" \
         + "".join(f"\n  choice: {c}" for c in np.random.RandomState(seed=42).permutation(["a", "b"])) + "\nA: "
-    assert _cli("fetch", "bigbench")[0] == 0 and len(calls) == 2  # cached: no second download
+    assert _cli("fetch", "bigbench").code == 0 and len(calls) == 2  # cached: no second download
 
 
 def test_cli_eval_default_suite_with_quantized_and_adapter(tiny_model, tmp_path, monkeypatch):

@@ -11,16 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.cli import run_cli as _cli
 from edge_recover.recovery.task_eval import TorchLoglikelihood
 from edge_recover.runtimes.task_eval import PackageLoglikelihood
 from edge_recover.tasks import Example, Task
@@ -38,23 +36,6 @@ def _requests(n_choices: int = 4, seed: int = 0) -> list[list[tuple[str, str]]]:
         words = ["".join(rng.choice(list(LETTERS), size=int(rng.integers(1, 6)))) for _ in range(n_choices)]
         out.append([(ctx, " " + w) for w in words])
     return out
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    from edge_recover.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["edge-recover", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_exact_graph_package_scores_equal_torch(tiny_hf, tiny_package):
