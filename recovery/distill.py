@@ -98,6 +98,7 @@ class RecoverConfig:
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0
+    beta2: float = 0.999  # AdamW's second-moment decay (0.95 reacts faster to the STE's noisy gradients)
     grad_clip: float = 1.0
     temperature: float = 1.0
     seed: int = 0
@@ -493,7 +494,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
         student, groups, start = _lora_student(base, teacher_model, targets, cfg, train_ids, dev, resume)
     else:
         student, groups, start = _qat_student(base, teacher_model, cfg, dev)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
     params = [p for g in groups for p in g["params"]]
 
     work.mkdir(parents=True, exist_ok=True)
