@@ -1,4 +1,4 @@
-"""`export_package(..., adapter=DIR, adapter_mode=...)`: the adapter steps of an export, in order.
+"""`ExportOptions(adapter=DIR, adapter_mode=...)`: the adapter steps of an export, in order.
 
     plan_adapter       before any model is loaded: read the adapter, refuse a bad mode / name / target
     quantize_for       a full-precision MODEL is quantized exactly as the adapter's run did (its scheme,
@@ -8,7 +8,7 @@
     reference          the torch model the package must equal: PEFT on the base (sidecar), else the model
     write              sidecar: `adapters/NAME.onnx_adapter` + manifest `lora` / `adapters` records
 
-The graph side of side-car mode is `lora.add_sidecar`, run inside `api.build_graph` (`plan.sidecar`).
+The graph side of side-car mode is `lora.add_sidecar`, run by the `lora_sidecar` pass (passes.py, `plan.sidecar`).
 """
 
 from __future__ import annotations

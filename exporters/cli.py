@@ -1,6 +1,7 @@
 """CLI commands of the exporter: `edge-recover export`, `edge-recover targets` and `edge-recover adapter add`.
 
-A thin layer over `edge_recover.exporters.api`; no torch or onnx import at module import time.
+A thin layer over `edge_recover.exporters.api`: `export` builds one `ExportOptions` from its flags and runs
+the target's pass list (passes.py); no torch or onnx import at module import time.
 """
 
 from __future__ import annotations
@@ -51,18 +52,19 @@ def register(app: typer.Typer) -> None:
         """Export a model to an ONNX package (MatMulNBits with the quantizer's integers) for a target."""
         from edge_recover.atomic import check_new_dir
 
-        from .api import export_package, read_package_manifest
+        from .api import ExportOptions, export, read_package_manifest
         from .targets import resolve_target
 
         prof = resolve_target(target, vendor)
         check_new_dir(output, overwrite)
         static = _static_options(prof, context_length, prefill_window, soc)
-        path = export_package(model, output, scheme=scheme, target=target, static=static, method=method, vendor=vendor,
-                              verify=verify, overwrite=overwrite, calibration=calibration, block_size=block_size,
-                              fuse=fuse, adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name,
-                              merge_method=merge_method, merge_calibration=merge_calibration,
-                              eval_text=_read_text(eval_text), kv_dtype=kv_dtype, share_embedding=share_embedding,
-                              base=base)
+        options = ExportOptions(
+            target=target, vendor=vendor, scheme=scheme, method=method, calibration=calibration,
+            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, adapter=adapter,
+            adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
+            merge_calibration=merge_calibration, eval_text=_read_text(eval_text), verify=verify,
+            static=static, base=base, overwrite=overwrite)
+        path = export(model, output, options)
         m = read_package_manifest(path)
         bits: dict[str, int] = {}
         for layer in m["layers"].values():

@@ -342,7 +342,7 @@ def add_adapter(package: str | Path, adapter: str | Path, name: str, overwrite: 
 
 @dataclass
 class Sidecar:
-    """A side-car request for `api.build_graph`: which adapter, in which dtype; `layers` is filled by `apply`."""
+    """A side-car request for the `lora_sidecar` export pass (passes.py): which adapter, in which dtype; `layers` is filled by `apply`."""
 
     data: LoraAdapterData
     dtype: str

@@ -158,7 +158,7 @@ def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
 
     Example:
         >>> with low_memory_weights(lm.model) as ph:  # doctest: +SKIP
-        ...     _optimum_export(lm.model, tmp)
+        ...     passes._optimum_export(lm.model, tmp)
     """
     import torch
 
