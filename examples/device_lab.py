@@ -2,11 +2,14 @@
 
     .venv/bin/python examples/device_lab.py out/demo/fp32 out/demo/w4 out/demo/w4w2gateup -o out/lab
     .venv/bin/python examples/device_lab.py PKG... --providers cpu,openvino --prompt-lengths 128,512 -o out/lab
+    .venv/bin/python examples/device_lab.py PKG... --eval-text held-out.txt -o out/lab   # + perplexity per package
 
-For each provider it writes out/lab/<host>-<provider>/ (report.json, report.md, plots) and at the end
+For each provider it writes out/lab/<host>-<provider>/ (report.json, report.md, report.csv, report.jsonl,
+plots) and at the end
 out/lab/index.md: one row per (host, provider, package, prompt length), gathered from every report.json
 under out/lab, so reports copied in from other lab machines are collected too. A provider that is not
-installed is listed as skipped, with the reason, rather than silently measured on the CPU.
+installed is listed as skipped, with the reason, rather than silently measured on the CPU. Reports from
+two lab machines compare with `edge-recover report compare out/lab/A-cpu out/lab/B-cpu -o out/compare`.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from edge_recover.runtimes.report import paired_ratio
 
 def collect(lab: Path) -> str:
     """index.md rows from every report.json under `lab`."""
-    rows = ["| report | cpu | provider | package | prompt | prefill tok/s | decode tok/s | decode vs first | roofline share |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| report | cpu | provider | package | prompt | prefill tok/s | decode tok/s | decode vs first | roofline share "
+            "| perplexity |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for path in sorted(lab.glob("*/report.json")):
         data = json.loads(path.read_text())
+        ppl = {p["label"]: (p.get("perplexity") or {}).get("perplexity") for p in data["packages"]}
         for r in data["results"]:
             rows.append(f"| {path.parent.name} | {data['device']['cpu_model']} | {data['settings']['provider']} | "
                         f"{r['package']} | {r['prompt_length']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
                         f"| {paired_ratio(data, r['package'], r['prompt_length']):.2f}x "
-                        f"| {100 * r['roofline_share']:.0f} % |")
+                        f"| {100 * r['roofline_share']:.0f} % | "
+                        f"{'-' if ppl.get(r['package']) is None else format(ppl[r['package']], '.2f')} |")
     return "\n".join(["# Device-lab results", "", *rows, ""])
 
 
@@ -46,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--eval-text", default=None, help="held-out UTF-8 text: perplexity of each package on it")
     args = ap.parse_args(argv)
     lab = Path(args.output)
     host = platform.node() or "host"
     settings_base = dict(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
-                         new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+                         new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                         eval_text=args.eval_text, eval_windows=2, eval_seq_len=32)
     for provider in args.providers.split(","):
         try:
             resolve_provider(provider)

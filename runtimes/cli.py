@@ -127,8 +127,13 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="replace an existing report folder"),
         verify_hashes: bool = typer.Option(False, help="check every package file's sha256 against its manifest "
                                                        "first (sizes are always checked)"),
+        eval_text: Optional[Path] = typer.Option(None, help="held-out UTF-8 text: each package's perplexity on it, "
+                                                            "through its own runtime"),
+        eval_windows: int = typer.Option(4, help="windows of --eval-text scored per package"),
+        eval_seq_len: int = typer.Option(256, help="tokens per --eval-text window"),
     ) -> None:
-        """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share; write a report folder."""
+        """Measure prefill/decode tokens/s, TTFT, latency, memory and roofline share (and perplexity with
+        --eval-text); write a report folder (JSON, Markdown, CSV, JSONL, plots)."""
         from edge_recover.atomic import check_new_dir
 
         if verify_hashes:
@@ -140,8 +145,34 @@ def register(app: typer.Typer) -> None:
         settings = ProfileSettings(provider=provider, provider_options=_options(provider_option),
                                    fallback=fallback_cpu, prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
                                    new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads,
-                                   huge_pages=huge_pages, session_config=_options(session_config, "--session-config"))
+                                   huge_pages=huge_pages, session_config=_options(session_config, "--session-config"),
+                                   eval_text=str(eval_text) if eval_text else None, eval_windows=eval_windows,
+                                   eval_seq_len=eval_seq_len)
         report = profile_packages([str(p) for p in packages], settings, output, overwrite=overwrite,
                                   log=lambda s: typer.echo(s, err=True))
         typer.echo(report.summary())
-        typer.echo(f"wrote {output}/report.md, report.json and plots")
+        typer.echo(f"wrote {output}/report.md, report.json, report.csv, report.jsonl and plots")
+
+    report_app = typer.Typer(no_args_is_help=True, help="Work with profile reports.")
+    app.add_typer(report_app, name="report")
+
+    @report_app.command("compare")
+    def report_compare(
+        reports: List[Path] = typer.Argument(..., help="report folders, report.json or report.jsonl files "
+                                                       "(other machines' or runs')"),
+        output: Path = typer.Option(..., "-o", "--output", help="comparison folder to create"),
+        baseline: Optional[str] = typer.Option(None, help="run the ratios are against (its folder or file name; "
+                                                          "default: the first)"),
+        overwrite: bool = typer.Option(False, help="replace an existing comparison folder"),
+    ) -> None:
+        """Rows matched by (package, provider, n_prompt, n_gen, threads) across runs, with ratios to the
+        baseline run; writes compare.md, compare.json and compare_decode.png."""
+        from edge_recover.atomic import check_new_dir
+
+        from .report_compare import compare_reports, render_compare, write_compare
+
+        check_new_dir(output, overwrite)
+        cmp = compare_reports(reports, baseline)
+        write_compare(cmp, output, overwrite=overwrite)
+        typer.echo(render_compare(cmp))
+        typer.echo(f"wrote {output}/compare.md, compare.json and compare_decode.png")

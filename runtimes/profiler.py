@@ -11,6 +11,12 @@ A run is a random prompt of exactly `prompt_length` ids, a prefill, then `new_to
 stop tokens ignored. The bandwidth is the median of probes taken before the runs and after every repeat
 round. The roofline for a run is `bandwidth / (weight bytes per token + KV bytes read at
 the mean decode context)`; `roofline_share` is measured decode tok/s over it.
+
+With `eval_text` (a held-out UTF-8 file), each worker also scores `eval_windows` windows of `eval_seq_len`
+tokens of it after the timed runs (and after its peak memory is read, so scoring does not count in it):
+perplexity through the package's own engine, one token per step through its KV cache, as decoding reads
+it. Each package tokenizes the text with its own tokenizer.json. The fields device labs compare
+(report_fields.py) are kept in report.json and written as report.csv / report.jsonl beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 from edge_recover.errors import EdgeRecoverError
 
 from .package import folder_size, graph_stats, open_package
+from .report_fields import rate_stats
 
 __all__ = ["ProfileSettings", "PackageEntry", "Report", "Worker", "profile_packages"]
 
@@ -59,6 +66,9 @@ class ProfileSettings:
     bandwidth_mb: int = 512
     huge_pages: bool = False  # workers' malloc asks for transparent huge pages; the probe uses them too
     session_config: dict = field(default_factory=dict)  # ORT session config entries for every `ort` package
+    eval_text: Optional[str] = None  # held-out UTF-8 text: perplexity per package through its own runtime
+    eval_windows: int = 4
+    eval_seq_len: int = 256
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -68,6 +78,11 @@ class ProfileSettings:
                                    f"got {self.new_tokens}")
         if self.warmup < 0:
             raise EdgeRecoverError(f"`warmup` must be >= 0, got {self.warmup}")
+        if self.eval_windows < 1 or self.eval_seq_len < 2:
+            raise EdgeRecoverError(f"`eval_windows` must be >= 1 and `eval_seq_len` >= 2, got {self.eval_windows} "
+                                   f"and {self.eval_seq_len}")
+        if self.eval_text is not None and not Path(self.eval_text).is_file():
+            raise EdgeRecoverError(f"`--eval-text` {str(self.eval_text)!r} is not a file; pass a UTF-8 text file")
 
 
 @dataclass
@@ -159,12 +174,34 @@ def _describe_package(entry: PackageEntry) -> dict:
     else:
         pkg = open_package(entry.path)
         stats, context, scheme = pkg.stats, pkg.context_length, pkg.scheme_name
-    return {"label": entry.label, "path": str(entry.path), "engine": entry.engine, "scheme": scheme,
+    from .report_fields import parameter_count
+
+    model_file = (Path(entry.path) / dec["filename"]) if entry.engine == "genai" else pkg.model_file
+    return {"parameters": parameter_count(model_file),"label": entry.label, "path": str(entry.path), "engine": entry.engine, "scheme": scheme,
             "size_bytes": folder_size(entry.path), "weight_bytes": stats.weight_bytes,
             "weight_bytes_per_token": stats.weight_bytes_per_token,
             "kv_bytes_per_position": stats.kv_bytes_per_position(),
             "matmulnbits_bits": {str(k): v for k, v in stats.matmulnbits_bits.items()},
             "context_length": context}
+
+
+def _eval_windows(entry: PackageEntry, settings: ProfileSettings, context: int) -> list[list[int]]:
+    """`settings.eval_windows` windows of `eval_seq_len` ids of the held-out text, by the package's tokenizer."""
+    from tokenizers import Tokenizer
+
+    path = Path(entry.path) / "tokenizer.json"
+    if not path.is_file():
+        raise EdgeRecoverError(f"{entry.label} has no tokenizer.json to read `--eval-text` with; re-export it")
+    if settings.eval_seq_len > context:
+        raise EdgeRecoverError(f"`--eval-seq-len` {settings.eval_seq_len} exceeds {entry.label}'s context of "
+                               f"{context}; lower it")
+    text = Path(str(settings.eval_text)).read_text(encoding="utf-8", errors="replace")
+    ids = Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
+    n, length = settings.eval_windows, settings.eval_seq_len
+    if len(ids) < n * length:
+        raise EdgeRecoverError(f"`--eval-text` has {len(ids)} tokens for {entry.label}, fewer than "
+                               f"{n} x {length}; pass a longer text or lower `--eval-windows` / `--eval-seq-len`")
+    return [ids[i * length:(i + 1) * length] for i in range(n)]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -197,6 +234,8 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             raise EdgeRecoverError(f"prompt length {max(settings.prompt_lengths)} + {settings.new_tokens} new tokens "
                                    f"exceeds {d['label']}'s context of {d['context_length']}; lower "
                                    f"`--prompt-lengths` or `--new-tokens`")
+    windows = ([_eval_windows(e, settings, d["context_length"]) for e, d in zip(entries, described)]
+               if settings.eval_text else None)  # refused before anything is measured
     device = device_info(settings.threads)
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
     # A shared machine's bandwidth drifts (neighbours): probe it before the runs and after every repeat
@@ -217,7 +256,8 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                          options=settings.provider_options, fallback=settings.fallback, threads=settings.threads,
                          session_config=config)
             d.update(provider=info["provider"], fell_back=info["fell_back"], fallback_reason=info["reason"],
-                     load_s=info["load_s"], session_config=config)
+                     load_s=info["load_s"], session_config=config, threads=info.get("threads"),
+                     runtime=info.get("runtime") or {})
             log(f"loaded {e.label} on {info['provider']} in {info['load_s']:.1f} s")
         n_warm = min(settings.warmup_tokens, settings.new_tokens)
         for _ in range(settings.warmup):
@@ -238,6 +278,14 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             probes.append(probe())
         for w, d in zip(workers, described):
             d["peak_rss_bytes"] = w.ask(op="stats")["peak_rss_bytes"]
+        for i, (w, d) in enumerate(zip(workers, described)):  # after the peak memory: scoring is not counted in it
+            if windows is not None:
+                s = w.ask(op="perplexity", windows=windows[i])
+                d["perplexity"] = {"perplexity": float(np.exp(s["nll"] / s["tokens"])), "tokens": s["tokens"],
+                                   "windows": settings.eval_windows, "seq_len": settings.eval_seq_len,
+                                   "text": str(settings.eval_text), "seconds": s["seconds"],
+                                   "method": "one token per step through the engine's KV cache"}
+                log(f"perplexity of {d['label']}: {d['perplexity']['perplexity']:.2f} ({s['tokens']} tokens)")
     finally:
         for w in workers:
             w.close()
@@ -253,10 +301,15 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             bytes_per_token = d["weight_bytes_per_token"] + d["kv_bytes_per_position"] * (length + settings.new_tokens / 2)
             roofline = bandwidth / bytes_per_token
             med_decode = statistics.median(decode)
+            prefill = [length / x["prefill_s"] for x in rs]
+            (pre_mean, pre_sd), (dec_mean, dec_sd) = rate_stats(prefill), rate_stats(decode)
             results.append({
                 "package": d["label"], "prompt_length": length, "new_tokens": settings.new_tokens,
-                "prefill_tok_s": statistics.median(length / x["prefill_s"] for x in rs),
+                "prefill_tok_s": statistics.median(prefill),
                 "decode_tok_s": med_decode,
+                "prefill_tok_s_mean": pre_mean, "prefill_tok_s_stddev": pre_sd,
+                "decode_tok_s_mean": dec_mean, "decode_tok_s_stddev": dec_sd,
+                "second_plus_tok_s": med_decode,  # MLPerf Client's 2nd+ token rate: decode steps start after the first
                 "ttft_s": statistics.median(x["ttft_s"] for x in rs),
                 "latency_p50_s": _pct(steps, 50), "latency_p95_s": _pct(steps, 95),
                 "bytes_per_token": int(bytes_per_token), "roofline_tok_s": roofline,
@@ -266,8 +319,10 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             })
     from edge_recover.versions import tool_version
 
+    from .report_fields import build_info
+
     data = {"kind": REPORT_KIND, "format_version": REPORT_FORMAT_VERSION, "tool_version": tool_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
+            "build": build_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
             "bandwidth_bytes_s": bandwidth, "bandwidth_probes_bytes_s": probes,
             "settings": {**asdict(settings), "prompt_lengths": list(settings.prompt_lengths)},
             "packages": described, "results": results}

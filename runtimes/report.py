@@ -1,4 +1,5 @@
-"""Write a profile as a folder: report.json (for device labs to collect), report.md and PNG plots.
+"""Write a profile as a folder: report.json (for device labs to collect), report.md, PNG plots, and the lab
+fields (report_fields.py) as report.csv and report.jsonl, one row per (package, prompt length).
 
 Everything here works from the report dict alone (report.json round-trips), so a lab can re-render a
 report collected elsewhere: `write_report(json.load(open("report.json")), "out/again")`.
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from edge_recover.atomic import atomic_dir
 
-__all__ = ["write_report", "render_markdown", "plot_report", "paired_ratio", "PLOTS"]
+__all__ = ["write_report", "render_markdown", "plot_report", "paired_ratio", "write_rows", "PLOTS", "TABLES"]
 
 PLOTS = ("decode_tok_s.png", "prefill_tok_s.png")
+TABLES = ("report.csv", "report.jsonl")
 
 
 def _probes(data: dict) -> str:
@@ -60,6 +62,11 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def _opt(value, scale: float, fmt: str) -> str:
+    """`value * scale` formatted, or `-` when the report does not have it (older reports, no held-out text)."""
+    return "-" if value is None else format(value * scale, fmt)
+
+
 def render_markdown(data: dict) -> str:
     """report.md: device, packages, and per prompt length a table with ratios against the first package."""
     dev, st = data["device"], data["settings"]
@@ -72,15 +79,21 @@ def render_markdown(data: dict) -> str:
              f"interleaved repeats (medians), {st['warmup']} warm-up round(s); {_pages(data)}. Ratios are "
              f"against `{data['packages'][0]['label']}`, paired: the median over rounds of the two packages' "
              f"ratio within a round.", "",
-             "| package | scheme | provider | size MB | weights read/token MB | KV cache KB/position | MatMulNBits bits | peak RSS MB |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
+             "| package | scheme | provider | size MB | weights read/token MB | KV cache KB/position | MatMulNBits bits "
+             "| peak RSS MB | parameters M | load s | perplexity |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for p in data["packages"]:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in p["matmulnbits_bits"].items()) or "none"
         config = ", ".join(f"{k}={v}" for k, v in (p.get("session_config") or {}).items())
         provider = p.get("provider", "") + (f" ({config})" if config else "")
         lines.append(f"| {p['label']} | {p['scheme']} | {provider} | {_mb(p['size_bytes'])} | "
                      f"{_mb(p['weight_bytes_per_token'])} | {p.get('kv_bytes_per_position', 0) / 1024:.1f} | {bits} | "
-                     f"{_mb(p.get('peak_rss_bytes', 0))} |")
+                     f"{_mb(p.get('peak_rss_bytes', 0))} | {_opt(p.get('parameters'), 1e-6, '.1f')} | "
+                     f"{_opt(p.get('load_s'), 1, '.2f')} | {_opt((p.get('perplexity') or {}).get('perplexity'), 1, '.2f')} |")
+    ppl = next((p["perplexity"] for p in data["packages"] if p.get("perplexity")), None)
+    if ppl:
+        lines += ["", f"Perplexity: {ppl['windows']} windows x {ppl['seq_len']} tokens of `{ppl['text']}`, each package "
+                      f"through its own engine ({ppl['method']})."]
     if any(p.get("fell_back") for p in data["packages"]):
         lines += ["", "**Fell back to the CPU provider:** " +
                   "; ".join(f"{p['label']}: {p['fallback_reason']}" for p in data["packages"] if p.get("fell_back"))]
@@ -133,10 +146,27 @@ def plot_report(data: dict, folder: str | Path) -> list[Path]:
     return out
 
 
+def write_rows(rows: list[dict], folder: str | Path, stem: str = "report") -> list[Path]:
+    """`rows` (dicts with the same keys) as STEM.csv and STEM.jsonl in `folder`; None is an empty CSV cell."""
+    import csv
+
+    folder = Path(folder)
+    with open(folder / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [folder / f"{stem}.csv", folder / f"{stem}.jsonl"]
+
+
 def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Path:
-    """Write report.json, report.md and the plots into a new folder `output` (all or nothing)."""
+    """Write report.json, report.md, report.csv, report.jsonl and the plots into a new folder `output`
+    (all or nothing)."""
+    from .report_fields import lab_rows
+
     with atomic_dir(output, overwrite) as tmp:
         (tmp / "report.json").write_text(json.dumps(data, indent=1))
         (tmp / "report.md").write_text(render_markdown(data))
+        write_rows(lab_rows(data), tmp)
         plot_report(data, tmp)
     return Path(output)

@@ -6,8 +6,10 @@ side cannot share allocator arenas or caches. The parent sends one request at a 
 Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads",
 "session_config"},
 {"op": "run", "prompt_len", "new_tokens", "seed"} or {"op": "run", "ids", "new_tokens"} (greedy; the reply's
-"ids" are the generated tokens), {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
-or {"ok": false, "error": message, "user": bool}.
+"ids" are the generated tokens), {"op": "perplexity", "windows": [[ids], ...]} (each window scored one token
+per step through the engine's own KV cache, as decoding reads it; the reply holds "nll" summed in nats and
+"tokens" scored), {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
+or {"ok": false, "error": message, "user": bool}. The load reply names the runtime's build ("runtime").
 
 The genai engine needs only onnxruntime-genai and numpy, so this file also runs as a plain script under
 another interpreter (a venv with onnxruntime-genai but without edge-recover).
@@ -37,6 +39,26 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _ort_build() -> dict:
+    """The onnxruntime this process runs (its version; the build's providers)."""
+    import onnxruntime as ort
+
+    return {"onnxruntime": ort.__version__}
+
+
+def _perplexity(engine, windows: list[list[int]]) -> dict:
+    """Summed next-token NLL (nats) of every window, each from an empty cache, one token per step."""
+    nll, count = 0.0, 0
+    for row in windows:
+        feed = engine.logits()
+        for pos in range(len(row) - 1):
+            lg = feed(int(row[pos])).astype(np.float64)
+            lg -= lg.max()
+            nll -= float(lg[int(row[pos + 1])] - np.log(np.exp(lg).sum()))
+            count += 1
+    return {"nll": nll, "tokens": count}
+
+
 class _OrtEngine:
     def __init__(self, req: dict) -> None:
         from edge_recover.runtimes.static_session import open_causal_lm
@@ -48,7 +70,17 @@ class _OrtEngine:
         session = getattr(self.lm, "session", None) or self.lm.sessions["decode"]  # static packages: two graphs
         self.info = {"provider": self.lm.choice.describe(), "fell_back": self.lm.choice.fell_back,
                      "reason": self.lm.choice.reason, "threads": self.lm.threads,
-                     "session_providers": session.get_providers()}
+                     "session_providers": session.get_providers(), "runtime": _ort_build()}
+
+    def logits(self):
+        """A scorer: feed one token, get the next token's logits (a fresh cache per window)."""
+        cache = self.lm.empty_cache()
+
+        def feed(token: int) -> np.ndarray:
+            nonlocal cache
+            out, cache = self.lm.step(np.asarray([[token]], dtype=np.int64), cache)
+            return out
+        return feed
 
     def run(self, ids: list[int], new_tokens: int) -> dict:
         from edge_recover.runtimes.generate import generate_ids
@@ -69,9 +101,21 @@ class _GenaiEngine:
             config.append_provider(req["provider"])
         self.model = og.Model(config)
         with open(os.path.join(req["package"], "genai_config.json")) as f:
-            self.vocab = int(json.load(f)["model"]["vocab_size"])
+            cfg = json.load(f)["model"]
+        self.vocab, self.context = int(cfg["vocab_size"]), int(cfg.get("context_length", 4096))
         self.info = {"provider": f"{req.get('provider', 'cpu')} (onnxruntime-genai {og.__version__})",
-                     "fell_back": False, "reason": "", "threads": None, "session_providers": []}
+                     "fell_back": False, "reason": "", "threads": None, "session_providers": [],
+                     "runtime": {"onnxruntime-genai": og.__version__, **_ort_build()}}
+
+    def logits(self):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.context, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+
+        def feed(token: int) -> np.ndarray:
+            gen.append_tokens(np.asarray([token], dtype=np.int32))
+            return np.asarray(gen.get_logits()).reshape(-1)
+        return feed
 
     def run(self, ids: list[int], new_tokens: int) -> dict:
         og = self.og
@@ -114,6 +158,9 @@ def main() -> None:
                     rng = np.random.default_rng(int(req.get("seed", 0)))
                     ids = rng.integers(0, engine.vocab, size=int(req["prompt_len"])).tolist()
                 reply = {"ok": True, **engine.run(list(ids), int(req["new_tokens"]))}
+            elif op == "perplexity":
+                t = time.perf_counter()
+                reply = {"ok": True, **_perplexity(engine, req["windows"]), "seconds": time.perf_counter() - t}
             elif op == "stats":
                 reply = {"ok": True, "peak_rss_bytes": _peak_rss()}
             elif op == "quit":

@@ -25,8 +25,11 @@ def test_chat_bad_package(tmp_path):
 
 def test_device_lab_collects(tiny_package, tmp_path):
     lab = tmp_path / "lab"
+    text = tmp_path / "held-out.txt"
+    text.write_text("A held-out line of plain English text for the lab's perplexity. " * 4)
     proc = subprocess.run([sys.executable, str(EXAMPLES / "device_lab.py"), str(tiny_package), "-o", str(lab),
-                           "--providers", "cpu,qnn,dml", "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1"],
+                           "--providers", "cpu,qnn,dml", "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1",
+                           "--eval-text", str(text)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "skipped dml" in proc.stderr and "onnxruntime-directml" in proc.stderr  # not installed: skipped
@@ -34,5 +37,8 @@ def test_device_lab_collects(tiny_package, tmp_path):
     assert "error on qnn" in proc.stderr and "--target qnn" in proc.stderr
     reports = list(lab.glob("*-cpu/report.json"))
     assert len(reports) == 1 and json.loads(reports[0].read_text())["results"][0]["prompt_length"] == 8
+    assert (reports[0].parent / "report.csv").is_file() and (reports[0].parent / "report.jsonl").is_file()
+    ppl = json.loads(reports[0].read_text())["packages"][0]["perplexity"]["perplexity"]
     index = (lab / "index.md").read_text()
     assert index.count("| fp32 | 8 |") == 1 and "| 1.00x |" in index  # the first package against itself
+    assert f"| {ppl:.2f} |" in index

@@ -1,4 +1,5 @@
-"""The profiler on tiny packages: report structure, markdown tables, plots, and bad settings."""
+"""The profiler on tiny packages: report structure, the device-lab fields (CSV/JSONL, perplexity, parameters,
+build), markdown tables, plots, and bad settings."""
 
 from __future__ import annotations
 
@@ -9,14 +10,24 @@ import pytest
 
 from edge_recover.errors import EdgeRecoverError
 from edge_recover.runtimes.profiler import PackageEntry, ProfileSettings, profile_packages
-from edge_recover.runtimes.report import PLOTS, write_report
+from edge_recover.runtimes.report import PLOTS, TABLES, write_report
+from edge_recover.runtimes.report_fields import LAB_FIELDS
+
+EVAL = dict(eval_windows=2, eval_seq_len=24)
+
+
+def _eval_text(folder) -> str:
+    path = folder / "held-out.txt"
+    path.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 6)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def report_dir(tiny_package, tmp_path_factory):
     root = tmp_path_factory.mktemp("prof")
     second = shutil.copytree(tiny_package, root / "copy")
-    settings = ProfileSettings(prompt_lengths=[8, 24], new_tokens=6, repeats=2, threads=1, bandwidth_mb=64)
+    settings = ProfileSettings(prompt_lengths=[8, 24], new_tokens=6, repeats=2, threads=1, bandwidth_mb=64,
+                               eval_text=_eval_text(root), **EVAL)
     out = root / "report"
     profile_packages([str(tiny_package), PackageEntry(str(second), label="second")], settings, out)
     return out
@@ -58,6 +69,71 @@ def test_report_json_structure(report_dir, tiny_package):
     assert by[("fp32", 24)]["bytes_per_token"] - by[("fp32", 8)]["bytes_per_token"] == 16 * 2 * 2 * 2 * 16 * 4
 
 
+def test_lab_fields(report_dir, tiny_hf):
+    """llama-bench / MLPerf Client fields: mean and stddev over repetitions, size, parameters, threads, build,
+    TTFT and 2nd+ token rate, load time, peak memory, perplexity (equal to torch's on the same windows)."""
+    import csv
+    import statistics
+
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    data = json.loads((report_dir / "report.json").read_text())
+    build = data["build"]
+    assert build["edge_recover"] == data["tool_version"] and build["onnxruntime"] == data["device"]["onnxruntime"]
+    assert build["git_commit"] is None or len(build["git_commit"]) == 40
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    text = (report_dir.parent / "held-out.txt").read_text()
+    ids = Tokenizer.from_file(str(tiny_hf / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    windows = torch.tensor(ids[:2 * 24]).view(2, 24)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    for p in data["packages"]:
+        # Optimum stores identical initializers once (the 5 freshly initialised norms of ones): at most 4 x 64 fewer
+        assert n_params - 4 * 64 <= p["parameters"] <= n_params
+        assert p["threads"] == 1 and p["load_s"] > 0 and p["runtime"]["onnxruntime"] == build["onnxruntime"]
+        ppl = p["perplexity"]
+        assert ppl["tokens"] == 2 * 23 and ppl["windows"] == 2 and ppl["seq_len"] == 24
+        assert ppl["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    for r in data["results"]:
+        decode = [x["decode_tok_s"] for x in r["runs"]]
+        prefill = [r["prompt_length"] / x["prefill_s"] for x in r["runs"]]
+        assert r["decode_tok_s_mean"] == pytest.approx(statistics.fmean(decode))
+        assert r["decode_tok_s_stddev"] == pytest.approx(statistics.stdev(decode))
+        assert r["prefill_tok_s_stddev"] == pytest.approx(statistics.stdev(prefill))
+        assert r["second_plus_tok_s"] == r["decode_tok_s"] and 0 < r["ttft_s"]
+    rows = list(csv.DictReader(open(report_dir / "report.csv")))
+    lines = [json.loads(x) for x in (report_dir / "report.jsonl").read_text().splitlines()]
+    assert len(rows) == len(lines) == len(data["results"]) == 4
+    assert list(rows[0]) == list(lines[0]) == list(LAB_FIELDS)
+    by = {(p["label"]): p for p in data["packages"]}
+    for row, line, r in zip(rows, lines, data["results"]):
+        assert (line["package"], line["n_prompt"], line["n_gen"], line["n_threads"]) == (r["package"], r["prompt_length"], 6, 1)
+        assert float(row["decode_avg_ts"]) == pytest.approx(line["decode_avg_ts"]) == pytest.approx(r["decode_tok_s_mean"])
+        assert line["model_size_bytes"] == by[r["package"]]["size_bytes"] and line["repetitions"] == 2
+        assert line["model_n_params"] == by[r["package"]]["parameters"]
+        assert line["peak_rss_bytes"] == by[r["package"]]["peak_rss_bytes"] and line["load_s"] > 0
+        assert line["perplexity"] == by[r["package"]]["perplexity"]["perplexity"] and np.isfinite(line["perplexity"])
+        assert line["build_version"] == build["edge_recover"] and line["provider"].startswith("cpu")
+    md = (report_dir / "report.md").read_text()
+    assert f"| {by['fp32']['perplexity']['perplexity']:.2f} |" in md and "2 windows x 24 tokens" in md
+
+
+def test_eval_text_refused_before_measuring(tiny_package, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(EdgeRecoverError, match="fewer than 2 x 24"):
+        profile_packages([str(tiny_package)], ProfileSettings(prompt_lengths=[8], new_tokens=4, eval_text=str(short),
+                                                              **EVAL), tmp_path / "r")
+    with pytest.raises(EdgeRecoverError, match="is not a file"):
+        ProfileSettings(eval_text=str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_huge_pages_reach_the_worker_process(tiny_package, monkeypatch):
     from edge_recover.runtimes.device import HUGE_PAGES_ENV
     from edge_recover.runtimes.profiler import Worker
@@ -93,6 +169,8 @@ def test_report_rerenders_from_json(report_dir, tmp_path):
     data = json.loads((report_dir / "report.json").read_text())
     out = write_report(data, tmp_path / "again")
     assert (out / "report.md").read_text() == (report_dir / "report.md").read_text()
+    for name in TABLES:
+        assert (out / name).read_text() == (report_dir / name).read_text()
     with pytest.raises(EdgeRecoverError, match="already exists"):
         write_report(data, out)
 
@@ -126,9 +204,12 @@ def test_cli_profile(tiny_package, tmp_path):
     out = tmp_path / "cli-report"
     proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
                            str(tiny_package), "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1",
-                           "--threads", "1", "-o", str(out)], capture_output=True, text=True, timeout=300)
+                           "--threads", "1", "--eval-text", _eval_text(tmp_path), "--eval-windows", "1",
+                           "--eval-seq-len", "16", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "report.json").is_file() and "wrote" in proc.stdout
+    assert (out / "report.json").is_file() and "wrote" in proc.stdout and (out / "report.csv").is_file()
+    ppl = json.loads((out / "report.json").read_text())["packages"][0]["perplexity"]
+    assert ppl["tokens"] == 15 and ppl["perplexity"] > 1
     proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
                            str(tiny_package), "--prompt-lengths", "8,x", "-o", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=300)
