@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def recover_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
     output: Path = typer.Option(..., "-o", "--output", help="folder to create: a quantized checkpoint (qat) or an adapter (lora)"),
     mode: str = typer.Option("qat", help="`qat`: train the integers themselves (output a quantized checkpoint that "
@@ -54,13 +55,18 @@ def recover_cmd(
     dataset: Optional[Path] = typer.Option(None, help="reuse (or create) the synthetic dataset at this path"),
     checkpoint_every: int = typer.Option(200, help="optimizer steps between checkpoints"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    num_processes: int = typer.Option(1, help="processes (one per GPU, or CPU processes) started through `accelerate "
+                                              "launch`: data-parallel, the same global batch and result (docs/scale.md)"),
 ) -> None:
-    """Recover the quantized model by distilling the full-precision teacher into it (qat: its integers; lora: an adapter)."""
+    """Recover the quantized model by distilling the full-precision teacher into it (qat: its integers; lora: an adapter).
+
+    On several GPUs: `--num-processes N`, or `accelerate launch --multi_gpu --num_processes N -m edge_recover recover ...`."""
     from edge_recover.atomic import check_new_dir
-    from edge_recover.errors import require
+    from edge_recover.errors import EdgeRecoverError, require
     from edge_recover.scheme import load_scheme
 
     from .distill import DEFAULT_BLOCK_SIZES, RecoverConfig, recover
+    from .distributed import check_split, cli_argv, launch, launched, record_failure
 
     check_new_dir(output, overwrite)
     cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
@@ -76,9 +82,25 @@ def recover_cmd(
     if scheme or block_size:  # a named scheme gets the fast layout too; a JSON file keeps its blocks unless told
         named = scheme is None or not (scheme.endswith(".json") or Path(scheme).is_file())
         sch = load_scheme(scheme or "w4w2gateup", block_size=block_size or (fast if named and not quantized else None))
-    result = recover(model, sch, output, cfg, work_dir=work_dir, device=device, resume=resume,
-                     quantized=quantized, dataset=dataset, save_quantized_to=save_quantized,
-                     overwrite=overwrite)
+    work = work_dir or output.with_name(output.name + ".work")
+    if num_processes != 1:  # start the ranks, each of which runs this command with `--num-processes 1`
+        require(num_processes > 1, f"`--num-processes` must be at least 1, got {num_processes!r}")
+        check_split(batch_size, num_processes)
+        launch(cli_argv(ctx), num_processes, work, echo=typer.echo)
+        return
+    try:
+        result = recover(model, sch, output, cfg, work_dir=work_dir, device=device, resume=resume,
+                         quantized=quantized, dataset=dataset, save_quantized_to=save_quantized,
+                         overwrite=overwrite)
+    except BaseException as exc:
+        rank = launched()
+        if rank is not None:  # one rank of several: say which, and leave a record for `--num-processes`
+            record_failure(work, *rank, exc)
+            if isinstance(exc, EdgeRecoverError):
+                raise EdgeRecoverError(f"rank {rank[0]} of {rank[1]}: {exc}") from None
+        raise
+    if (launched() or (0,))[0] != 0:
+        return  # rank 0 speaks for the run
     r = result.report
     typer.echo(f"KL on held-out teacher samples: {r['kl_before']:.4f} -> {r['kl_after']:.4f} nats/token "
                f"({r['step']} steps, {r['seconds'] / 60:.1f} min)")

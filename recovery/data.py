@@ -4,6 +4,9 @@ Generation is a plain KV-cache sampling loop over a batch (no `generate()`): one
 the whole batch, top-p sampling on the GPU, and no stopping at EOS, so every row is exactly `seq_len`
 tokens and the batch never shrinks. On a GPU this makes data generation a small part of a recovery run
 (`generate()` was the bottleneck of the plain recipe in FACTS.md).
+Each batch samples from its own seeded generator, so a batch is the same whichever process runs it: on
+several processes (recovery/distributed.py) process r samples the batches r, r + n, ... and the shards put
+together are the file one process writes, bit for bit (tests/recovery/test_distributed.py checks it).
 
 Diversity strategy (what keeps 10k samples from collapsing onto a few favourite continuations):
 - every row starts from its own first token, drawn uniformly from the ordinary vocabulary (special tokens
@@ -132,8 +135,14 @@ def load_dataset(path: str | Path, teacher_hash: str | None = None) -> Synthetic
 
 @torch.no_grad()
 def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: str, device: str | torch.device | None = None,
-                     progress: bool = True) -> SyntheticDataset:
+                     progress: bool = True, shard: tuple[int, int] = (0, 1)) -> SyntheticDataset:
     """Let `model` (the teacher) write `settings.samples` rows of `settings.seq_len` tokens.
+
+    Rows are sampled in batches of `settings.batch_size`; batch b draws from its own generator (seeded by
+    `batch_seed(seed, b)`), so a batch's rows do not depend on which batches ran before it. `shard=(r, n)`
+    samples only the batches b with b % n == r (the rows of the other batches stay 0): process r of n does
+    its share, and the n shards put together (`merge_shards`) are bit for bit the file one process writes,
+    every batch having run with the same rows, the same shapes and the same generator.
 
     Example:
         >>> ds = generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=64), lm.source_hash)  # doctest: +SKIP
@@ -141,31 +150,55 @@ def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: s
     import time
 
     t0 = time.perf_counter()
+    rank, world = shard
+    require(0 <= rank < world, f"`shard` must be (rank, world) with 0 <= rank < world, got {shard!r}")
     device = torch.device(device or next(model.parameters()).device)
     cpu_gen = torch.Generator().manual_seed(settings.seed)
     pool = ordinary_token_pool(tokenizer, model.config.vocab_size)
     first = pool[torch.randint(len(pool), (settings.samples,), generator=cpu_gen)]
     temps = settings.temperature_min + (settings.temperature_max - settings.temperature_min) * torch.rand(
         settings.samples, generator=cpu_gen)
-    dev_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
-    out = torch.empty(settings.samples, settings.seq_len, dtype=torch.long)
-    starts = range(0, settings.samples, settings.batch_size)
+    out = torch.zeros(settings.samples, settings.seq_len, dtype=torch.long)
+    mine = [b for b in range(math.ceil(settings.samples / settings.batch_size)) if b % world == rank]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.tokens, desc="teacher samples", unit="tok", unit_scale=True, leave=False)
+        bar = tqdm(total=len(mine), desc="teacher samples", unit="batch", leave=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for start in starts:
-        end = min(start + settings.batch_size, settings.samples)
+    for b in mine:
+        start, end = b * settings.batch_size, min((b + 1) * settings.batch_size, settings.samples)
+        gen = torch.Generator(device=device).manual_seed(batch_seed(settings.seed, b))
         with autocast:
-            out[start:end] = sample_rows(model, first[start:end], settings.seq_len, temps[start:end],
-                                         settings.top_p, dev_gen)
+            out[start:end] = sample_rows(model, first[start:end], settings.seq_len, temps[start:end], settings.top_p, gen)
         if bar is not None:
-            bar.update((end - start) * settings.seq_len)
+            bar.update(1)
     if bar is not None:
         bar.close()
     return SyntheticDataset(out, temps, settings, teacher_hash, seconds=time.perf_counter() - t0)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of the sampling generator of batch `batch` (batch 0: seed + 1, what a one-batch data set always used)."""
+    return seed + 1 + (batch << 32)
+
+
+def shard_rows(settings: SampleSettings, shard: tuple[int, int]) -> torch.Tensor:
+    """Indices of the rows that `generate_dataset(..., shard=shard)` samples."""
+    rank, world = shard
+    rows = torch.arange(settings.samples)
+    return rows[(rows // settings.batch_size) % world == rank]
+
+
+def merge_shards(parts: list[SyntheticDataset]) -> SyntheticDataset:
+    """The data set of one process from the shards of `world = len(parts)` (part r from `shard=(r, world)`)."""
+    world = len(parts)
+    out = parts[0].input_ids.clone()
+    for rank, part in enumerate(parts):
+        rows = shard_rows(part.settings, (rank, world))
+        out[rows] = part.input_ids[rows]
+    return SyntheticDataset(out, parts[0].temperature, parts[0].settings, parts[0].teacher_hash,
+                            seconds=max(p.seconds for p in parts))
 
 
 def split_holdout(n: int, share: float = 0.02, minimum: int = 4, maximum: int = 256) -> int:

@@ -22,6 +22,8 @@ resumed run sets the same learning rate as an uninterrupted one. The data order 
 permutation seeded by (seed, e), and LoRA dropout is off, so nothing random is left to restore: a
 checkpoint (LoRA tensors + AdamW state + step, written atomically into WORK/checkpoint) is the full state,
 and `--resume` continues bit-for-bit on the same device (tests check this on the CPU).
+Under `accelerate launch` (or `--num-processes N`) the ranks share the sampling and every micro-batch, data
+parallel, with the global batch and the result of one process: recovery/distributed.py says how.
 
 A diverging run (a non-finite loss or gradient, or a loss above `_EXPLODE` x the held-out KL it started
 at, plus one, for `_PATIENCE` steps in a row) stops with one line naming the step and the fix; it never
@@ -37,6 +39,7 @@ recovery_report.json, metrics.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -51,7 +54,8 @@ from edge_recover.apply import quantized_layers
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.scheme import BlockSizes, Scheme, named_scheme
 
-from .data import SampleSettings, SyntheticDataset, generate_dataset, load_dataset, split_holdout
+from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
+from .distributed import Ranks, check_split, sample_dataset
 from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_activations, init_lora_from_residual,
                       load_student_checkpoint, quant_hash, quantize_student, resolve_targets)
 
@@ -216,9 +220,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autocast) -> float:
-    """Mean per-token KL(teacher ‖ student) at temperature 1 over rows `ids` [N, T]."""
+def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autocast, ranks: Ranks | None = None) -> float:
+    """Mean per-token KL(teacher ‖ student) at temperature 1 over rows `ids` [N, T] (shared out over `ranks`)."""
     total, count = 0.0, 0
+    if ranks is not None and ranks.world > 1:
+        ids = ids[ranks.rank::ranks.world]
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         with autocast():
@@ -226,6 +232,8 @@ def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autoca
             s = student(input_ids=batch).logits
         total += kd_loss(s, t).item() * batch.numel()
         count += batch.numel()
+    if ranks is not None:
+        total, count = ranks.reduce([total, count], "sum")
     return total / count
 
 
@@ -296,8 +304,9 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
     return base, scheme, cfg.method, qreport
 
 
-def _teacher_data(teacher_model, lm, cfg: RecoverConfig, data_path: Path, dev, progress: bool) -> SyntheticDataset:
-    """The teacher's synthetic sequences: read from `data_path` when it matches `cfg`, else sampled and saved."""
+def _teacher_data(teacher_model, lm, cfg: RecoverConfig, data_path: Path, ranks: Ranks, progress: bool) -> SyntheticDataset:
+    """The teacher's synthetic sequences: read from `data_path` when it matches `cfg`, else sampled (by all
+    ranks) and saved (by rank 0)."""
     if data_path.is_file():
         ds = load_dataset(data_path, teacher_hash=lm.source_hash)
         want = cfg.sample_settings()
@@ -305,9 +314,9 @@ def _teacher_data(teacher_model, lm, cfg: RecoverConfig, data_path: Path, dev, p
                 f"dataset {str(data_path)!r} was sampled with other settings ({ds.settings.samples} x {ds.settings.seq_len}, "
                 f"seed {ds.settings.seed}); pass matching `--samples/--seq-len/--seed` or another `--dataset`")
         return ds
-    ds = generate_dataset(teacher_model, lm.tokenizer, cfg.sample_settings(), lm.source_hash, device=dev,
-                          progress=progress)
-    ds.save(data_path)
+    ds = sample_dataset(teacher_model, lm.tokenizer, cfg.sample_settings(), lm.source_hash, ranks, progress=progress)
+    if ranks.is_main:
+        ds.save(data_path)
     return ds
 
 
@@ -344,6 +353,8 @@ class _Loop:
     kl_before: float
     prior_seconds: float
     t_start: float
+    ranks: Ranks
+    model: object  # what runs the forward: the student, or its DDP wrapper on several processes
 
 
 def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, step: int, loop: _Loop, acc,
@@ -352,13 +363,13 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
 
     A checkpoint due after step j is written at step j + 1, once that step's loss shows the weights of step
     j are sound; so a diverging run (see `_EXPLODE`) stops with the last good checkpoint on disk."""
-    dev, autocast = acc.device, acc.autocast
+    dev, autocast, ranks, model = acc.device, acc.autocast, loop.ranks, loop.model
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = cfg.optimizer_steps
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     limit = _EXPLODE * loop.kl_before + 1.0
     bar = None
-    if progress:
+    if progress and ranks.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"recover ({cfg.mode})", unit="step")
@@ -370,11 +381,13 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
     def save() -> None:
         state = {"step": step, "config": cfg.trajectory(), "quant_hash": loop.qhash, "kl_before": loop.kl_before,
                  "seconds": loop.prior_seconds + time.perf_counter() - loop.t_start}
-        _write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
+        if ranks.is_main:  # the state is the same on every rank: rank 0 writes it
+            _write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
 
     student.train()
-    with open(loop.metrics_path, "a") as log:
+    with open(loop.metrics_path, "a") if ranks.is_main else contextlib.nullcontext() as log:
         while step < stop_at:
+            ranks.maybe_fail(step)
             epoch, in_epoch = divmod(step, cfg.steps_per_epoch)
             order = epoch_order(cfg.train_rows, cfg.seed, epoch)
             rows = order[in_epoch * cfg.rows_per_step:(in_epoch + 1) * cfg.rows_per_step]
@@ -382,17 +395,21 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * lr / cfg.lr
             loss_sum = 0.0
-            for micro in rows.split(cfg.batch_size):
-                batch = train_ids[micro].to(dev)
-                with torch.no_grad(), autocast():
-                    t_logits = teacher_model(input_ids=batch).logits
-                with autocast():
-                    s_logits = student(input_ids=batch).logits
-                loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
-                acc.backward(loss)
+            for i, micro in enumerate(rows.split(cfg.batch_size)):
+                batch = train_ids[ranks.slice(micro)].to(dev)  # this rank's share of the micro-batch
+                # DDP averages the gradients on the last micro-batch of the step only
+                sync = acc.no_sync(model) if ranks.world > 1 and i < cfg.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with torch.no_grad(), autocast():
+                        t_logits = teacher_model(input_ids=batch).logits
+                    with autocast():
+                        s_logits = model(input_ids=batch).logits
+                    loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
+                    acc.backward(loss)
                 loss_sum += loss.item()
-                tokens_since += batch.numel()
+                tokens_since += batch.numel() * ranks.world
                 del t_logits, s_logits, loss
+            (loss_sum,) = ranks.reduce([loss_sum])  # the global batch's loss: every rank decides alike
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             bad_grad = grad_norm is not None and not math.isfinite(float(grad_norm))
             high = high + 1 if loss_sum > limit else 0
@@ -418,8 +435,9 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
                 rec = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "tokens_per_s": tokens_since / max(now - t_log, 1e-9), "seconds": now - t_train}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 tokens_since, t_log = 0, now
             if step == stop_at:
                 save()
@@ -467,26 +485,31 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     if device.startswith("cuda"):
         require(torch.cuda.is_available(), f"`--device {device}`: no CUDA device is visible; use `--device cpu`")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if (use_cuda and cfg.bf16) else "no")
+    dev, ranks = acc.device, Ranks(acc)
+    if ranks.world > 1:
+        require(not device.startswith("cuda:"), f"`--device {device}` on {ranks.world} processes: each rank takes its "
+                                                "own GPU; pass `--device auto` or `cuda`")
+        check_split(cfg.batch_size, ranks.world)
 
     lm = teacher if isinstance(teacher, LoadedModel) else resolve_model(teacher)
     require(lm.quantized_manifest is None,
             f"{lm.source!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
 
     # 1. the student's start integers, on the CPU (the same integers as `edge-recover quantize` makes there)
-    base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to, resume, progress)
+    base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to if ranks.is_main else None,
+                                            resume, progress and ranks.is_main)
     qhash = quant_hash(base)
     targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
     start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None
 
-    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if (use_cuda and cfg.bf16) else "no")
-    dev = acc.device
     teacher_model = lm.model.to(dev).eval()
     for p in teacher_model.parameters():
         p.requires_grad_(False)
 
     # 2. the teacher's data
     data_path = Path(dataset) if dataset else work / "dataset.safetensors"
-    ds = _teacher_data(teacher_model, lm, cfg, data_path, dev, progress)
+    ds = _teacher_data(teacher_model, lm, cfg, data_path, ranks, progress)
     train_ids, hold_ids = ds.input_ids[: cfg.train_rows], ds.input_ids[cfg.train_rows:]
 
     # 3. the student and the loop
@@ -502,13 +525,16 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     if resume:
         state = _read_checkpoint(ckpt, student, optimizer, cfg, qhash)
         step, kl_before, prior_seconds = state["step"], state["kl_before"], state["seconds"]
-        _trim_metrics(metrics_path, step)
+        if ranks.is_main:
+            _trim_metrics(metrics_path, step)
     else:
         step, prior_seconds = 0, 0.0
-        metrics_path.write_text("")
+        if ranks.is_main:
+            metrics_path.write_text("")
         student.eval()
-        kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast)
-    loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start)
+        kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)
+    model = acc.prepare_model(student) if ranks.world > 1 else student  # DDP: gradients averaged over ranks
+    loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start, ranks, model)
     step, train_seconds = _train(student, teacher_model, optimizer, train_ids, cfg, step, loop, acc, progress)
 
     report = {"status": "done" if step >= cfg.optimizer_steps else "stopped", "mode": cfg.mode, "step": step,
@@ -517,7 +543,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
               "trainable_parameters": sum(p.numel() for p in params), "base_source_hash": lm.source_hash,
               "quant_hash": qhash, "dataset": {"path": str(data_path), **ds.settings.to_json(),
                                                 "generate_seconds": ds.seconds},
-              "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev),
+              "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev), "processes": ranks.world,
               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": start}
     if report["status"] == "stopped":
         report["seconds"] = prior_seconds + time.perf_counter() - t_start
@@ -528,16 +554,16 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
         student = freeze_qat_student(student)  # from here on the student is exactly what ships
         report["codes_moved"] = codes_moved(student, start_codes)
     student.eval()
-    report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast)
+    report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)
     report["seconds"] = prior_seconds + time.perf_counter() - t_start
     report["train_seconds"] = train_seconds
-    if cfg.mode == "qat":
+    if ranks.is_main and cfg.mode == "qat":
         _write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model)
-        report["quantized"] = str(output)
-    else:
+    elif ranks.is_main:
         _write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
                        overwrite)
-        report["adapter"] = str(output)
+    report["quantized" if cfg.mode == "qat" else "adapter"] = str(output)
+    acc.wait_for_everyone()  # every rank returns once the output is there
     return RecoverResult(report, student, teacher_model)
 
 
