@@ -81,14 +81,15 @@ def _fp32_package(hf: Path, out: Path) -> None:
             "tool_version": tool_version(), "versions": library_versions(), "adapters": []}, indent=1))
 
 
-def build(model: str, variant: str) -> Path:
+def build(model: str, variant: str, root: Path | None = None, method: str = "rtn") -> Path:
     """The package folder of `model` x `variant`, built once: fp32, genai-int4, or SCHEME[-head8][-b128][-unfused]
     (w4 / w4w2gateup; `head8` / `head4`: lm_head as 8-/4-bit MatMulNBits, the embedding stays fp32;
     `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64; `2b128`: only the
     2-bit layers at block 128, the others at the target's 64; `kv16` / `kv8`: a float16 / int8 KV cache;
     `femb`: the tied embedding as a float32 table instead of the quantized head's integers;
-    `unfused`: Optimum's attention, no fusions)."""
-    out = PKGS / f"{model}-{variant}"
+    `unfused`: Optimum's attention, no fusions). `root`: the folder of packages (default PKGS); `method`: the
+    quantizer (rtn: speed does not depend on it; mse / gptq for accuracy figures, bench/peers.py)."""
+    out = (root or PKGS) / f"{model}-{variant}"
     if out.exists():
         return out
     hf = _hf_dir(model)
@@ -97,7 +98,7 @@ def build(model: str, variant: str) -> Path:
         _fp32_package(hf, out)
     elif variant == "genai-int4":
         subprocess.run([str(GENAI_PY), "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out),
-                        "-p", "int4", "-e", "cpu", "-c", str(PKGS.parent / "genai-cache")], check=True)
+                        "-p", "int4", "-e", "cpu", "-c", str((root or PKGS).parent / "genai-cache")], check=True)
     else:
         from edge_recover.exporters.api import export_package
         from edge_recover.scheme import load_scheme
@@ -114,7 +115,8 @@ def build(model: str, variant: str) -> Path:
             from edge_recover.models import load_model
 
             src = load_model(hf, dtype=torch.bfloat16)
-        export_package(src, out, scheme=scheme, target="cpu", method="rtn", calibration=0, verify=False,
+        export_package(src, out, scheme=scheme, target="cpu", method=method, calibration=0 if method == "rtn" else 32,
+                       verify=False,
                        fuse="unfused" not in opts, block_size=blocks[0] if blocks else None,
                        kv_dtype={"kv16": "float16", "kv8": "int8"}.get(next((o for o in opts if o.startswith("kv")), ""), "float32"),
                        share_embedding="femb" not in opts)

@@ -87,13 +87,16 @@ class ProfileSettings:
 
 @dataclass
 class PackageEntry:
-    """One thing to profile: an edge-recover package (engine `ort`), or a genai folder (engine `genai`)."""
+    """One thing to profile: an edge-recover package (engine `ort`), a genai folder (engine `genai`: our
+    packages or the onnxruntime-genai builder's), or a GGUF file (engine `llama`: llama.cpp through
+    llama-cpp-python, which `python` must import)."""
 
     path: str
     label: str = ""
     engine: str = "ort"
     python: str = sys.executable   # interpreter for the worker (genai peers may live in another venv)
     session_config: dict = field(default_factory=dict)  # this entry's ORT session config entries (over the settings')
+    tokenizer: Optional[str] = None  # tokenizer.json for `eval_text` (default: the package's; a GGUF has none beside it)
 
 
 @dataclass
@@ -163,8 +166,47 @@ def _entries(packages: Sequence[str | PackageEntry]) -> list[PackageEntry]:
     return entries
 
 
+def _gguf_int(reader, key: str) -> int:
+    field = reader.get_field(key)
+    if field is None:
+        raise EdgeRecoverError(f"GGUF file lacks `{key}`; pass a llama-architecture GGUF")
+    return int(field.parts[field.data[0]][0])
+
+
+def _describe_gguf(entry: PackageEntry) -> dict:
+    """A GGUF file's facts from its header (PyPI `gguf`): the token embedding counts one row per token unless
+    it is also the output matrix (no `output.weight`); llama.cpp's KV cache is float16 by default."""
+    try:
+        import gguf
+    except ImportError:
+        raise EdgeRecoverError("reading a GGUF file's header needs PyPI `gguf`; `pip install gguf`") from None
+    path = Path(entry.path)
+    if not path.is_file():
+        raise EdgeRecoverError(f"GGUF file {str(path)!r} does not exist")
+    reader = gguf.GGUFReader(str(path))
+    arch = bytes(reader.get_field("general.architecture").parts[-1]).decode()
+    tensors = {t.name: t for t in reader.tensors}
+    weight = sum(int(t.n_bytes) for t in tensors.values())
+    per_token = weight
+    emb = tensors.get("token_embd.weight")
+    if emb is not None and "output.weight" in tensors:
+        per_token -= int(emb.n_bytes) - int(emb.n_bytes) // int(emb.shape[-1])  # one row of n_vocab rows
+    layers, heads = _gguf_int(reader, f"{arch}.block_count"), _gguf_int(reader, f"{arch}.attention.head_count")
+    kv_heads = _gguf_int(reader, f"{arch}.attention.head_count_kv")
+    head_dim = _gguf_int(reader, f"{arch}.embedding_length") // heads
+    ftype = reader.get_field("general.file_type")
+    kind = gguf.LlamaFileType(int(ftype.parts[ftype.data[0]][0])).name if ftype is not None else "unknown"
+    return {"parameters": int(sum(int(t.n_elements) for t in tensors.values())), "label": entry.label,
+            "path": str(path), "engine": entry.engine, "scheme": f"llama.cpp {kind.removeprefix('MOSTLY_')}",
+            "size_bytes": path.stat().st_size, "weight_bytes": weight, "weight_bytes_per_token": per_token,
+            "kv_bytes_per_position": 2 * layers * kv_heads * head_dim * 2, "matmulnbits_bits": {},
+            "context_length": _gguf_int(reader, f"{arch}.context_length")}
+
+
 def _describe_package(entry: PackageEntry) -> dict:
     """Static facts: size, weight bytes per token, KV bytes per position, context length."""
+    if entry.engine == "llama":
+        return _describe_gguf(entry)
     if entry.engine == "genai":
         cfg = json.loads((Path(entry.path) / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
@@ -189,7 +231,7 @@ def _eval_windows(entry: PackageEntry, settings: ProfileSettings, context: int) 
     """`settings.eval_windows` windows of `eval_seq_len` ids of the held-out text, by the package's tokenizer."""
     from tokenizers import Tokenizer
 
-    path = Path(entry.path) / "tokenizer.json"
+    path = Path(entry.tokenizer or Path(entry.path) / "tokenizer.json")
     if not path.is_file():
         raise EdgeRecoverError(f"{entry.label} has no tokenizer.json to read `--eval-text` with; re-export it")
     if settings.eval_seq_len > context:
@@ -252,9 +294,10 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             w = Worker(e, settings.huge_pages)
             workers.append(w)
             config = {**settings.session_config, **e.session_config} if e.engine == "ort" else {}
+            context = max(longest, settings.eval_seq_len if settings.eval_text else 0)
             info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
                          options=settings.provider_options, fallback=settings.fallback, threads=settings.threads,
-                         session_config=config)
+                         session_config=config, context=min(d["context_length"], -(-context // 256) * 256))
             d.update(provider=info["provider"], fell_back=info["fell_back"], fallback_reason=info["reason"],
                      load_s=info["load_s"], session_config=config, threads=info.get("threads"),
                      runtime=info.get("runtime") or {})

@@ -3,16 +3,18 @@
 Why a process per package: peak resident memory is then the package's own, and packages loaded side by
 side cannot share allocator arenas or caches. The parent sends one request at a time, so runs never overlap.
 
-Requests: {"op": "load", "package", "engine": "ort"|"genai", "provider", "options", "fallback", "threads",
-"session_config"},
+Requests: {"op": "load", "package", "engine": "ort"|"genai"|"llama", "provider", "options", "fallback", "threads",
+"session_config"} (engine `llama`: `package` is a GGUF file, run by llama-cpp-python),
 {"op": "run", "prompt_len", "new_tokens", "seed"} or {"op": "run", "ids", "new_tokens"} (greedy; the reply's
 "ids" are the generated tokens), {"op": "perplexity", "windows": [[ids], ...]} (each window scored one token
 per step through the engine's own KV cache, as decoding reads it; the reply holds "nll" summed in nats and
 "tokens" scored), {"op": "stats"}, {"op": "quit"}. Replies: {"ok": true, ...}
 or {"ok": false, "error": message, "user": bool}. The load reply names the runtime's build ("runtime").
 
-The genai engine needs only onnxruntime-genai and numpy, so this file also runs as a plain script under
-another interpreter (a venv with onnxruntime-genai but without edge-recover).
+The genai engine needs only onnxruntime-genai and numpy, the llama engine only llama-cpp-python and numpy,
+so this file also runs as a plain script under another interpreter (a venv with onnxruntime-genai or
+llama-cpp-python but without edge-recover). Every engine runs the same greedy loop: prefill the prompt,
+then one token per step, the next token the argmax of the last logits.
 """
 
 from __future__ import annotations
@@ -99,12 +101,15 @@ class _GenaiEngine:
         if req.get("provider", "cpu") != "cpu":
             config.clear_providers()
             config.append_provider(req["provider"])
+        if req.get("threads"):  # the same intra-op threads as the other engines (default: onnxruntime's)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(req["threads"]), "inter_op_num_threads": 1}}}}))
         self.model = og.Model(config)
         with open(os.path.join(req["package"], "genai_config.json")) as f:
             cfg = json.load(f)["model"]
         self.vocab, self.context = int(cfg["vocab_size"]), int(cfg.get("context_length", 4096))
         self.info = {"provider": f"{req.get('provider', 'cpu')} (onnxruntime-genai {og.__version__})",
-                     "fell_back": False, "reason": "", "threads": None, "session_providers": [],
+                     "fell_back": False, "reason": "", "threads": req.get("threads"), "session_providers": [],
                      "runtime": {"onnxruntime-genai": og.__version__, **_ort_build()}}
 
     def logits(self):
@@ -140,6 +145,54 @@ class _GenaiEngine:
         return {"prefill_s": t1 - t0, "ttft_s": ttft, "steps_s": steps, "tokens": n}
 
 
+class _LlamaEngine:
+    """A GGUF file through llama-cpp-python (llama.cpp's CPU backend), logits of the last position only."""
+
+    def __init__(self, req: dict) -> None:
+        import llama_cpp
+
+        if req.get("provider", "cpu") != "cpu":
+            raise ValueError(f"the llama engine runs on the CPU here, not {req['provider']!r}")
+        threads = int(req.get("threads") or os.cpu_count() or 1)
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=req["package"], n_ctx=int(req.get("context") or 2048), n_batch=512,
+                                   n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
+        self.info = {"provider": f"cpu (llama.cpp via llama-cpp-python {llama_cpp.__version__})", "fell_back": False,
+                     "reason": "", "threads": threads, "session_providers": [],
+                     "runtime": {"llama-cpp-python": llama_cpp.__version__}}
+
+    def _last(self) -> np.ndarray:
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab,))
+
+    def logits(self):
+        self.llm.reset()
+
+        def feed(token: int) -> np.ndarray:
+            self.llm.eval([int(token)])
+            return self._last().copy()
+        return feed
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        t1 = time.perf_counter()
+        token = int(np.argmax(self._last()))
+        ttft, out, steps = time.perf_counter() - t0, [token], []
+        for _ in range(new_tokens - 1):
+            ts = time.perf_counter()
+            self.llm.eval([token])
+            token = int(np.argmax(self._last()))
+            steps.append(time.perf_counter() - ts)
+            out.append(token)
+        return {"prefill_s": t1 - t0, "ttft_s": ttft, "steps_s": steps, "tokens": len(out), "ids": out}
+
+
+_ENGINES = {"ort": _OrtEngine, "genai": _GenaiEngine, "llama": _LlamaEngine}
+
+
 def main() -> None:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol
@@ -150,7 +203,7 @@ def main() -> None:
         try:
             if op == "load":
                 t = time.perf_counter()
-                engine = (_GenaiEngine if req.get("engine") == "genai" else _OrtEngine)(req)
+                engine = _ENGINES[req.get("engine") or "ort"](req)
                 reply = {"ok": True, "load_s": time.perf_counter() - t, **engine.info}
             elif op == "run":  # timings of a random prompt of prompt_len ids (or of the given ids)
                 ids = req.get("ids")

@@ -1,0 +1,274 @@
+"""Benchmark: our SmolLM2 packages against what CPU and ONNX users pick, in one interleaved run, same machine.
+
+    nice .venv/bin/python bench/peers.py                                   # the real figures (5 rounds)
+    nice .venv/bin/python bench/peers.py --rounds 1 --prompt-lengths 32 --new-tokens 16 --eval-windows 1 --tag smoke
+
+In the run, each with its accuracy (held-out Shakespeare perplexity through its own runtime):
+- ours: edge-recover packages (`--ours`, variant names of bench/profile_models.py: `w4w2gateup` is today's
+  default package, `-head4` a 4-bit lm_head with the shared embedding, `-2b128` the 2-bit layers at block
+  128), each run twice: by edge-recover's runtime (`ort`) and by onnxruntime-genai (`genai`), same folder;
+  `--package LABEL=PATH` adds packages made elsewhere (e.g. the integer-exact recovery's);
+- onnxruntime-genai's model builder int4 (`-p int4 -e cpu`, its defaults), built in its own venv
+  (transformers 5: EDGE_RECOVER_BENCH_GENAI_PYTHON, default .venv-genai), run by onnxruntime-genai;
+- llama.cpp: Q4_0, Q4_K_M and Q2_K GGUFs made by llama.cpp's own quantizer from an F32 GGUF of the same HF
+  weights (llama.cpp's convert_hf_to_gguf.py from EDGE_RECOVER_PEERS_LLAMA_SRC, a llama.cpp tree, run by
+  EDGE_RECOVER_PEERS_CONVERT_PYTHON: torch, transformers, sentencepiece; default the builder's venv), run by
+  llama-cpp-python in the interpreter EDGE_RECOVER_PEERS_LLAMA_PYTHON.
+A peer that is not installed is listed as "not installed" with the command that installs it, never dropped
+silently. Every runtime gets the same threads, the same random prompts of exactly each prompt length, the
+same greedy loop (runtimes/worker.py), rotated order per round; ratios are paired per round (the profiler's).
+Output: docs/results/peers-smollm2[-TAG].{json,md,png,csv} (the JSON holds the whole profile report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import profile_models as pm  # noqa: E402  (its package builder and builder-venv settings)
+
+WORK = Path(os.environ.get("EDGE_RECOVER_PEERS_WORK", REPO / "out" / "bench" / "peers"))
+LLAMA_PY = os.environ.get("EDGE_RECOVER_PEERS_LLAMA_PYTHON", str(REPO / ".venv-llama" / "bin" / "python"))
+LLAMA_SRC = os.environ.get("EDGE_RECOVER_PEERS_LLAMA_SRC", str(REPO / "out" / "llama.cpp"))
+# the converter wants torch, transformers and sentencepiece (it tries a SentencePiece vocabulary first)
+CONVERT_PY = os.environ.get("EDGE_RECOVER_PEERS_CONVERT_PYTHON", str(pm.GENAI_PY))
+GGUF_TYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
+INSTALL = {
+    "genai-builder": "not installed: the builder needs transformers 5 in its own venv: `python -m venv .venv-genai && "
+                     ".venv-genai/bin/pip install torch==2.13.0 'transformers>=5,<6' onnxruntime-genai==0.18.0 onnx "
+                     "onnx-ir onnxscript safetensors protobuf` (or set EDGE_RECOVER_BENCH_GENAI_PYTHON)",
+    "llama": "not installed: `python -m venv .venv-llama && CMAKE_ARGS=-DGGML_NATIVE=ON nice .venv-llama/bin/pip install "
+             "llama-cpp-python==0.3.36` (about 10 min on 2 cores; -DGGML_NATIVE=OFF where the native build crashes) "
+             "or set EDGE_RECOVER_PEERS_LLAMA_PYTHON to a python that imports llama_cpp",
+    "convert": "no python for llama.cpp's converter: `.venv-genai/bin/pip install sentencepiece` (it has torch and "
+               "transformers) or set EDGE_RECOVER_PEERS_CONVERT_PYTHON",
+    "llama-src": "no llama.cpp tree for convert_hf_to_gguf.py: `pip download --no-deps --no-binary :all: "
+                 "llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz` and set "
+                 "EDGE_RECOVER_PEERS_LLAMA_SRC=llama_cpp_python-0.3.36/vendor/llama.cpp",
+}
+QUANTIZE = r"""
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = int(sys.argv[3]), 2
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
+sys.exit(rc)
+"""
+
+
+def _imports(python: str, module: str) -> bool:
+    if not Path(python).exists():
+        return False
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def f32_gguf(hf: Path) -> Path:
+    """An F32 GGUF of the HF folder by llama.cpp's own converter (the fp weights every GGUF is made from)."""
+    out = WORK / "gguf" / "smollm2-F32.gguf"
+    if not out.exists():
+        src = Path(LLAMA_SRC)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["nice", CONVERT_PY, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(tmp),
+                        "--outtype", "f32"], check=True, env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+        tmp.rename(out)
+    return out
+
+
+def quantized_gguf(f32: Path, kind: str) -> Path:
+    """`kind` (Q4_0, Q4_K_M, Q2_K) made from `f32` by llama.cpp's quantizer (llama_model_quantize)."""
+    out = f32.with_name(f"smollm2-{kind}.gguf")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["nice", LLAMA_PY, "-c", QUANTIZE, str(f32), str(tmp), str(GGUF_TYPES[kind])], check=True)
+        tmp.rename(out)
+    return out
+
+
+def entries(args, hf: Path) -> tuple[list, list[dict]]:
+    """The profiler entries (builder first when it is there: the ratios' baseline), and the missing peers."""
+    from edge_recover.runtimes.profiler import PackageEntry
+
+    found, missing = [], []
+    if _imports(str(pm.GENAI_PY), "onnxruntime_genai.models.builder"):
+        found.append(PackageEntry(str(pm.build("smollm2", "genai-int4", WORK / "packages")), label="builder-int4",
+                                  engine="genai"))
+    else:
+        missing.append({"label": "builder-int4", "why": INSTALL["genai-builder"]})
+    ours = [(v, pm.build("smollm2", v, WORK / "packages", args.method)) for v in args.ours.split(",") if v]
+    ours += [tuple(p.split("=", 1)) for p in args.package]
+    for label, path in ours:
+        for engine in ("ort", "genai"):
+            found.append(PackageEntry(str(path), label=f"{label}@{engine}", engine=engine))
+    if not _imports(LLAMA_PY, "llama_cpp"):
+        missing += [{"label": f"llama.cpp-{k}", "why": INSTALL["llama"]} for k in args.gguf.split(",") if k]
+    elif not (Path(LLAMA_SRC) / "convert_hf_to_gguf.py").is_file():
+        missing += [{"label": f"llama.cpp-{k}", "why": INSTALL["llama-src"]} for k in args.gguf.split(",") if k]
+    elif not _imports(CONVERT_PY, "torch, transformers, sentencepiece"):
+        missing += [{"label": f"llama.cpp-{k}", "why": INSTALL["convert"]} for k in args.gguf.split(",") if k]
+    else:
+        f32 = f32_gguf(hf)
+        for kind in (k for k in args.gguf.split(",") if k):
+            found.append(PackageEntry(str(quantized_gguf(f32, kind)), label=f"llama.cpp-{kind}", engine="llama",
+                                      python=LLAMA_PY, tokenizer=str(hf / "tokenizer.json")))
+    return found, missing
+
+
+def paired(data: dict, a: str, b: str, length: int) -> float:
+    """Decode of `a` over `b` at `length`: the median over rounds of the within-round ratio."""
+    runs = {r["package"]: r["runs"] for r in data["results"] if r["prompt_length"] == length}
+    return statistics.median(x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a], runs[b]))
+
+
+def goals(data: dict, default: str) -> list[str]:
+    """The issue's SmolLM2 goal, checked cell by cell: `default`@ort decodes >= 1.3x the builder's int4 and
+    >= llama.cpp's fastest 4-bit GGUF, at perplexity no worse than the builder's."""
+    labels = {p["label"]: p for p in data["packages"]}
+    mine = f"{default}@ort"
+    if mine not in labels:
+        return [f"goal not checked: `{mine}` is not in the run"]
+    out = []
+    ppl = {k: (p.get("perplexity") or {}).get("perplexity") for k, p in labels.items()}
+    for length in data["settings"]["prompt_lengths"]:
+        if "builder-int4" in labels:
+            r = paired(data, mine, "builder-int4", length)
+            out.append(f"prompt {length}: {mine} / builder-int4 decode {r:.2f}x (goal >= 1.3x: {'met' if r >= 1.3 else 'NOT met'})")
+        four = [k for k in labels if k.startswith("llama.cpp-Q4")]
+        if four:
+            fastest = max(four, key=lambda k: next(r["decode_tok_s"] for r in data["results"]
+                                                   if r["package"] == k and r["prompt_length"] == length))
+            r = paired(data, mine, fastest, length)
+            out.append(f"prompt {length}: {mine} / {fastest} (fastest 4-bit GGUF) decode {r:.2f}x "
+                       f"(goal >= 1.0x: {'met' if r >= 1.0 else 'NOT met'})")
+    if ppl.get(mine) is not None and ppl.get("builder-int4") is not None:
+        ok = ppl[mine] <= ppl["builder-int4"]
+        out.append(f"perplexity {mine} {ppl[mine]:.2f} vs builder-int4 {ppl['builder-int4']:.2f} "
+                   f"(goal no worse: {'met' if ok else 'NOT met'})")
+    return out
+
+
+def render(data: dict, missing: list[dict], command: str, default: str) -> str:
+    dev, st = data["device"], data["settings"]
+    base = data["packages"][0]["label"]
+    ppl = next((p["perplexity"] for p in data["packages"] if p.get("perplexity")), None)
+    lines = ["# SmolLM2-135M against its peers, one interleaved run", "",
+             f"{dev['cpu_model']}, {dev['threads_used']} threads for every runtime, {dev['memory_gb']} GiB; "
+             f"onnxruntime {dev['onnxruntime']}; {st['repeats']} rounds, {st['new_tokens']} new tokens, greedy, "
+             f"random prompts of exactly each length; read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s "
+             f"(median of {len(data['bandwidth_probes_bytes_s'])} probes). `@ort`: edge-recover's runtime, `@genai`: "
+             f"onnxruntime-genai on the same folder. Ratios: against `{base}`, paired per round.", ""]
+    if ppl:
+        lines += [f"Perplexity: {ppl['windows']} x {ppl['seq_len']} tokens of held-out text (`{Path(ppl['text']).name}`: "
+                  f"Hamlet + Macbeth by default), each through its own runtime, one token per step through its KV "
+                  f"cache.", ""]
+    packages = {p["label"]: p for p in data["packages"]}
+    for length in st["prompt_lengths"]:
+        lines += [f"## Prompt {length} tokens", "",
+                  "| package | runtime | scheme | size MB | params M | decode tok/s (sd) | vs first | prefill tok/s "
+                  "| TTFT ms | peak RSS MB | load s | perplexity |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in (x for x in data["results"] if x["prompt_length"] == length):
+            p = packages[r["package"]]
+            pp = (p.get("perplexity") or {}).get("perplexity")
+            lines.append(f"| {r['package']} | {p['provider']} | {p['scheme']} | {p['size_bytes'] / 1e6:.1f} | "
+                         f"{p['parameters'] / 1e6:.1f} | {r['decode_tok_s']:.1f} ({r['decode_tok_s_stddev']:.1f}) | "
+                         f"{r['decode_vs_first']:.2f}x | {r['prefill_tok_s']:.1f} | {1e3 * r['ttft_s']:.0f} | "
+                         f"{p['peak_rss_bytes'] / 1e6:.0f} | {p['load_s']:.2f} | {'-' if pp is None else f'{pp:.2f}'} |")
+        lines.append("")
+    if missing:
+        lines += ["## Not in this run", ""] + [f"- `{m['label']}`: {m['why']}" for m in missing] + [""]
+    lines += ["## Goals (issue 18)", ""] + [f"- {g}" for g in goals(data, default)] + [""]
+    lines += ["Command:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [p["label"] for p in data["packages"]]
+    ppl = {p["label"]: (p.get("perplexity") or {}).get("perplexity") for p in data["packages"]}
+    lengths = data["settings"]["prompt_lengths"]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(labels) * len(lengths)), 4.4), dpi=100)
+    width = 0.8 / len(lengths)
+    x = np.arange(len(labels))
+    for i, length in enumerate(lengths):
+        speed = {r["package"]: r["decode_tok_s"] for r in data["results"] if r["prompt_length"] == length}
+        bars = ax.bar(x + i * width, [speed[k] for k in labels], width, label=f"prompt {length}")
+        if i == 0:
+            for b, k in zip(bars, labels):
+                if ppl[k] is not None:
+                    ax.annotate(f"ppl {ppl[k]:.1f}", (b.get_x(), b.get_height()), fontsize=6, rotation=90,
+                                xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(x + width * (len(lengths) - 1) / 2, labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"SmolLM2-135M decode, {data['device']['threads_used']} threads, {data['device']['cpu_model'][:40]}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ours", default="w4w2gateup,w4-head4,w4w2gateup-head4-2b128",
+                    help="our package variants (bench/profile_models.py names)")
+    ap.add_argument("--default", default="w4w2gateup-head4-2b128", help="the variant the goals are checked for")
+    ap.add_argument("--package", action="append", default=[], help="LABEL=PATH: another package of ours")
+    ap.add_argument("--gguf", default="Q4_0,Q4_K_M,Q2_K")
+    ap.add_argument("--method", default="mse", help="quantizer for our packages (rtn, mse, gptq)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt-lengths", default="128,512")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--eval-seq-len", type=int, default=256)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--output", type=Path, default=REPO / "docs" / "results")
+    args = ap.parse_args()
+    from edge_recover.fetch import eval_text, fetch_smollm2
+    from edge_recover.runtimes.profiler import ProfileSettings, profile_packages
+    from edge_recover.runtimes.report import write_rows
+    from edge_recover.runtimes.report_fields import lab_rows
+
+    hf = fetch_smollm2()
+    text = WORK / "held-out.txt"
+    if not text.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        text.write_text(eval_text())
+    found, missing = entries(args, hf)
+    for m in missing:
+        print(f"{m['label']}: {m['why']}", file=sys.stderr)
+    settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
+                               new_tokens=args.new_tokens, repeats=args.rounds, threads=args.threads,
+                               eval_text=str(text), eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len)
+    stem = "peers-smollm2" + (f"-{args.tag}" if args.tag else "")
+    report = profile_packages(found, settings, WORK / f"report-{stem}", overwrite=True,
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
+    data = report.data
+    command = "nice .venv/bin/python bench/peers.py " + " ".join(sys.argv[1:])
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{stem}.json").write_text(json.dumps({"kind": "edge-recover-peers", "command": command,
+                                                          "missing": missing, "goals": goals(data, args.default),
+                                                          "report": data}, indent=1))
+    (args.output / f"{stem}.md").write_text(render(data, missing, command, args.default))
+    rows = lab_rows(data)
+    write_rows(rows, args.output, stem)
+    (args.output / f"{stem}.jsonl").unlink()  # the JSON holds the report; the CSV is the lab's table
+    plot(data, args.output / f"{stem}.png")
+    print(report.summary())
+    print("\n".join(goals(data, args.default)))
+    print(f"wrote {args.output / stem}.{{json,md,csv,png}}")
+
+
+if __name__ == "__main__":
+    main()
