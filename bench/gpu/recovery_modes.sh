@@ -15,7 +15,7 @@ start)
     wait_env=""; [ $first = 0 ] && [ "$variant" != w4 ] && wait_env="BENCH_WAIT_FOR_DATASET=1"
     [ "$variant" != w4 ] && first=0
     echo "$tag" >> $R/tags
-    env $wait_env setsid nohup python3 bench/recovery_modes.py $variant --tag "$tag" --work $W $opts \
+    env $wait_env setsid nohup python3 "${SRC:-.}"/bench/recovery_modes.py $variant --tag "$tag" --work $W $opts \
       --out $R/res/$tag.json --save $R/save-$tag > $R/res/$tag.log 2>&1 < /dev/null &
   done
   echo "started: $*" ;;
@@ -47,14 +47,17 @@ for tag in (R / "tags").read_text().split():
     m = R / "work" / f"work-{tag}" / "metrics.jsonl"
     res[tag] = {"result": json.loads(f.read_text()) if f.exists() else None, "log_tail": log,
                 "metrics": m.read_text() if m.exists() else ""}
-qat = {t: r["result"] for t, r in res.items() if r["result"] and r["result"]["variant"] == "qat"}
+ok = {t: r["result"] for t, r in res.items() if r["result"] and "recovery_pct" in r["result"]}
+qat = {t: r for t, r in ok.items() if r["variant"] == "qat"}
 best = max(qat, key=lambda t: qat[t]["recovery_pct"]) if qat else None
-(out / "results.json").write_text(json.dumps({"best": best, "runs": res}, indent=2))
-if best:
-    d = out / "best"; d.mkdir()
-    for f in sorted((R / f"save-{best}").iterdir()):
-        shutil.copy(f, d / f.name)
-print("best:", best, {t: round(r["recovery_pct"], 2) for t, r in qat.items()})
+lora = next((t for t, r in ok.items() if r["variant"] == "lora"), None)
+(out / "results.json").write_text(json.dumps({"best": best, "lora": lora, "runs": res}, indent=2))
+for name, tag in (("best", best), ("lora", lora)):  # at most 8 files come back: 4 parts + 1 JSON each
+    if tag and (R / f"save-{tag}").is_dir():
+        d = out / name; d.mkdir()
+        for f in sorted((R / f"save-{tag}").iterdir()):
+            shutil.copy(f, d / f.name)
+print("best:", best, {t: round(r["recovery_pct"], 2) for t, r in ok.items()})
 EOF
   ;;
 esac
