@@ -5,17 +5,20 @@ KL(teacher ‖ model) per token and top-1 agreement with the teacher. The recove
 the cross-entropy gap between the quantized model and the teacher that the adapter closes:
     recovery % = 100 · (CE_quant − CE_recovered) / (CE_quant − CE_fp)
 The quantized figures come from the very PEFT model with its adapter switched off (`disable_adapter`),
-so both numbers use the same integers.
+so both numbers use the same integers. `load_teacher` and `load_student` load the models the same way for
+every evaluation (this one and task accuracy, recovery/task_eval.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from edge_recover.errors import require
 from edge_recover.evaluate import evaluate, recovery_share, token_windows
+from edge_recover.models import LoadedModel
 from edge_recover.scheme import named_scheme
 
 
@@ -61,10 +64,6 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
     Example:
         >>> evaluate_recovery("smollm2", named_scheme("w4w2gateup"), "hamlet.txt", adapter="out/adapter")  # doctest: +SKIP
     """
-    from edge_recover.pipeline import resolve_model
-
-    from .student import load_adapter, load_student_checkpoint, quantize_student, read_adapter_metadata
-
     if text_file is None:  # the held-out default: Hamlet + Macbeth, never used in training
         from edge_recover.fetch import eval_text
 
@@ -73,13 +72,7 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
         p = Path(text_file)
         require(p.is_file(), f"`--text` {str(p)!r} does not exist; pass a UTF-8 text file")
         text = p.read_text(encoding="utf-8", errors="replace")
-    meta = read_adapter_metadata(adapter) if adapter else None
-    method = method or (meta["method"] if meta else "gptq")
-    if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
-        calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
-    lm = resolve_model(model)
-    require(lm.quantized_manifest is None,
-            f"{str(model)!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
+    lm, recipe = load_teacher(model, adapter, method, calibration, seed)
     try:
         windows = token_windows(lm.tokenizer, text, seq_len, max_windows)
     except ValueError as exc:
@@ -87,15 +80,66 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
 
         raise EdgeRecoverError(f"`--text` {str(text_file or 'default')!r}: {exc}; pass a longer text or a smaller "
                                f"`--seq-len`") from None
-    if quantized is not None:
-        base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
-    else:
-        scheme = scheme or named_scheme("w4w2gateup")
-        base, _ = quantize_student(lm, scheme, method, calibration=calibration, seed=seed, progress=progress)
-    student = load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base
+    student, scheme, _ = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = torch.device(device if device not in ("auto",) else ("cuda" if use_cuda else "cpu"))
     student.to(dev)
     figs = compare(lm.model, student, windows, batch_size=batch_size, progress=progress)
-    return {"model": lm.source, "scheme": scheme.name, "method": method, "adapter": str(adapter) if adapter else None,
+    return {"model": lm.source, "scheme": scheme.name, "method": recipe.method,
+            "adapter": str(adapter) if adapter else None,
             "text": str(text_file) if text_file else "Hamlet + Macbeth (held out)", "seq_len": seq_len, **figs}
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How a student's integers are made again: quantizer method, calibration samples, seed."""
+
+    method: str
+    calibration: int
+    seed: int
+
+
+def load_teacher(model: str | Path, adapter: str | Path | None = None, method: str | None = None,
+                 calibration: int = 32, seed: int = 0) -> tuple[LoadedModel, QuantRecipe]:
+    """The full-precision teacher `model` and the recipe its student is quantized with: `method` (default the
+    adapter's, else gptq), and the adapter's own calibration when it records one, so the integers can match
+    those it was trained on. A quantized checkpoint as `model` is refused (it goes in `--quantized`).
+
+    Example:
+        >>> lm, recipe = load_teacher("smollm2", adapter="out/adapter")  # doctest: +SKIP
+    """
+    from edge_recover.pipeline import resolve_model
+
+    from .student import read_adapter_metadata
+
+    meta = read_adapter_metadata(adapter) if adapter else None
+    method = method or (meta["method"] if meta else "gptq")
+    if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
+        calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
+    lm = resolve_model(model)
+    require(lm.quantized_manifest is None,
+            f"{str(model)!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
+    return lm, QuantRecipe(method, int(calibration), int(seed))
+
+
+def load_student(lm: LoadedModel, scheme, recipe: QuantRecipe, *, quantized: str | Path | None = None,
+                 adapter: str | Path | None = None, progress: bool = True):
+    """The student of teacher `lm`: the `quantized` checkpoint, or `lm` quantized again under `scheme`
+    (default w4w2gateup) by `recipe`; with `adapter` on it (refused unless trained on those very integers).
+    Returns (student model, its scheme, a short description of the quantized model).
+
+    Example:
+        >>> student, scheme, what = load_student(lm, None, recipe, quantized="out/q", adapter="out/a")  # doctest: +SKIP
+    """
+    from .student import load_adapter, load_student_checkpoint, quantize_student
+
+    if quantized is not None:
+        base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
+        what = f"quantized checkpoint {quantized} ({scheme.name})"
+    else:
+        scheme = scheme or named_scheme("w4w2gateup")
+        base, _ = quantize_student(lm, scheme, recipe.method, calibration=recipe.calibration, seed=recipe.seed,
+                                   progress=progress)
+        what = f"{scheme.name}, {recipe.method}, quantized now"
+    student = load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base
+    return student, scheme, what

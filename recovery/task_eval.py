@@ -5,9 +5,10 @@ choices of one question) go through the model as one right-padded batch. Right p
 mask: a causal model's logits at a real position never see the pads after it, so each row's scores are
 those of the row alone. Sequences longer than `max_length` keep their last tokens.
 
-`evaluate_tasks` loads the models the way `evaluate_recovery` (recovery/evaluation.py) does -- the
-teacher, then a quantized checkpoint (`quantized`) or the teacher quantized again under `scheme`, then an
-adapter, refused unless it was trained on those very integers -- and scores each task on each of them.
+`evaluate_tasks` loads the models with `evaluate_recovery`'s helpers (recovery/evaluation.py:
+`load_teacher`, `load_student`) -- the teacher, then a quantized checkpoint (`quantized`) or the teacher
+quantized again under `scheme`, then an adapter, refused unless it was trained on those very integers --
+and scores each task on each of them.
 With an adapter the quantized scores come from the same PEFT model with the adapter switched off, and the
 recovery share per task is reported (`edge_recover.tasks_score.recovery_table`).
 """
@@ -97,32 +98,17 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, qua
         >>> rep = evaluate_tasks("smollm2", resolve_tasks("default"), quantized="out/q", adapter="out/a")  # doctest: +SKIP
         >>> rep["recovery"][0]["reach"]  # doctest: +SKIP
     """
-    from edge_recover.pipeline import resolve_model
-    from edge_recover.scheme import named_scheme
-
-    from .student import load_adapter, load_student_checkpoint, quantize_student, read_adapter_metadata
+    from .evaluation import load_student, load_teacher
 
     names = {"fp": "fp", "quantized": "quantized", "recovered": "recovered", **(labels or {})}
-    meta = read_adapter_metadata(adapter) if adapter else None
-    method = method or (meta["method"] if meta else "gptq")
-    if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
-        calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
-    lm = resolve_model(model)
-    require(lm.quantized_manifest is None,
-            f"{str(model)!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
+    lm, recipe = load_teacher(model, adapter, method, calibration, seed)
     dev = _device(device)
     models: list[dict] = []
     if fp:
         teacher = TorchLoglikelihood(lm.model.to(dev), lm.tokenizer, dev)
         models.append(model_row(names["fp"], f"{lm.source} (full precision)", score_tasks(tasks, teacher, progress, names["fp"])))
-    if quantized is not None:
-        base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
-        what = f"quantized checkpoint {quantized} ({scheme.name})"
-    else:
-        scheme = scheme or named_scheme("w4w2gateup")
-        base, _ = quantize_student(lm, scheme, method, calibration=calibration, seed=seed, progress=progress)
-        what = f"{scheme.name}, {method}, quantized now"
-    student = (load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base).to(dev)
+    student, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
+    student = student.to(dev)
     ll = TorchLoglikelihood(student, lm.tokenizer, dev, max_length=lm.model.config.max_position_embeddings)
     off = student.disable_adapter() if adapter else contextlib.nullcontext()
     with off:

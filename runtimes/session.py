@@ -46,7 +46,7 @@ from edge_recover.errors import EdgeRecoverError
 from .package import Package, open_package
 from .providers import ProviderChoice, check_package_bits, resolve_provider
 
-__all__ = ["OrtCausalLM", "KVCache", "GROW_CHUNK"]
+__all__ = ["OrtCausalLM", "KVCache", "GROW_CHUNK", "session_options"]
 
 CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # KV inputs
 # Prompt tokens per prefill step (shared-buffer caches): GroupQueryAttention's prompt path over an int8 cache
@@ -77,6 +77,33 @@ class KVCache:
     def capacity(self) -> int:
         """Positions the buffers hold (shared-buffer mode), else `length`."""
         return int(self.values[0].shape[2]) if self.shared else self.length
+
+
+def session_options(threads: int, config: Optional[Mapping[str, str]] = None, optimization: str = "all",
+                    sequential: bool = False):
+    """The `onnxruntime.SessionOptions` every package session starts from: `threads` intra-op threads and one
+    inter-op, warnings off, graph `optimization` "all" (dynamic graphs) or "basic" (static graphs, folded
+    already), `config` entries added; `sequential` (providers that need it, e.g. DirectML): no memory
+    pattern, sequential execution.
+
+    Example:
+        >>> session_options(2, {"mlas.use_lut_gemm": "1"}).intra_op_num_threads  # doctest: +SKIP
+        2
+    """
+    import onnxruntime as ort
+
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = levels[optimization]
+    so.log_severity_level = 3
+    if sequential:
+        so.enable_mem_pattern = False
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
 
 
 def _last_position_graph(model_file) -> Optional[bytes]:
@@ -138,18 +165,9 @@ class OrtCausalLM:
         self.package = package if isinstance(package, Package) else open_package(package)
         self.choice: ProviderChoice = resolve_provider(provider, provider_options, fallback)
         check_package_bits(self.choice, set(self.package.stats.matmulnbits_bits))
-        so = ort.SessionOptions()
         self.threads = int(threads or os.cpu_count() or 1)
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if self.choice.spec.sequential:
-            so.enable_mem_pattern = False
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session_config = {**self.choice.spec.session_config, **(session_config or {})}
-        for key, value in self.session_config.items():
-            so.add_session_config_entry(str(key), str(value))
+        so = session_options(self.threads, self.session_config, sequential=self.choice.spec.sequential)
         model: str | bytes = str(self.package.model_file)
         self.last_logits_only = bool(last_logits_only and self.choice.spec.key == "cpu")
         if self.last_logits_only:

@@ -95,14 +95,11 @@ class StaticCausalLM:
     def _open_ort(self, providers: list, session_config):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.log_severity_level = 3
+        from .session import session_options
+
         # the graphs are folded already; ORT's extended fusions would take the scale-safe RMS norm for a
         # plain one (SimplifiedLayerNormalization with the fixed epsilon: 2e-4 off on a tiny model)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        for k, v in (session_config or {}).items():
-            so.add_session_config_entry(str(k), str(v))
+        so = session_options(self.threads, session_config, optimization="basic")
         sessions = {role: ort.InferenceSession(str(self.package.path / g["file"]), so, providers=providers)
                     for role, g in self.static["graphs"].items()}
         for s in sessions.values():
