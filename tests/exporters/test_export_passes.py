@@ -1,0 +1,61 @@
+"""Export as passes (exporters/passes.py): each target's pass list, one frozen options object, options refused
+before the model loads, and a pass that fails inside the package folder leaves no folder behind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.exporters import passes
+from edge_recover.exporters.api import ExportOptions, export
+from edge_recover.exporters.targets import TARGETS, resolve_target
+
+from .conftest import make_loaded
+
+DYNAMIC = ["quantize", "adapter_base", "optimum_graph", "matmulnbits", "lora_sidecar", "fusions", "embedding",
+           "check_graph", "write_graph", "hf_files", "kv_dtype", "adapters", "verify", "package"]
+
+
+def test_each_target_runs_the_documented_pass_list():
+    for name, prof in TARGETS.items():
+        names = passes.pass_list(prof).names()
+        if prof.static_graphs:  # qnn: the static NPU graph is the same list plus its own two passes
+            assert name == "qnn"
+            assert names == DYNAMIC[:7] + ["static_preflight", "check_graph"] + DYNAMIC[8:13] + ["static_graphs", "package"]
+        else:
+            assert names == DYNAMIC, name
+    every = {p for pl in (passes.DYNAMIC, passes.STATIC) for p in pl.build + pl.write}
+    for p in every:  # `(state, options) -> state`, said in one line
+        doc = (p.__doc__ or "").strip()
+        assert doc and "\n" not in doc, p.__name__
+
+
+def test_options_are_one_frozen_object_checked_before_the_model_loads(tmp_path):
+    opts = ExportOptions(target="cpu", kv_dtype="float16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.kv_dtype = "int8"  # type: ignore[misc]
+    assert opts.fused(resolve_target("cpu")) and not opts.fused(resolve_target("dml"))
+    cases = [(ExportOptions(method="bogus"), "`method`"), (ExportOptions(kv_dtype="int4"), "`kv_dtype`"),
+             (ExportOptions(target="dml", kv_dtype="float16"), "`--fuse`"), (ExportOptions(target="tpu"), "tpu")]
+    for bad, needle in cases:  # the model path does not exist: loading it would fail differently
+        with pytest.raises(EdgeRecoverError, match=needle):
+            export(tmp_path / "no-such-model", tmp_path / "pkg", bad)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_failing_write_pass_leaves_no_package(tmp_path, monkeypatch):
+    seen = []
+
+    def record(state, options):
+        """Record the graph files the write passes wrote so far, then fail."""
+        seen.extend(sorted(p.name for p in state.folder.iterdir()))
+        raise EdgeRecoverError("stop here")
+
+    broken = passes.PassList(passes.DYNAMIC.build, passes.DYNAMIC.write[:1] + (record,))
+    monkeypatch.setattr(passes, "DYNAMIC", broken)
+    with pytest.raises(EdgeRecoverError, match="stop here"):
+        export(make_loaded("llama"), tmp_path / "pkg", ExportOptions(scheme="w4", method="rtn", calibration=0))
+    assert "model.onnx" in seen and "model.onnx.data" in seen  # write_graph ran inside the folder
+    assert not (tmp_path / "pkg").exists() and list(tmp_path.iterdir()) == []
