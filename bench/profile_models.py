@@ -115,7 +115,7 @@ def build(model: str, variant: str, root: Path | None = None, method: str = "rtn
             from edge_recover.models import load_model
 
             src = load_model(hf, dtype=torch.bfloat16)
-        export_package(src, out, scheme=scheme, target="cpu", method=method, calibration=0 if method == "rtn" else 32,
+        export_package(src, out, scheme=scheme, target="cpu", method=method, calibration=32 if method == "gptq" else 0,
                        verify=False,
                        fuse="unfused" not in opts, block_size=blocks[0] if blocks else None,
                        kv_dtype={"kv16": "float16", "kv8": "int8"}.get(next((o for o in opts if o.startswith("kv")), ""), "float32"),

@@ -212,7 +212,9 @@ def _describe_package(entry: PackageEntry) -> dict:
         dec = cfg["decoder"]
         stats = graph_stats(Path(entry.path) / dec["filename"],
                             (int(dec.get("num_key_value_heads", 0)), int(dec.get("head_size", 0))))
-        context, scheme = int(cfg.get("context_length", 4096)), "onnxruntime-genai builder"
+        context = int(cfg.get("context_length", 4096))
+        manifest = (Path(entry.path) / "manifest.json").is_file()  # one of our packages, run by onnxruntime-genai
+        scheme = open_package(entry.path).scheme_name if manifest else "onnxruntime-genai builder"
     else:
         pkg = open_package(entry.path)
         stats, context, scheme = pkg.stats, pkg.context_length, pkg.scheme_name

@@ -49,7 +49,9 @@ def rate_stats(values: list[float]) -> tuple[float, float]:
 
 def parameter_count(model_file: str | Path) -> int:
     """The model's parameters as llama-bench counts them: every float weight tensor's elements, a MatMulNBits
-    weight counted as its K x N logical elements (not its packed bytes, scales or zero points). Rotary
+    weight counted as its K x N logical elements (not its packed bytes, scales or zero points; a quantized
+    embedding that reads the head's integers is not counted twice). Identical initializers stored once
+    count once. Rotary
     cos/sin caches and integer constants are not parameters. Reads the graph without its external data.
 
     Example:
@@ -62,11 +64,25 @@ def parameter_count(model_file: str | Path) -> int:
     graph = model.graph
     quant_inputs: set[str] = set()
     total = 0
+    gathers = []
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             quant_inputs.update(node.input[1:])  # B, scales, zero points, g_idx, bias
             total += attrs.get("K", 0) * attrs.get("N", 0)
+        elif node.op_type == "GatherBlockQuantized":  # a quantized embedding: data, indices, scales, zero points
+            quant_inputs.update(node.input[2:])
+            gathers.append(node)
+    inits = {i.name: i for i in graph.initializer}
+    for node in gathers:  # its own table (not the head's integers, counted above): elements = bytes x 8 / bits
+        data = node.input[0]
+        if data not in quant_inputs and data in inits:
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            n = 1
+            for d in inits[data].dims:
+                n *= d
+            total += n * 8 // bits
+            quant_inputs.add(data)
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
     for init in graph.initializer:
         if init.name in quant_inputs or init.data_type not in floats:
