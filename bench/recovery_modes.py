@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--lr-scale", type=float, default=2e-3)
-    ap.add_argument("--lr-norm", type=float, default=1e-4)
+    ap.add_argument("--lr-scale", type=float, default=1e-2)
+    ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
     ap.add_argument("--latent-units", default="weight", choices=["weight", "step"])
     ap.add_argument("--method", default=None)
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="CPU-sized: 96 samples of 64 tokens, 4 eval windows")
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default=None, help="qat: write the slim checkpoint here, in parts")
-    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    ap.add_argument("--beta2", type=float, default=None, help="AdamW's second-moment decay (default: the mode's)")
     ap.add_argument("--ort-eval", action="store_true",
                     help="also export each package this run makes (unrecovered, recovered; lora: side-car and merged) "
                          "for the cpu target and score it through ONNX Runtime on this machine's CPU")

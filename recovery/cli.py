@@ -40,9 +40,10 @@ def recover_cmd(
                                                 "quantization error) or `activation` (the same, weighted by the teacher's layer inputs)"),
     epochs: int = typer.Option(2, help="passes over the synthetic data"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (warm-up, then cosine) of the LoRA tensors or the "
-                                                  "qat latents (default: 3e-4 lora, 2e-3 qat)"),
-    lr_scale: float = typer.Option(2e-3, help="qat: peak learning rate of the block log-scales"),
-    lr_norm: float = typer.Option(1e-4, help="qat: peak learning rate of the norm weights"),
+                                                  "qat latents (default: 3e-4 lora, 1e-2 qat)"),
+    lr_scale: float = typer.Option(1e-2, help="qat: peak learning rate of the block log-scales"),
+    lr_norm: float = typer.Option(1e-3, help="qat: peak learning rate of the norm weights"),
+    beta2: Optional[float] = typer.Option(None, help="AdamW's beta2 (default: 0.95 qat, 0.999 lora)"),
     train_norms: bool = typer.Option(True, help="qat: also train the norm weights (they ship as floats: no new bytes)"),
     latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
@@ -70,7 +71,7 @@ def recover_cmd(
 
     check_new_dir(output, overwrite)
     cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
-                        epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, train_norms=train_norms,
+                        epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
                         latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size)

@@ -10,12 +10,15 @@ R=/tmp/rm; W=$R/work; mkdir -p $W $R/res
 case "$1" in
 start)
   shift; first=1
+  THREADS=$(( $(nproc) / $# )); [ $THREADS -lt 1 ] && THREADS=1
   for spec in "$@"; do
     tag=${spec%%:*}; rest=${spec#*:}; variant=${rest%% *}; opts=${rest#"$variant"}
     wait_env=""; [ $first = 0 ] && [ "$variant" != w4 ] && wait_env="BENCH_WAIT_FOR_DATASET=1"
     [ "$variant" != w4 ] && first=0
     echo "$tag" >> $R/tags
-    env $wait_env setsid nohup python3 "${SRC:-.}"/bench/recovery_modes.py $variant --tag "$tag" --work $W $opts \
+    # CPU stages (GPTQ, export, ONNX Runtime scoring) of several runs share the cores: a share each, or they
+    # oversubscribe the machine (16 threads x 5 runs stalled GPTQ and the scoring for 25 min in one study)
+    env $wait_env OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS setsid nohup python3 "${SRC:-.}"/bench/recovery_modes.py $variant --tag "$tag" --work $W $opts \
       --out $R/res/$tag.json --save $R/save-$tag > $R/res/$tag.log 2>&1 < /dev/null &
   done
   echo "started: $*" ;;
