@@ -146,7 +146,7 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     exe = [sys.executable, "-c", "from edge_recover.cli import main; main()"]
     rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
                                 "48", "--epochs", "1", "--batch-size", "8", "--mode", "qat", "--latent-units", "step",  # the defaults
-                                "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3",
+                                "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3", "--beta2", "0.95",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
@@ -169,3 +169,7 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "qlora"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "`--mode`" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--beta2", "1.5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "`--beta2`" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "z").exists()
