@@ -163,6 +163,8 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "-o", "--output", help="comparison folder to create"),
         baseline: Optional[str] = typer.Option(None, help="run the ratios are against (its folder or file name; "
                                                           "default: the first)"),
+        ignore_threads: bool = typer.Option(False, help="match rows without the thread count (machines with "
+                                                        "different cores)"),
         overwrite: bool = typer.Option(False, help="replace an existing comparison folder"),
     ) -> None:
         """Rows matched by (package, provider, n_prompt, n_gen, threads) across runs, with ratios to the
@@ -172,7 +174,7 @@ def register(app: typer.Typer) -> None:
         from .report_compare import compare_reports, render_compare, write_compare
 
         check_new_dir(output, overwrite)
-        cmp = compare_reports(reports, baseline)
+        cmp = compare_reports(reports, baseline, ignore_threads)
         write_compare(cmp, output, overwrite=overwrite)
         typer.echo(render_compare(cmp))
         typer.echo(f"wrote {output}/compare.md, compare.json and compare_decode.png")

@@ -9,7 +9,8 @@
 
 Across machines there are no rounds to pair, so a ratio here is the ratio of the two runs' medians for the
 same row (inside one run, the report's own `decode_vs_first` is the paired one, and the table shows it
-beside). A row that some runs lack is listed under "not in every run"; a run that shares no row with the
+beside). `ignore_threads` matches rows without the thread count (machines with different cores; each
+run's threads are shown). A row that some runs lack is listed under "not in every run"; a run that shares no row with the
 baseline is an error (the runs do not measure the same thing), as is a file that is not a profile report.
 """
 
@@ -28,7 +29,7 @@ __all__ = ["KEY", "load_rows", "compare_reports", "render_compare", "write_compa
 
 KEY = ("package", "provider", "n_prompt", "n_gen", "n_threads")
 COMPARE_KIND = "edge-recover-compare"
-_VALUES = ("decode_tok_s", "decode_stddev_ts", "prefill_tok_s", "ttft_s", "peak_rss_bytes", "perplexity",
+_VALUES = ("n_threads", "decode_tok_s", "decode_stddev_ts", "prefill_tok_s", "ttft_s", "peak_rss_bytes", "perplexity",
            "decode_vs_first", "cpu_model", "build_commit")
 
 
@@ -74,9 +75,10 @@ def _name(source: str | Path) -> str:
     return path.parent.name if path.is_file() and path.stem == "report" else (path.stem if path.is_file() else path.name)
 
 
-def compare_reports(sources: Sequence[str | Path], baseline: Optional[str] = None) -> dict:
+def compare_reports(sources: Sequence[str | Path], baseline: Optional[str] = None,
+                    ignore_threads: bool = False) -> dict:
     """Match the runs' rows and take each run's ratios to the baseline run (the first, or the one named
-    `baseline`). Returns the compare.json dict.
+    `baseline`); `ignore_threads`: match without the thread count. Returns the compare.json dict.
 
     Example:
         >>> cmp = compare_reports(["lab/host-a-cpu", "lab/host-b-cpu"])  # doctest: +SKIP
@@ -98,22 +100,23 @@ def compare_reports(sources: Sequence[str | Path], baseline: Optional[str] = Non
     if baseline not in runs:
         raise EdgeRecoverError(f"`--baseline` {baseline!r} is not one of the runs ({', '.join(names)}); pass one of "
                                f"those names")
+    key_fields = tuple(k for k in KEY if not (ignore_threads and k == "n_threads"))
     keyed = {}
     for name, rows in runs.items():
         table = {}
         for r in rows:
-            key = tuple(r[k] for k in KEY)
+            key = tuple(r[k] for k in key_fields)
             if key in table:
-                raise EdgeRecoverError(f"run {name!r} has two rows for {dict(zip(KEY, key))}; compare reports of "
-                                       f"one profile each")
+                raise EdgeRecoverError(f"run {name!r} has two rows for {dict(zip(key_fields, key))}; compare reports "
+                                       f"of one profile each")
             table[key] = r
         keyed[name] = table
     base = keyed[baseline]
     for name, table in keyed.items():
         if name != baseline and not set(table) & set(base):
             raise EdgeRecoverError(f"run {name!r} shares no row with the baseline {baseline!r} by "
-                                   f"({', '.join(KEY)}); compare runs of the same packages, prompt lengths, "
-                                   f"new tokens and threads")
+                                   f"({', '.join(key_fields)}); compare runs of the same packages, prompt lengths, "
+                                   f"new tokens and threads (or pass --ignore-threads)")
     order: list[tuple] = []
     for table in keyed.values():
         order += [k for k in table if k not in order]
@@ -130,15 +133,15 @@ def compare_reports(sources: Sequence[str | Path], baseline: Optional[str] = Non
             per_run[name] = {**{k: r.get(k) for k in _VALUES},
                              "decode_vs_baseline": r["decode_tok_s"] / b["decode_tok_s"],
                              "prefill_vs_baseline": r["prefill_tok_s"] / b["prefill_tok_s"]}
-        out_rows.append({**dict(zip(KEY, key)), "runs": per_run})
+        out_rows.append({**dict(zip(KEY, (b[k] for k in KEY))), "runs": per_run})
     meta = []
     for name, s in zip(names, sources):
         first = runs[name][0]
         meta.append({"name": name, "source": str(s), "cpu_model": first.get("cpu_model"),
                      "build_version": first.get("build_version"), "build_commit": first.get("build_commit"),
                      "onnxruntime": first.get("onnxruntime"), "created": first.get("created"), "rows": len(runs[name])})
-    return {"kind": COMPARE_KIND, "format_version": 1, "baseline": baseline, "key": list(KEY), "runs": meta,
-            "rows": out_rows, "not_in_every_run": [{**dict(zip(KEY, k)), "runs": [n for n in names if k in keyed[n]]}
+    return {"kind": COMPARE_KIND, "format_version": 1, "baseline": baseline, "key": list(key_fields), "runs": meta,
+            "rows": out_rows, "not_in_every_run": [{**dict(zip(key_fields, k)), "runs": [n for n in names if k in keyed[n]]}
                                                    for k in partial],
             "fields": list(LAB_FIELDS)}
 
@@ -165,13 +168,14 @@ def render_compare(cmp: dict) -> str:
         for name in names:
             v = row["runs"][name]
             lines.append(f"| {row['package']} | {row['provider']} | {row['n_prompt']} | {row['n_gen']} | "
-                         f"{row['n_threads']} | {name} | {_f(v['decode_tok_s'], '.1f')} ({_f(v['decode_stddev_ts'], '.1f')}) "
+                         f"{v['n_threads']} | {name} | {_f(v['decode_tok_s'], '.1f')} ({_f(v['decode_stddev_ts'], '.1f')}) "
                          f"| {v['decode_vs_baseline']:.2f}x | {_f(v['decode_vs_first'], '.2f')}x | "
                          f"{_f(v['prefill_tok_s'], '.1f')} | {v['prefill_vs_baseline']:.2f}x | {_f(v['ttft_s'], '.0f', 1e3)} | "
                          f"{_f(v['peak_rss_bytes'], '.1f', 1e-6)} | {_f(v['perplexity'], '.2f')} |")
     if cmp["not_in_every_run"]:
         lines += ["", "Not in every run (not compared): " + "; ".join(
-            f"{r['package']} {r['provider']} {r['n_prompt']}/{r['n_gen']}/{r['n_threads']} threads ({', '.join(r['runs'])})"
+            f"{r['package']} {r['provider']} {r['n_prompt']}/{r['n_gen']}"
+            f"{'/' + str(r['n_threads']) + ' threads' if 'n_threads' in r else ''} ({', '.join(r['runs'])})"
             for r in cmp["not_in_every_run"])]
     return "\n".join(lines + ["", "![decode vs baseline](compare_decode.png)", ""])
 

@@ -73,6 +73,20 @@ def test_baseline_and_partial_rows(runs, tmp_path):
     assert "Not in every run" in (tmp_path / "cmp2" / "compare.md").read_text()
 
 
+def test_ignore_threads(runs, tmp_path):
+    """Another machine's run at 2 threads shares no row with a 1-thread run, unless --ignore-threads."""
+    lines = [json.loads(x) for x in (runs["b"] / "report.jsonl").read_text().splitlines()]
+    other = tmp_path / "host-b.jsonl"
+    other.write_text("".join(json.dumps({**r, "n_threads": 2}) + "\n" for r in lines))
+    r = run_cli("report", "compare", runs["a"], other, "-o", tmp_path / "no")
+    assert r.code == 2 and "--ignore-threads" in r.stderr and not (tmp_path / "no").exists()
+    r = run_cli("report", "compare", runs["a"], other, "--ignore-threads", "-o", tmp_path / "yes")
+    assert r.code == 0, r.stderr
+    cmp = json.loads((tmp_path / "yes" / "compare.json").read_text())
+    assert cmp["key"] == ["package", "provider", "n_prompt", "n_gen"] and len(cmp["rows"]) == 4
+    assert {(row["runs"]["a"]["n_threads"], row["runs"]["host-b"]["n_threads"]) for row in cmp["rows"]} == {(1, 2)}
+
+
 def test_bad_input(runs, tmp_path):
     cases = {"not_json": ("report.json", "this is not json"),
              "other_kind": ("report.json", json.dumps({"kind": "edge-recover-tasks", "results": []})),
