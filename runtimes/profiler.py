@@ -196,34 +196,34 @@ def _describe_gguf(entry: PackageEntry) -> dict:
     head_dim = _gguf_int(reader, f"{arch}.embedding_length") // heads
     ftype = reader.get_field("general.file_type")
     kind = gguf.LlamaFileType(int(ftype.parts[ftype.data[0]][0])).name if ftype is not None else "unknown"
-    return {"parameters": int(sum(int(t.n_elements) for t in tensors.values())), "label": entry.label,
-            "path": str(path), "engine": entry.engine, "scheme": f"llama.cpp {kind.removeprefix('MOSTLY_')}",
-            "size_bytes": path.stat().st_size, "weight_bytes": weight, "weight_bytes_per_token": per_token,
+    return {"label": entry.label, "path": str(path), "engine": entry.engine,
+            "scheme": f"llama.cpp {kind.removeprefix('MOSTLY_')}", "size_bytes": path.stat().st_size,
+            "parameters": int(sum(int(t.n_elements) for t in tensors.values())), "weight_bytes": weight,
+            "weight_bytes_per_token": per_token,
             "kv_bytes_per_position": 2 * layers * kv_heads * head_dim * 2, "matmulnbits_bits": {},
             "context_length": _gguf_int(reader, f"{arch}.context_length")}
 
 
 def _describe_package(entry: PackageEntry) -> dict:
-    """Static facts: size, weight bytes per token, KV bytes per position, context length."""
+    """Static facts: size, parameters, weight bytes per token, KV bytes per position, context length."""
+    from .report_fields import parameter_count
+
     if entry.engine == "llama":
         return _describe_gguf(entry)
     if entry.engine == "genai":
         cfg = json.loads((Path(entry.path) / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
-        stats = graph_stats(Path(entry.path) / dec["filename"],
-                            (int(dec.get("num_key_value_heads", 0)), int(dec.get("head_size", 0))))
+        model_file = Path(entry.path) / dec["filename"]
+        stats = graph_stats(model_file, (int(dec.get("num_key_value_heads", 0)), int(dec.get("head_size", 0))))
         context = int(cfg.get("context_length", 4096))
-        manifest = (Path(entry.path) / "manifest.json").is_file()  # one of our packages, run by onnxruntime-genai
-        scheme = open_package(entry.path).scheme_name if manifest else "onnxruntime-genai builder"
+        ours = (Path(entry.path) / "manifest.json").is_file()  # one of our packages, run by onnxruntime-genai
+        scheme = open_package(entry.path).scheme_name if ours else "onnxruntime-genai builder"
     else:
         pkg = open_package(entry.path)
-        stats, context, scheme = pkg.stats, pkg.context_length, pkg.scheme_name
-    from .report_fields import parameter_count
-
-    model_file = (Path(entry.path) / dec["filename"]) if entry.engine == "genai" else pkg.model_file
-    return {"parameters": parameter_count(model_file),"label": entry.label, "path": str(entry.path), "engine": entry.engine, "scheme": scheme,
-            "size_bytes": folder_size(entry.path), "weight_bytes": stats.weight_bytes,
-            "weight_bytes_per_token": stats.weight_bytes_per_token,
+        model_file, stats, context, scheme = pkg.model_file, pkg.stats, pkg.context_length, pkg.scheme_name
+    return {"label": entry.label, "path": str(entry.path), "engine": entry.engine, "scheme": scheme,
+            "size_bytes": folder_size(entry.path), "parameters": parameter_count(model_file),
+            "weight_bytes": stats.weight_bytes, "weight_bytes_per_token": stats.weight_bytes_per_token,
             "kv_bytes_per_position": stats.kv_bytes_per_position(),
             "matmulnbits_bits": {str(k): v for k, v in stats.matmulnbits_bits.items()},
             "context_length": context}
