@@ -47,6 +47,29 @@ def test_fake_quant_forward_is_the_quantlinear_of_its_integers(units):
     assert fq.latent.grad.abs().sum() > 0 and fq.log_scale.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("units", ["weight", "step"])
+@pytest.mark.parametrize("k,bits,block", [(80, 2, 32), (96, 4, 32), (72, 2, 64)])  # partial last block, whole, one + part
+def test_fused_fake_quant_has_the_gradients_of_the_plain_expression(units, k, bits, block):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(k, 12, bias=False)
+    q = QuantLinear.from_quantized(quantize_weight(lin.weight, QuantConfig(bits=bits, block_size=block), "rtn"), None)
+    fq = FakeQuantLinear.from_quant_linear(q, latent=lin.weight, units=units)
+    with torch.no_grad():  # push some weights out of range, so the clamp's zero gradient is exercised too
+        fq.latent.add_(2.5 * torch.randn_like(fq.latent) * (1.0 if units == "step" else fq.scales().mean()))
+    g = torch.randn(12, k)
+    grads = []
+    for fn in (fq.dequantized, fq.dequantized_reference):
+        fq.zero_grad()
+        w = fn()
+        (w * g).sum().backward()
+        grads.append((w.detach(), fq.latent.grad.clone(), fq.log_scale.grad.clone()))
+    (w1, gl1, gs1), (w2, gl2, gs2) = grads
+    assert torch.equal(w1, w2)  # the same W_hat bit for bit
+    torch.testing.assert_close(gl1, gl2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-6)
+    assert gl1.eq(0).any() and gl1.ne(0).any()  # some weights clamped (no gradient), others not
+
+
 def test_fake_quant_from_integers_not_made_by_rounding():
     torch.manual_seed(1)
     w = torch.randn(16, 64)
