@@ -209,6 +209,7 @@ def plot(data: dict, path: Path) -> None:
                 if ppl[k] is not None:
                     ax.annotate(f"ppl {ppl[k]:.1f}", (b.get_x(), b.get_height()), fontsize=6, rotation=90,
                                 xytext=(0, 3), textcoords="offset points")
+    ax.set_ylim(0, 1.25 * max(r["decode_tok_s"] for r in data["results"]))  # room for the perplexity labels
     ax.set_xticks(x + width * (len(lengths) - 1) / 2, labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"SmolLM2-135M decode, {data['device']['threads_used']} threads, {data['device']['cpu_model'][:40]}")
