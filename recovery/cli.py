@@ -27,7 +27,7 @@ def recover_cmd(
                                                          "4:64,2:128, the CPU's fast layout (when quantizing here)"),
     method: Optional[str] = typer.Option(None, help="quantizer of the start integers (default: rtn for qat, gptq for lora)"),
     calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
-    save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here"),
+    save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here (--overwrite replaces it too)"),
     quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),
     samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
     seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
@@ -70,6 +70,8 @@ def recover_cmd(
     from .distributed import check_split, cli_argv, launch, launched, record_failure
 
     check_new_dir(output, overwrite)
+    if save_quantized is not None and not resume:  # refused now, not after the quantizer ran
+        check_new_dir(save_quantized, overwrite)
     cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
                         epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
                         latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,

@@ -289,7 +289,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, resume: bool, progress: bool):
+def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, resume: bool, progress: bool,
+                  overwrite: bool = False):
     """The student's start integers (a QuantLinear model on the CPU), its scheme, method and quantizer report."""
     from edge_recover.models import LoadedModel
 
@@ -302,7 +303,8 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
     if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
         from edge_recover.checkpoint import save_quantized
 
-        save_quantized(LoadedModel(base, lm.tokenizer, lm.source, lm.source_hash), save_quantized_to, qreport)
+        save_quantized(LoadedModel(base, lm.tokenizer, lm.source, lm.source_hash), save_quantized_to, qreport,
+                       overwrite=overwrite)
     return base, scheme, cfg.method, qreport
 
 
@@ -500,7 +502,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
 
     # 1. the student's start integers, on the CPU (the same integers as `edge-recover quantize` makes there)
     base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to if ranks.is_main else None,
-                                            resume, progress and ranks.is_main)
+                                            resume, progress and ranks.is_main, overwrite)
     qhash = quant_hash(base)
     targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
     start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None

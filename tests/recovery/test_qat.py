@@ -196,3 +196,8 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "`--beta2`" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "z").exists()
+    # a second run into the same folders: --save-quantized's folder is refused at once without --overwrite
+    again = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--save-quantized",
+                                  str(tmp_path / "start")], capture_output=True, text=True)
+    assert again.returncode == 2 and "start" in again.stderr and "--overwrite" in again.stderr
+    assert not (tmp_path / "z").exists()
