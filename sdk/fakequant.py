@@ -47,14 +47,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def expand_blocks(per_block: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
-    """[N, nb] -> [N, k]: each column gets its block's value (the last block may be partial)."""
-    nb = per_block.shape[1]
-    counts = torch.full((nb,), block_size, dtype=torch.long, device=per_block.device)
-    counts[-1] = k - block_size * (nb - 1)
-    return torch.repeat_interleave(per_block, counts, dim=1, output_size=k)
-
-
 def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """[N, K] -> [N, nb, block_size], zero-padded at the end when K is not a whole number of blocks."""
     n, k = x.shape
@@ -154,7 +146,8 @@ class FakeQuantLinear(nn.Module):
 
     def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
         """[N, nb] -> [N, K]: each column gets its block's value."""
-        return expand_blocks(per_block, self.in_features, self.config.block_size)
+        idx = torch.arange(self.in_features, device=per_block.device) // self.config.block_size
+        return per_block[:, idx]
 
     def scales(self) -> torch.Tensor:
         """The fp32 block scales s = exp(log_scale) [N, nb] (what the package stores)."""
@@ -183,7 +176,10 @@ class FakeQuantLinear(nn.Module):
     def to_quantized(self) -> QuantizedWeight:
         """The integers of the forward: codes uint8 [N, K], scales fp32 [N, nb], zero points uint8 [N, nb]."""
         s = self.scales()
-        codes = self._codes_float(self._expand(s), self._expand(self.zero_points.float()))
+        bs, z = self.config.block_size, self.zero_points.float()
+        _, _, q = _FakeQuant._codes(_blocked(self.latent, bs), s[:, :, None], z[:, :, None], self.units == "step",
+                                    self.config.levels)  # the forward's own function of the latents
+        codes = _unblocked(q, self.in_features)
         return QuantizedWeight(codes.to(torch.uint8).contiguous(), s.contiguous(), self.zero_points.clone(), self.config)
 
     def to_quant_linear(self, dtype: torch.dtype = torch.float32) -> QuantLinear:
