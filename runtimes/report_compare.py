@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from edge_recover.atomic import atomic_dir
 from edge_recover.errors import EdgeRecoverError
 
+from .report import _opt
 from .report_fields import LAB_FIELDS, lab_rows
 
 __all__ = ["KEY", "load_rows", "compare_reports", "render_compare", "write_compare", "COMPARE_KIND"]
@@ -146,10 +147,6 @@ def compare_reports(sources: Sequence[str | Path], baseline: Optional[str] = Non
             "fields": list(LAB_FIELDS)}
 
 
-def _f(value, fmt: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, fmt)
-
-
 def render_compare(cmp: dict) -> str:
     """compare.md: the runs, then one table row per matched (package, provider, prompt, new tokens, threads)."""
     names = [r["name"] for r in cmp["runs"]]
@@ -167,11 +164,12 @@ def render_compare(cmp: dict) -> str:
     for row in cmp["rows"]:
         for name in names:
             v = row["runs"][name]
-            lines.append(f"| {row['package']} | {row['provider']} | {row['n_prompt']} | {row['n_gen']} | "
-                         f"{v['n_threads']} | {name} | {_f(v['decode_tok_s'], '.1f')} ({_f(v['decode_stddev_ts'], '.1f')}) "
-                         f"| {v['decode_vs_baseline']:.2f}x | {_f(v['decode_vs_first'], '.2f')}x | "
-                         f"{_f(v['prefill_tok_s'], '.1f')} | {v['prefill_vs_baseline']:.2f}x | {_f(v['ttft_s'], '.0f', 1e3)} | "
-                         f"{_f(v['peak_rss_bytes'], '.1f', 1e-6)} | {_f(v['perplexity'], '.2f')} |")
+            cells = [row["package"], row["provider"], row["n_prompt"], row["n_gen"], v["n_threads"], name,
+                     f"{_opt(v['decode_tok_s'], 1.0, '.1f')} ({_opt(v['decode_stddev_ts'], 1.0, '.1f')})",
+                     f"{v['decode_vs_baseline']:.2f}x", f"{_opt(v['decode_vs_first'], 1.0, '.2f')}x",
+                     _opt(v["prefill_tok_s"], 1.0, ".1f"), f"{v['prefill_vs_baseline']:.2f}x",
+                     _opt(v["ttft_s"], 1e3, ".0f"), _opt(v["peak_rss_bytes"], 1e-6, ".1f"), _opt(v["perplexity"], 1.0, ".2f")]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     if cmp["not_in_every_run"]:
         lines += ["", "Not in every run (not compared): " + "; ".join(
             f"{r['package']} {r['provider']} {r['n_prompt']}/{r['n_gen']}"
