@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ort-threads", type=int, default=4)
     ap.add_argument("--ort-skip-start", action="store_true", help="qat: leave the unrecovered start to another run")
     args = ap.parse_args(argv)
-    tag = args.tag or args.variant
+    tag = args.tag = args.tag or args.variant
     eval_windows = None
     if args.small:
         args.samples, args.seq_len, args.batch_size, args.epochs, args.gen_batch_size = 96, 64, 8, 1, 32
@@ -109,11 +109,7 @@ def main(argv=None) -> dict:
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
         result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
         if args.ort_eval:
-            from edge_recover.checkpoint import save_quantized
-            from edge_recover.models import LoadedModel
-
-            ck = Path(args.work) / f"ckpt-{tag}"
-            save_quantized(LoadedModel(w4.cpu(), lm.tokenizer, lm.source, lm.source_hash), ck, w4_report, overwrite=True)
+            ck = _checkpoint(lm, w4.cpu(), w4_report, Path(args.work) / f"ckpt-{tag}")
             result["ort"] = _ort_rows(args, {"w4 (GPTQ, block 64)": (ck, [])}, lm)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return result
@@ -156,6 +152,14 @@ def main(argv=None) -> dict:
     return result
 
 
+def _checkpoint(lm, model, report, path: Path, **kw) -> Path:
+    """Write `model` (quantized in place, from `lm`'s teacher) as a checkpoint at `path`, replacing it."""
+    from edge_recover.checkpoint import save_quantized
+    from edge_recover.models import LoadedModel
+
+    return save_quantized(LoadedModel(model, lm.tokenizer, lm.source, lm.source_hash), path, report, overwrite=True, **kw)
+
+
 def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: str) -> dict:
     """label -> (checkpoint, extra `edge-recover export` arguments) for the packages this run makes."""
     if args.variant == "lora":
@@ -169,6 +173,8 @@ def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: 
 def _ort_rows(args, packages: dict, lm) -> dict:
     """Export each (checkpoint, extra args) with the CLI for the cpu target and score it through ONNX Runtime."""
     import subprocess
+
+    from recovery_modes_table import _package_figures  # bench/, beside this script
 
     from edge_recover.evaluate import token_windows
     from edge_recover.exporters.verify import ort_perplexity
@@ -186,11 +192,7 @@ def _ort_rows(args, packages: dict, lm) -> dict:
         if done.returncode:
             row["error"] = (done.stderr or done.stdout)[-1500:]
         else:
-            import onnx
-
-            m = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
-            row.update({"nodes": len(m.graph.node), "matmulnbits": sum(n.op_type == "MatMulNBits" for n in m.graph.node),
-                        "package_mb": sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) / 1e6})
+            row.update(_package_figures(pkg))
             t = time.perf_counter()
             row["ppl_ort"], row["tokens"] = ort_perplexity(pkg / "model.onnx", windows, threads=args.ort_threads)
             row["ort_seconds"] = time.perf_counter() - t
@@ -227,20 +229,15 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
                                     "kl_recovered", "top1_recovered", "recovery_pct")}
     result.update(figs)
     if args.variant == "qat" and args.ort_eval and not args.ort_skip_start:  # the unrecovered start, for its package
-        from edge_recover.checkpoint import save_quantized
-
-        save_quantized(LoadedModel(start.cpu(), lm.tokenizer, lm.source, lm.source_hash),
-                       Path(args.work) / f"start-{result['tag']}", _start_report, overwrite=True)
+        _checkpoint(lm, start.cpu(), _start_report, Path(args.work) / f"start-{result['tag']}")
     if args.save and args.variant == "qat":
-        from edge_recover.checkpoint import save_quantized
         from edge_recover.recovery.qat import norm_parameters, recovered_report
 
         dest = Path(args.save)
         dest.mkdir(parents=True, exist_ok=True)
-        slim = Path(args.work) / f"slim-{result['tag']}"
-        save_quantized(LoadedModel(res.student, lm.tokenizer, lm.source, lm.source_hash), slim,
-                       recovered_report(res.student, res.teacher, scheme.to_json(), cfg.method), overwrite=True,
-                       slim=True, slim_include=tuple(norm_parameters(res.student)) if cfg.train_norms else ())
+        slim = _checkpoint(lm, res.student, recovered_report(res.student, res.teacher, scheme.to_json(), cfg.method),
+                           Path(args.work) / f"slim-{result['tag']}", slim=True,
+                           slim_include=tuple(norm_parameters(res.student)) if cfg.train_norms else ())
         result["parts"] = split_parts(slim / "model.safetensors", dest)
         (dest / "edge_recover_quantized.json").write_text((slim / "edge_recover_quantized.json").read_text())
 
