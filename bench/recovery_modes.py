@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr-scale", type=float, default=1e-2)
     ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
-    ap.add_argument("--latent-units", default="weight", choices=["weight", "step"])
+    ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="low-bit")
@@ -103,9 +103,10 @@ def main(argv=None) -> dict:
                     "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     if args.variant == "w4":
         t = time.perf_counter()
-        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32, progress=False)
-        result["quantize_seconds"] = time.perf_counter() - t
         dev = "cuda" if use_cuda else "cpu"
+        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32,
+                                         progress=False, device=dev)
+        result["quantize_seconds"] = time.perf_counter() - t
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
         result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
         if args.ort_eval:
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
-    base_ckpt = work / f"base-{tag}" if args.variant == "lora" else None  # the integers the adapter trained on
+    base_ckpt = work / f"base-{tag}"  # the integers the adapter or the qat run started from
     res = recover(lm, scheme, out_dir, cfg, work_dir=work / f"work-{tag}", device="cuda" if use_cuda else "cpu",
                   dataset=dataset, overwrite=True, progress=False, save_quantized_to=base_ckpt)
     minutes = (time.perf_counter() - t0) / 60
@@ -166,7 +167,7 @@ def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: 
         return {"unrecovered (GPTQ)": (base_ckpt, []),
                 "side-car LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "sidecar"]),
                 "merged LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "merge"])}
-    rows = {} if args.ort_skip_start else {"unrecovered (RTN start)": (work / f"start-{tag}", [])}
+    rows = {} if args.ort_skip_start else {f"unrecovered ({args.method or 'rtn'} start)": (base_ckpt, [])}
     return {**rows, "integer-exact": (out_dir, [])}
 
 
@@ -204,7 +205,7 @@ def _ort_rows(args, packages: dict, lm) -> dict:
 def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) -> None:
     from edge_recover.models import LoadedModel
     from edge_recover.recovery.evaluation import compare
-    from edge_recover.recovery.student import quantize_student
+    from edge_recover.recovery.student import load_student_checkpoint
 
     r = res.report
     result.update({"minutes": minutes, "generate_seconds": r["dataset"]["generate_seconds"],
@@ -213,9 +214,9 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
                    "optimizer_steps": r["optimizer_steps"], "trainable_parameters": r["trainable_parameters"],
                    "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"]})
     rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
-    if args.variant == "qat":  # the unrecovered start: the same quantizer on the same teacher
-        start, _start_report = quantize_student(LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme,
-                                    cfg.method, calibration=cfg.calibration, progress=False)
+    if args.variant == "qat":  # the unrecovered start: the integers training started from
+        start, _, _ = load_student_checkpoint(Path(args.work) / f"base-{result['tag']}",
+                                              LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme)
         q = compare(res.teacher, start.to(res.teacher.device), windows, batch_size=bs, progress=False)
 
         from edge_recover.evaluate import recovery_share
@@ -228,8 +229,6 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
         figs = {k: rec[k] for k in ("ppl_fp", "ce_fp", "ppl_quant", "ce_quant", "ppl_recovered", "ce_recovered",
                                     "kl_recovered", "top1_recovered", "recovery_pct")}
     result.update(figs)
-    if args.variant == "qat" and args.ort_eval and not args.ort_skip_start:  # the unrecovered start, for its package
-        _checkpoint(lm, start.cpu(), _start_report, Path(args.work) / f"start-{result['tag']}")
     if args.save and args.variant == "qat":
         from edge_recover.recovery.qat import norm_parameters, recovered_report
 

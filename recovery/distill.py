@@ -290,8 +290,9 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, resume: bool, progress: bool,
-                  overwrite: bool = False):
-    """The student's start integers (a QuantLinear model on the CPU), its scheme, method and quantizer report."""
+                  overwrite: bool = False, device=None):
+    """The student's start integers (a QuantLinear model on the CPU; calibrated and quantized on `device`), its
+    scheme, method and quantizer report."""
     from edge_recover.models import LoadedModel
 
     if quantized is not None:
@@ -299,7 +300,7 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
         return base, scheme, qmanifest["method"], None
     scheme = scheme or named_scheme("w4w2gateup").with_block_size(DEFAULT_BLOCK_SIZES)
     base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
-                                     progress=progress)
+                                     progress=progress, device=device)
     if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
         from edge_recover.checkpoint import save_quantized
 
@@ -500,9 +501,10 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     require(lm.quantized_manifest is None,
             f"{lm.source!r} is a quantized checkpoint; pass the full-precision teacher as MODEL and it as `--quantized`")
 
-    # 1. the student's start integers, on the CPU (the same integers as `edge-recover quantize` makes there)
+    # 1. the student's start integers, quantized on the run's device (GPTQ: seconds on a GPU, minutes on a CPU; on
+    # the CPU they are the integers `edge-recover quantize` makes; `--save-quantized` keeps them either way)
     base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to if ranks.is_main else None,
-                                            resume, progress and ranks.is_main, overwrite)
+                                            resume, progress and ranks.is_main, overwrite, device=dev)
     qhash = quant_hash(base)
     targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
     start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None

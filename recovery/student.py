@@ -71,15 +71,24 @@ def resolve_targets(model, targets: str) -> list[str]:
 
 
 def quantize_student(lm: LoadedModel, scheme: Scheme, method: str, calibration: int = 16, seed: int = 0,
-                     progress: bool = True):
-    """A quantized deep copy of the teacher `lm` (the teacher stays full precision); returns (copy, report)."""
+                     progress: bool = True, device: torch.device | str | None = None):
+    """A quantized deep copy of the teacher `lm` (the teacher stays full precision); returns (copy, report).
+
+    `device`: where calibration and the quantizer run (GPTQ on a GPU takes seconds, on a CPU minutes); the copy
+    comes back on the CPU. None: the teacher's device, and the copy stays there."""
     from edge_recover.pipeline import quantize_loaded
 
     require(lm.quantized_manifest is None,
             f"{lm.source!r} is already quantized; pass the full-precision teacher as MODEL and the checkpoint as `--quantized`")
-    student = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.source, lm.source_hash)
-    report = quantize_loaded(student, scheme, method, calibration=calibration, seed=seed, progress=progress)
-    return student.model, report
+    model = copy.deepcopy(lm.model) if device is None else copy.deepcopy(lm.model).to(device)
+    student = LoadedModel(model, lm.tokenizer, lm.source, lm.source_hash)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 Hessians and GPTQ updates, whatever training uses
+    try:
+        report = quantize_loaded(student, scheme, method, calibration=calibration, seed=seed, progress=progress)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return (student.model if device is None else student.model.cpu()), report
 
 
 def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Scheme | None):

@@ -54,7 +54,8 @@ ok = {t: r["result"] for t, r in res.items() if r["result"] and "recovery_pct" i
 qat = {t: r for t, r in ok.items() if r["variant"] == "qat"}
 best = max(qat, key=lambda t: qat[t]["recovery_pct"]) if qat else None
 lora = next((t for t, r in ok.items() if r["variant"] == "lora"), None)
-(out / "results.json").write_text(json.dumps({"best": best, "lora": lora, "runs": res}, indent=2))
+extra = {f.stem: json.loads(f.read_text()) for f in sorted((R / "extra").glob("*.json"))}  # side jobs' summaries
+(out / "results.json").write_text(json.dumps({"best": best, "lora": lora, "runs": res, "extra": extra}, indent=2))
 for name, tag in (("best", best), ("lora", lora)):  # at most 8 files come back: 4 parts + 1 JSON each
     if tag and (R / f"save-{tag}").is_dir():
         d = out / name; d.mkdir()
