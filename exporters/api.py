@@ -34,11 +34,13 @@ def export(model: "str | Path | LoadedModel", output: str | Path, options: Expor
 
     `model` is `"smollm2"`, a HF folder, a .gguf file, a quantized checkpoint or a `LoadedModel` (quantized
     in place when it is not yet, and keeping what the export does to it: its quantization, an embedding
-    re-tied to the quantized head). A full-precision model is quantized under `options.scheme` with the
-    target's preferred block size (or `options.block_size`); a quantized one keeps its integers and is refused
-    if the target cannot take its blocks. With `options.verify`, ORT CPU logits are compared with torch and
-    the export fails when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see verify.py). Bad
-    options are refused before the model loads; nothing is written until every build pass has run.
+    re-tied to the quantized head). A full-precision model is quantized under `options.scheme`: a scheme
+    name at the target's preferred block size, a JSON file (or a rule's explicit BLOCK) at its own blocks,
+    `options.block_size` overriding either (passes._ensure_quantized); a quantized one keeps its integers
+    and is refused if the target cannot take its blocks. With `options.verify`, ORT CPU logits are compared
+    with torch and the export fails when the exact graph's top-1 agreement is below `verify.MIN_TOP1` (see
+    verify.py). Bad options are refused before the model loads; nothing is written until every build pass
+    has run.
 
     Example:
         >>> export("smollm2", "out/pkg", ExportOptions(scheme="w4w2gateup", target="cpu"))  # doctest: +SKIP

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Option("cpu", help="cpu, dml, npu, qnn, openvino or vitisai (see `edge-recover targets`)"),
         vendor: Optional[str] = typer.Option(None, help="with --target npu: amd, qualcomm or intel (default amd)"),
         method: str = typer.Option("mse", help="quantizer method when the model is full precision: rtn or mse"),
-        block_size: Optional[str] = typer.Option(None, help="block size when quantizing (default: the target's): 64, or per bit width as 4:64,2:128"),
+        block_size: Optional[str] = typer.Option(None, help="block size when quantizing (default: a scheme name gets the target's, "
+                                                                   "a JSON file keeps its own): 64, or per bit width as 4:64,2:128"),
         calibration: int = typer.Option(16, help="teacher samples for the mse method's activation importance"),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),

@@ -163,8 +163,14 @@ def quantize(state: ExportState, options: ExportOptions) -> ExportState:
 
 
 def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOptions) -> tuple[dict, str]:
-    """(scheme JSON, method) of `lm`, quantized in place under `options.scheme` with the target's preferred
-    block size (then `options.block_size`) unless it already has QuantLinear layers."""
+    """(scheme JSON, method) of `lm`, quantized in place under `options.scheme` unless it already has
+    QuantLinear layers.
+
+    Blocks: the scheme's stand-ins get the target's preferred block size (`Scheme.with_target_block_size`),
+    then `options.block_size` overrides every block it names. So a scheme name is quantized at the target's
+    block, a rule without BLOCK too; a JSON file keeps its blocks, and so does a `Scheme` object for the
+    blocks someone chose (`load_scheme("w4w2gateup", ["lm_head=4:32"])`: lm_head at 32, the rest at 64 on
+    the cpu target); only `options.block_size` changes those."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
     from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes
@@ -173,7 +179,7 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
         qm = lm.quantized_manifest or {}
         return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
     sch = options.scheme if isinstance(options.scheme, Scheme) else load_scheme(str(options.scheme))
-    sch = sch.with_block_size(target.preferred_block_size)
+    sch = sch.with_target_block_size(target.preferred_block_size)
     if options.block_size is not None:
         sch = sch.with_block_size(parse_block_sizes(options.block_size))
     target.check_scheme(sch)  # refused before minutes of quantizing, not after

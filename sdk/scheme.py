@@ -5,6 +5,12 @@ precision). Rules are looked up in the order torchao uses for its module-fqn map
 then the first regex that matches (`re.search`), then the default. Schemes are frozen, versioned and
 round-trip through JSON, so a package can say exactly how it was made.
 
+Block sizes a target may choose: a named scheme's blocks (32) and those of a `--rule` given without BLOCK
+are stand-ins (`QuantConfig.block_stand_in`), which `Scheme.with_target_block_size` sets to a target's
+fast layout (the exporter: the target's preferred block). Every other block someone chose (a JSON file's, a
+`--rule X=4:32`, `with_block_size`, a hand-built `QuantConfig`) stays. The mark is in neither the JSON nor
+`==`, so a scheme reads, writes and compares as before.
+
     >>> s = named_scheme("w4w2gateup")
     >>> s.resolve("model.layers.0.mlp.gate_proj").bits
     2
@@ -49,6 +55,9 @@ class QuantConfig:
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False
+    # True: `block_size` is a stand-in (a named scheme's, a `--rule` without BLOCK) that a target's preferred
+    # block replaces (`Scheme.with_target_block_size`); not in the JSON, the repr or `==`
+    block_stand_in: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         require(self.bits in VALID_BITS, f"`bits` must be one of {VALID_BITS}, got {self.bits!r}")
@@ -161,12 +170,29 @@ class Scheme:
     def with_block_size(self, block_size: BlockSizes) -> "Scheme":
         """The same scheme with every quantized config at `block_size`, or, given a map {bits: block},
         each config of those bits at its block (the others unchanged)."""
+        return self._re_block(block_size, stand_ins_only=False)
+
+    def with_target_block_size(self, block_size: BlockSizes) -> "Scheme":
+        """The same scheme with its stand-in blocks (a named scheme's own, a `--rule` without BLOCK) at a
+        target's `block_size`; blocks someone chose (a JSON file's, `--rule lm_head=4:32`, `with_block_size`)
+        stay as they are.
+
+        Example:
+            >>> s = load_scheme("w4", ["lm_head=4:32"]).with_target_block_size(64)
+            >>> s.resolve("lm_head").block_size, s.resolve("model.layers.0.mlp.up_proj").block_size
+            (32, 64)
+        """
+        return self._re_block(block_size, stand_ins_only=True)
+
+    def _re_block(self, block_size: BlockSizes, stand_ins_only: bool) -> "Scheme":
         sizes = dict(block_size) if isinstance(block_size, Mapping) else {b: block_size for b in VALID_BITS}
         for n in sizes.values():
             _check_block_size(n)
 
         def re_block(c):
-            return c if c == KEEP or c.bits not in sizes else replace(c, block_size=sizes[c.bits])
+            if c == KEEP or c.bits not in sizes or (stand_ins_only and not c.block_stand_in):
+                return c
+            return replace(c, block_size=sizes[c.bits], block_stand_in=False)
 
         return replace(
             self,
@@ -227,11 +253,17 @@ class Scheme:
 _KEEP_HEAD = Rule(r"(^|\.)lm_head$", KEEP)
 _GATE_UP = r"mlp\.(gate_proj|up_proj)$"
 
+
+def _stand_in(bits: int) -> QuantConfig:
+    """`bits` at block 32, a block that a target's preferred one replaces (`with_target_block_size`)."""
+    return QuantConfig(bits, 32, block_stand_in=True)
+
+
 NAMED_SCHEMES: dict[str, Scheme] = {
-    "w8": Scheme("w8", QuantConfig(8, 32), (_KEEP_HEAD,)),
-    "w4": Scheme("w4", QuantConfig(4, 32), (_KEEP_HEAD,)),
-    "w2": Scheme("w2", QuantConfig(2, 32), (_KEEP_HEAD,)),
-    "w4w2gateup": Scheme("w4w2gateup", QuantConfig(4, 32), (_KEEP_HEAD, Rule(_GATE_UP, QuantConfig(2, 32)))),
+    "w8": Scheme("w8", _stand_in(8), (_KEEP_HEAD,)),
+    "w4": Scheme("w4", _stand_in(4), (_KEEP_HEAD,)),
+    "w2": Scheme("w2", _stand_in(2), (_KEEP_HEAD,)),
+    "w4w2gateup": Scheme("w4w2gateup", _stand_in(4), (_KEEP_HEAD, Rule(_GATE_UP, _stand_in(2)))),
 }
 
 
@@ -250,7 +282,9 @@ def named_scheme(name: str) -> Scheme:
 def parse_rule(text: str, block_size: "BlockSizes | None" = None) -> Rule:
     """Parse a `--rule` option: `PATTERN=keep` or `PATTERN=BITS[:BLOCK][:sym]`.
 
-    A rule without BLOCK takes `block_size` (one size, or {bits: size}; the command's `--block-size`), else 32.
+    A rule without BLOCK takes `block_size` (one size, or {bits: size}; the command's `--block-size`), else
+    32 as a stand-in that an export's target block replaces (`Scheme.with_target_block_size`); a rule's own
+    BLOCK is kept.
 
     Example:
         >>> parse_rule(r"down_proj$=2:64").config
@@ -267,14 +301,21 @@ def parse_rule(text: str, block_size: "BlockSizes | None" = None) -> Rule:
     except ValueError:
         raise EdgeRecoverError(f"--rule {text!r}: bits and block size must be integers, e.g. 'down_proj$=4:64'") from None
     if block is None:
-        default = block_size.get(bits) if isinstance(block_size, Mapping) else block_size
-        block = default or 32
-    return Rule(pattern, QuantConfig(bits, block, symmetric="sym" in parts[1:]))
+        block = block_size.get(bits) if isinstance(block_size, Mapping) else block_size
+    sym = "sym" in parts[1:]
+    return Rule(pattern, QuantConfig(bits, block or 32, symmetric=sym, block_stand_in=block is None))
 
 
 def load_scheme(spec: str, rules: Iterable[str] = (), block_size: "BlockSizes | str | None" = None) -> Scheme:
     """Build a scheme from a name or a JSON file, optional `--rule` strings and a block-size override
-    (`parse_block_sizes`)."""
+    (`parse_block_sizes`). A name's blocks and those of a rule without BLOCK are stand-ins that an export
+    sets to its target's block; a file's blocks and a rule's own BLOCK are kept (module docstring).
+
+    Example:
+        >>> s = load_scheme("w4w2gateup", ["lm_head=4:32"])
+        >>> s.name, s.resolve("lm_head").block_size
+        ('w4w2gateup+custom', 32)
+    """
     block_size = parse_block_sizes(block_size)
     if spec.endswith(".json") or Path(spec).is_file():
         path = Path(spec)

@@ -59,3 +59,42 @@ def test_a_failing_write_pass_leaves_no_package(tmp_path, monkeypatch):
         export(make_loaded("llama"), tmp_path / "pkg", ExportOptions(scheme="w4", method="rtn", calibration=0))
     assert "model.onnx" in seen and "model.onnx.data" in seen  # write_graph ran inside the folder
     assert not (tmp_path / "pkg").exists() and list(tmp_path.iterdir()) == []
+
+
+def _graph_blocks(pkg) -> dict[str, int]:
+    """layer -> the `block_size` attribute of its node (`/model/layers.0/mlp/up_proj/MatMulNBits`)."""
+    import onnx
+
+    graph = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    return {n.name.strip("/").removesuffix("/MatMulNBits").replace("/", "."):
+            next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "block_size")
+            for n in graph.graph.node if n.op_type == "MatMulNBits"}
+
+
+def _scheme_file(tmp_path) -> str:
+    from edge_recover.scheme import named_scheme, parse_rule
+
+    path = tmp_path / "mine.json"  # every layer at 32 (not the cpu target's 64), down_proj at 128
+    path.write_text(named_scheme("w4").with_block_size(32).with_rules([parse_rule(r"down_proj$=4:128")]).dumps())
+    return str(path)
+
+
+@pytest.mark.parametrize("scheme, block_size, head, down, other", [
+    ("object", None, 32, 64, 64),  # `lm_head=4:32` keeps its block, the named scheme's own take the target's
+    ("object", 16, 16, 16, 16),  # `block_size` overrides every block
+    ("file", None, None, 128, 32),  # a JSON file keeps its blocks
+    ("file", "4:64", None, 64, 64),
+    ("w4", None, None, 64, 64),  # a name: the target's preferred block
+    ("w4", 32, None, 32, 32),
+])
+def test_export_blocks_by_scheme_kind(tmp_path, scheme, block_size, head, down, other):
+    from edge_recover.scheme import load_scheme
+
+    spec = {"object": lambda: load_scheme("w4", ["lm_head=4:32"]), "file": lambda: _scheme_file(tmp_path)}
+    opts = ExportOptions(target="cpu", scheme=spec.get(scheme, lambda: scheme)(), block_size=block_size,
+                         method="rtn", calibration=0, verify=False)
+    assert TARGETS["cpu"].preferred_block_size == 64
+    blocks = _graph_blocks(export(make_loaded("llama"), tmp_path / "pkg", opts))
+    assert blocks.pop("lm_head", None) == head
+    assert {blocks.pop(f"model.layers.{i}.mlp.down_proj") for i in range(2)} == {down}
+    assert len(blocks) == 2 * 6 and set(blocks.values()) == {other}

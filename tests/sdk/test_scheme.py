@@ -86,3 +86,21 @@ def test_rule_that_matches_nothing():
     s = named_scheme("w4").with_rules([parse_rule("gate_prj=2")])
     with pytest.raises(EdgeRecoverError, match="matches no linear layer"):
         s.check_matches(["model.layers.0.mlp.gate_proj"])
+
+
+def test_target_block_size_replaces_only_stand_in_blocks():
+    """A named scheme's blocks and a rule without BLOCK take a target's block; chosen blocks stay."""
+    s = load_scheme("w4w2gateup", ["lm_head=4:32", "o_proj=8"]).with_target_block_size(64)
+    assert s.resolve("lm_head") == QuantConfig(4, 32)  # `--rule lm_head=4:32`: its own block
+    assert s.resolve("model.layers.0.self_attn.o_proj") == QuantConfig(8, 64)  # no BLOCK: the target's
+    assert s.resolve("model.layers.0.mlp.gate_proj") == QuantConfig(2, 64)
+    assert s.resolve("model.layers.0.mlp.down_proj") == QuantConfig(4, 64)
+    chosen = named_scheme("w4w2gateup").with_block_size({2: 128}).with_target_block_size(64)
+    assert chosen.resolve("model.layers.0.mlp.up_proj") == QuantConfig(2, 128)  # with_block_size chose it
+    assert chosen.resolve("model.layers.0.mlp.down_proj") == QuantConfig(4, 64)
+    from_file = Scheme.from_json(named_scheme("w4").to_json())  # a file's blocks are its own
+    assert from_file.with_target_block_size(64).default == QuantConfig(4, 32)
+    # the stand-in mark is in neither the JSON nor ==: old manifests read and compare as before
+    assert from_file == named_scheme("w4") and from_file.to_json() == named_scheme("w4").to_json()
+    assert named_scheme("w4").to_json()["default"] == {"bits": 4, "block_size": 32, "symmetric": False}
+    assert repr(parse_rule("x=4").config) == "QuantConfig(bits=4, block_size=32, symmetric=False)"
