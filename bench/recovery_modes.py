@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
-                        method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
+                        method=args.method or "gptq", rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
@@ -167,7 +167,7 @@ def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: 
         return {"unrecovered (GPTQ)": (base_ckpt, []),
                 "side-car LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "sidecar"]),
                 "merged LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "merge"])}
-    rows = {} if args.ort_skip_start else {f"unrecovered ({args.method or 'rtn'} start)": (base_ckpt, [])}
+    rows = {} if args.ort_skip_start else {f"unrecovered ({args.method or 'gptq'} start)": (base_ckpt, [])}
     return {**rows, "integer-exact": (out_dir, [])}
 
 

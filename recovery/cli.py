@@ -25,7 +25,7 @@ def recover_cmd(
     scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     block_size: Optional[str] = typer.Option(None, help="block size, one (64) or per bit width (4:64,2:128); default "
                                                          "4:64,2:128, the CPU's fast layout (when quantizing here)"),
-    method: Optional[str] = typer.Option(None, help="quantizer of the start integers (default: rtn for qat, gptq for lora)"),
+    method: str = typer.Option("gptq", help="quantizer of the start integers (gptq, mse or rtn; with --quantized, that checkpoint's)"),
     calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
     save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here (--overwrite replaces it too)"),
     quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),

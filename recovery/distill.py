@@ -75,7 +75,7 @@ _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "ev
 # Defaults per mode where they differ: (qat, lora).
 # qat's lr is that of latents in step units; qat's defaults are the best measured run (docs/recovery.md: held-out
 # KL 4.35 -> 0.40 on SmolLM2, vs 0.64 for lr 2e-3 / 2e-3 / 1e-4 with beta2 0.999).
-_MODE_DEFAULTS = {"method": ("rtn", "gptq"), "lr": (1e-2, 3e-4), "beta2": (0.95, 0.999)}
+_MODE_DEFAULTS = {"lr": (1e-2, 3e-4), "beta2": (0.95, 0.999)}
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class RecoverConfig:
     seed: int = 0
     batch_size: int = 16
     grad_accum: int = 1
-    method: str | None = None  # quantizer of the start integers; None: the mode's default (rtn for qat, gptq for lora)
+    method: str = "gptq"  # quantizer of the start integers (GPTQ: the better start for qat too, docs/recovery.md)
     calibration: int = 32
     top_p: float = 0.95
     temperature_min: float = 0.8

@@ -22,7 +22,7 @@ from edge_recover.recovery.distill import RecoverConfig, recover
 from edge_recover.scheme import QuantConfig, named_scheme
 
 SCHEME = named_scheme("w4w2gateup").with_block_size({4: 32, 2: 32})  # the tiny model's K = 64 / 128
-CFG = dict(samples=96, seq_len=48, epochs=2, batch_size=8, latent_units="weight", lr=3e-3, lr_scale=1e-2, lr_norm=1e-3,
+CFG = dict(samples=96, seq_len=48, epochs=2, batch_size=8, method="rtn", latent_units="weight", lr=3e-3, lr_scale=1e-2, lr_norm=1e-3,
            log_every=2, checkpoint_every=4)  # the CLI test runs the default, step units
 
 
@@ -159,10 +159,11 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(run, tiny_model, tmp_path, mo
     assert done.report["status"] == "done"
 
 
-def _matmulnbits_b(pkg) -> dict[str, np.ndarray]:
+def _matmulnbits_inputs(pkg, index: int) -> dict[str, np.ndarray]:
+    """Each MatMulNBits node's initializer at input `index` (1: packed codes, 2: scales)."""
     m = onnx.load(str(pkg / "model.onnx"))
     inits = {t.name: t for t in m.graph.initializer}
-    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in m.graph.node if n.op_type == "MatMulNBits"}
+    return {n.name: numpy_helper.to_array(inits[n.input[index]]) for n in m.graph.node if n.op_type == "MatMulNBits"}
 
 
 def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path):
@@ -187,8 +188,11 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]  # the same nodes
     size = lambda m: sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)  # noqa: E731
     assert size(a) == size(b)  # and the same weight bytes: no side-car
-    got, start = _matmulnbits_b(pkgs["rec"]), _matmulnbits_b(pkgs["start"])
+    # the default GPTQ start puts each latent at its code's centre, so a 12-step run trains the scales (the
+    # integers move in longer runs, and in the RTN-start test above); the package holds the trained scales
+    got, start = _matmulnbits_inputs(pkgs["rec"], 2), _matmulnbits_inputs(pkgs["start"], 2)
     assert got.keys() == start.keys() and any(not np.array_equal(got[k], start[k]) for k in got)
+    assert json.loads((tmp_path / "rec" / "recovery_report.json").read_text())["method"] == "gptq"  # the default
     bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "qlora"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "`--mode`" in bad.stderr and "Traceback" not in bad.stderr
