@@ -123,6 +123,9 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
 
     p = Path(path)
     manifest = read_manifest(p)
+    require((p / "config.json").is_file(),
+            f"quantized checkpoint {str(p)!r} has no config.json (a checkpoint folder holds its source's config and "
+            "tokenizer files); copy them from the source model's folder, or re-run `edge-recover quantize`")
     config = AutoConfig.from_pretrained(p)
     check_architecture(config)
     try:

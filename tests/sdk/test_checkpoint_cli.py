@@ -80,6 +80,17 @@ def test_corrupt_checkpoint_is_refused(tiny_llama_dir, tmp_path):
         load_quantized(tmp_path / "q")
 
 
+def test_checkpoint_without_config_names_the_fix(tiny_llama_dir, tmp_path):
+    """A checkpoint folder carried without its config (only the weights and the manifest): one line, exit 2."""
+    lm = load_model(tiny_llama_dir)
+    report = quantize_model(lm.model, named_scheme("w4"), "rtn", progress=False)
+    save_quantized(lm, tmp_path / "q", report)
+    (tmp_path / "q" / "config.json").unlink()
+    r = _cli("export", tmp_path / "q", "--target", "cpu", "-o", tmp_path / "pkg", cwd=tmp_path)
+    assert r.returncode == 2 and "has no config.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "pkg").exists()
+
+
 def _cli(*args, cwd):
     env = {**os.environ, "EDGE_RECOVER_CACHE": str(cwd / "cache")}
     return subprocess.run([sys.executable, "-m", "edge_recover", *map(str, args)], capture_output=True, text=True,
