@@ -8,8 +8,9 @@ the others wait for the file). A variant is one of:
 Each writes OUT (JSON): torch perplexity on Hamlet + Macbeth (512-token windows) of fp, unrecovered and
 recovered students, CE-gap recovery, minutes (sampling + quantizing + training; sampling is counted in the
 run that sampled, and reported for all), and for qat a slim checkpoint (integers + trained norm weights) in
-parts of <= 15 MB under --save, for `bench/recovery_modes_table.py` to export and score through ONNX
-Runtime on the CPU.
+parts of <= 15 MB under --save, with its manifest and meta.tar (config and tokenizer files); join them into a
+checkpoint folder with `python bench/gpu/join_checkpoint.py SAVE_DIR OUT_DIR` and export it with
+`edge-recover export OUT_DIR --base smollm2`.
 
     # on the GPU machine (bench/gpu/recovery_modes.sh runs the study):
     python bench/recovery_modes.py qat --tag q-lr5e-5 --lr 5e-5 --epochs 3 --out /tmp/res/q.json --save /tmp/res/q
@@ -239,6 +240,12 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
                            slim_include=tuple(norm_parameters(res.student)) if cfg.train_norms else ())
         result["parts"] = split_parts(slim / "model.safetensors", dest)
         (dest / "edge_recover_quantized.json").write_text((slim / "edge_recover_quantized.json").read_text())
+        import tarfile  # config and tokenizer files in one file (a call brings back at most 8)
+
+        with tarfile.open(dest / "meta.tar", "w") as tf:
+            for f in sorted(slim.iterdir()):
+                if f.is_file() and f.name not in ("model.safetensors", "edge_recover_quantized.json"):
+                    tf.add(f, arcname=f.name)
 
 
 if __name__ == "__main__":
