@@ -80,11 +80,11 @@ def recover_cmd(
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
     require(not (block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; quantize it "
                                             "with that block size, or leave `--quantized` out")
-    fast = ",".join(f"{b}:{n}" for b, n in DEFAULT_BLOCK_SIZES.items())
     sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the fast layout
-    if scheme or block_size:  # a named scheme gets the fast layout too; a JSON file keeps its blocks unless told
-        named = scheme is None or not (scheme.endswith(".json") or Path(scheme).is_file())
-        sch = load_scheme(scheme or "w4w2gateup", block_size=block_size or (fast if named and not quantized else None))
+    if scheme or block_size:  # a named scheme's stand-in blocks get the fast layout; a JSON file keeps its blocks
+        sch = load_scheme(scheme or "w4w2gateup", block_size=block_size)
+        if not quantized:
+            sch = sch.with_target_block_size(DEFAULT_BLOCK_SIZES)
     work = work_dir or output.with_name(output.name + ".work")
     if num_processes != 1:  # start the ranks, each of which runs this command with `--num-processes 1`
         require(num_processes > 1, f"`--num-processes` must be at least 1, got {num_processes!r}")
