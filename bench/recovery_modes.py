@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
     from edge_recover.recovery.student import quantize_student
     from edge_recover.scheme import load_scheme
 
+    args.method = args.method or RecoverConfig.method  # the CLI's start quantizer unless told
+
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
     if args.variant == "w4":
         t = time.perf_counter()
         dev = "cuda" if use_cuda else "cpu"
-        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method or "gptq", calibration=32,
+        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method, calibration=32,
                                          progress=False, device=dev)
         result["quantize_seconds"] = time.perf_counter() - t
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
     scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
-                        method=args.method or "gptq", rank=args.rank, targets=args.targets, batch_size=args.batch_size,
+                        method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
@@ -137,14 +139,14 @@ def main(argv=None) -> dict:
     _say(f"{tag}: {minutes:.2f} min (generate {r['dataset']['generate_seconds']:.0f} s, train {r['train_seconds']:.0f} s); "
          f"kl holdout {r['kl_before']:.4f} -> {r['kl_after']:.4f}")
     try:
-        _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result)
+        _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt)
     except Exception:  # keep what the run measured; the checkpoint stays in WORK/out-TAG
         import traceback
 
         result["error"] = traceback.format_exc()[-2000:]
     if args.ort_eval and "error" not in result:
         try:
-            result["ort"] = _ort_rows(args, _ort_packages(args, out_dir, base_ckpt, work, tag), lm)
+            result["ort"] = _ort_rows(args, _ort_packages(args, out_dir, base_ckpt), lm)
         except Exception:
             import traceback
 
@@ -162,13 +164,13 @@ def _checkpoint(lm, model, report, path: Path, **kw) -> Path:
     return save_quantized(LoadedModel(model, lm.tokenizer, lm.source, lm.source_hash), path, report, overwrite=True, **kw)
 
 
-def _ort_packages(args, out_dir: Path, base_ckpt: Path | None, work: Path, tag: str) -> dict:
+def _ort_packages(args, out_dir: Path, base_ckpt: Path) -> dict:
     """label -> (checkpoint, extra `edge-recover export` arguments) for the packages this run makes."""
     if args.variant == "lora":
         return {"unrecovered (GPTQ)": (base_ckpt, []),
                 "side-car LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "sidecar"]),
                 "merged LoRA": (base_ckpt, ["--adapter", str(out_dir), "--adapter-mode", "merge"])}
-    rows = {} if args.ort_skip_start else {f"unrecovered ({args.method or 'gptq'} start)": (base_ckpt, [])}
+    rows = {} if args.ort_skip_start else {f"unrecovered ({args.method} start)": (base_ckpt, [])}
     return {**rows, "integer-exact": (out_dir, [])}
 
 
@@ -203,7 +205,7 @@ def _ort_rows(args, packages: dict, lm) -> dict:
     return rows
 
 
-def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) -> None:
+def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt: Path) -> None:
     from edge_recover.models import LoadedModel
     from edge_recover.recovery.evaluation import compare
     from edge_recover.recovery.student import load_student_checkpoint
@@ -216,8 +218,8 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result) ->
                    "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"]})
     rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
     if args.variant == "qat":  # the unrecovered start: the integers training started from
-        start, _, _ = load_student_checkpoint(Path(args.work) / f"base-{result['tag']}",
-                                              LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash), scheme)
+        start, _, _ = load_student_checkpoint(base_ckpt, LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash),
+                                              scheme)
         q = compare(res.teacher, start.to(res.teacher.device), windows, batch_size=bs, progress=False)
 
         from edge_recover.evaluate import recovery_share
