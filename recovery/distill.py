@@ -9,7 +9,7 @@
               lora (the paper's Recover-LoRA) QuantLinear integers frozen + LoRA A·B trained; output an adapter
 
 `recover` runs four stages: the student's base integers (`_student_base`), the teacher's data
-(`_teacher_data`), the one training loop (`_train`, shared by both modes) and the mode's output.
+(`_teacher_data`), the one training loop (`_train`, shared by both modes) and the mode's output (output.py).
 
 The loss is the token-level KL divergence over the full vocabulary, computed in fp32 from bf16-autocast
 logits. The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -56,10 +55,10 @@ from edge_recover.scheme import BlockSizes, Scheme, named_scheme
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
-from .student import (ADAPTER_MARKER, adapter_metadata, add_lora, init_lora_from_activations, init_lora_from_residual,
-                      load_student_checkpoint, quant_hash, quantize_student, resolve_targets)
+from .output import write_adapter, write_quantized
+from .student import (add_lora, init_lora_from_activations, init_lora_from_residual, load_student_checkpoint, quant_hash,
+                      quantize_student, resolve_targets)
 
-REPORT_NAME = "recovery_report.json"
 MODES = ("qat", "lora")
 # The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64): what `recover`
 # quantizes with unless told otherwise, so that the recovered integers are the ones that ship.
@@ -564,39 +563,10 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     report["seconds"] = prior_seconds + time.perf_counter() - t_start
     report["train_seconds"] = train_seconds
     if ranks.is_main and cfg.mode == "qat":
-        _write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model)
+        write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model)
     elif ranks.is_main:
-        _write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
-                       overwrite)
+        write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
+                      overwrite)
     report["quantized" if cfg.mode == "qat" else "adapter"] = str(output)
     acc.wait_for_everyone()  # every rank returns once the output is there
     return RecoverResult(report, student, teacher_model)
-
-
-def _write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
-                   overwrite) -> None:
-    from edge_recover.atomic import atomic_dir
-
-    with atomic_dir(output, overwrite) as tmp:
-        student.save_pretrained(str(tmp))
-        meta = adapter_metadata(lm.source_hash, scheme, method, qhash, targets, cfg.rank, cfg.lora_alpha,
-                                calibration=None if quantized else {"samples": cfg.calibration, "seed": cfg.seed})
-        (tmp / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
-
-
-def _write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model) -> None:
-    """The recovered integers as a quantized checkpoint (the trained norm weights with them), all-or-nothing."""
-    from edge_recover.checkpoint import save_quantized
-    from edge_recover.models import LoadedModel
-
-    from .qat import norm_parameters, recovered_report
-
-    qreport = recovered_report(student, teacher_model, scheme.to_json(), method)
-    norms = tuple(norm_parameters(student)) if report["config"]["train_norms"] else ()
-    save_quantized(LoadedModel(student, lm.tokenizer, lm.source, lm.source_hash), output, qreport, overwrite=overwrite,
-                   slim_include=norms,
-                   extra_files={REPORT_NAME: json.dumps(report, indent=2), "metrics.jsonl": metrics_path.read_text()},
-                   manifest_extra={"recovery": {"mode": "qat", "start_quant_hash": report["quant_hash"],
-                                                "kl_before": report["kl_before"], "kl_after": report["kl_after"]}})
