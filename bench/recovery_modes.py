@@ -60,6 +60,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr-scale", type=float, default=1e-2)
     ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
+    ap.add_argument("--train-head", action="store_true", help="qat: also train the float head (tied embedding)")
+    ap.add_argument("--lr-head", type=float, default=2e-5)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
@@ -127,6 +129,7 @@ def main(argv=None) -> dict:
     scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
+                        train_head=args.train_head, lr_head=args.lr_head,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"
@@ -233,13 +236,13 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, ba
                                     "kl_recovered", "top1_recovered", "recovery_pct")}
     result.update(figs)
     if args.save and args.variant == "qat":
-        from edge_recover.recovery.qat import norm_parameters, recovered_report
+        from edge_recover.recovery.qat import recovered_report, shipped_floats
 
         dest = Path(args.save)
         dest.mkdir(parents=True, exist_ok=True)
         slim = _checkpoint(lm, res.student, recovered_report(res.student, res.teacher, scheme.to_json(), cfg.method),
                            Path(args.work) / f"slim-{result['tag']}", slim=True,
-                           slim_include=tuple(norm_parameters(res.student)) if cfg.train_norms else ())
+                           slim_include=shipped_floats(res.student, cfg.train_norms, cfg.train_head))
         result["parts"] = split_parts(slim / "model.safetensors", dest)
         (dest / "edge_recover_quantized.json").write_text((slim / "edge_recover_quantized.json").read_text())
         import tarfile  # config and tokenizer files in one file (a call brings back at most 8)

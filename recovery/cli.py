@@ -45,6 +45,9 @@ def recover_cmd(
     lr_norm: float = typer.Option(1e-3, help="qat: peak learning rate of the norm weights"),
     beta2: Optional[float] = typer.Option(None, help="AdamW's beta2 (default: 0.95 qat, 0.999 lora)"),
     train_norms: bool = typer.Option(True, help="qat: also train the norm weights (they ship as floats: no new bytes)"),
+    train_head: bool = typer.Option(False, help="qat: also train a float output head (tied: the embedding too; it ships "
+                                                "as floats: no new bytes)"),
+    lr_head: float = typer.Option(2e-5, help="qat: peak learning rate of the float head"),
     latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
@@ -74,6 +77,7 @@ def recover_cmd(
         check_new_dir(save_quantized, overwrite)
     cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
                         epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
+                        train_head=train_head, lr_head=lr_head,
                         latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size)

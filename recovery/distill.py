@@ -98,6 +98,8 @@ class RecoverConfig:
     lr_scale: float = 1e-2  # qat: peak LR of the log-scales
     lr_norm: float = 1e-3  # qat: peak LR of the norm weights
     train_norms: bool = True  # qat: also train the norm weights (they ship as floats)
+    train_head: bool = False  # qat: also train a float output head (tied: the embedding too; ships as floats)
+    lr_head: float = 2e-5  # qat: peak LR of the float head
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
@@ -127,6 +129,7 @@ class RecoverConfig:
                 object.__setattr__(self, name, qat if self.mode == "qat" else lora)
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
+        require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
         require(self.lr_scale > 0 and self.lr_norm > 0,
                 f"`--lr-scale` and `--lr-norm` must be positive, got {self.lr_scale!r} and {self.lr_norm!r}; try 1e-2 and 1e-3")
         require(isinstance(self.rank, int) and self.rank > 0, f"`--rank` must be a positive integer, got {self.rank!r}; try 32")
@@ -343,8 +346,9 @@ def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
     from .qat import make_qat_student, param_groups
 
     base = base.to(dev)
-    start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units)
-    return base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm), start.to_json()
+    start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units,
+                             train_head=cfg.train_head)
+    return base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head), start.to_json()
 
 
 @dataclass

@@ -30,16 +30,16 @@ def write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, o
 
 
 def write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model) -> None:
-    """The recovered integers as a quantized checkpoint (the trained norm weights with them), all-or-nothing."""
+    """The recovered integers as a quantized checkpoint (the trained norm and head weights with them), all-or-nothing."""
     from edge_recover.checkpoint import save_quantized
     from edge_recover.models import LoadedModel
 
-    from .qat import norm_parameters, recovered_report
+    from .qat import recovered_report, shipped_floats
 
     qreport = recovered_report(student, teacher_model, scheme.to_json(), method)
-    norms = tuple(norm_parameters(student)) if report["config"]["train_norms"] else ()
+    floats = shipped_floats(student, report["config"]["train_norms"], report["config"]["train_head"])
     save_quantized(LoadedModel(student, lm.tokenizer, lm.source, lm.source_hash), output, qreport, overwrite=overwrite,
-                   slim_include=norms,
+                   slim_include=floats,
                    extra_files={REPORT_NAME: json.dumps(report, indent=2), "metrics.jsonl": metrics_path.read_text()},
                    manifest_extra={"recovery": {"mode": "qat", "start_quant_hash": report["quant_hash"],
                                                 "kl_before": report["kl_before"], "kl_after": report["kl_after"]}})

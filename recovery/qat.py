@@ -11,7 +11,9 @@ decodes at the same speed. What trains:
 - every quantized layer's latent weights and block scales (through the fake quantizer, `sdk/fakequant.py`);
   zero points stay the integers they start as (in range, uint8), which is what MatMulNBits and QNN read;
 - the latent in weight units or in units of the quantization step (`units`, see sdk/fakequant.py);
-- optionally (`train_norms`, default on) the RMSNorm weights, which ship as floats anyway: no new bytes.
+- optionally (`train_norms`, default on) the RMSNorm weights, which ship as floats anyway: no new bytes;
+- optionally (`train_head`) the float output head (with a tied input embedding, the one shared tensor: SmolLM2,
+  Qwen3), which also ships as floats. A head the scheme quantizes trains through its fake quantizer instead.
 Each group has its own learning rate (latents move in weight units, log-scales in relative units).
 
 The latent starts at the teacher's float weight where that reproduces the start integers (RTN: it does, and
@@ -56,10 +58,32 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight") -> QatStart:
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The output head's weight when it is a float `nn.Linear` (not quantized), by its first qualified name.
+
+    Tied to the input embedding (SmolLM2, Qwen3) it is one tensor, named `model.embed_tokens.weight`.
+
+    Example:
+        >>> list(head_parameters(qat_model))  # doctest: +SKIP
+        ['model.embed_tokens.weight']
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or type(head) is not nn.Linear:  # QuantLinear / FakeQuantLinear: the integers train instead
+        return {}
+    return {name: p for name, p in model.named_parameters(remove_duplicate=True) if p is head.weight}
+
+
+def shipped_floats(model: nn.Module, train_norms: bool, train_head: bool) -> tuple[str, ...]:
+    """Names of the float tensors recovery trained (norms, head): what a slim checkpoint must store anyway."""
+    return tuple(norm_parameters(model) if train_norms else ()) + tuple(head_parameters(model) if train_head else ())
+
+
+def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight",
+                     train_head: bool = False) -> QatStart:
     """Turn every `QuantLinear` of `base` (in place) into a `FakeQuantLinear` that starts at its integers.
 
-    Only the latents, log-scales and (with `train_norms`) norm weights are left trainable.
+    Only the latents, log-scales, (with `train_norms`) norm weights and (with `train_head`) a float head are
+    left trainable.
 
     Example:
         >>> start = make_qat_student(student_model, teacher_model)  # doctest: +SKIP
@@ -79,11 +103,15 @@ def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = Tr
     if train_norms:
         for p in norm_parameters(base).values():
             p.requires_grad_(True)
+    if train_head:
+        for p in head_parameters(base).values():
+            p.requires_grad_(True)
     return QatStart(n_teacher, n_deq)
 
 
-def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float) -> list[dict]:
-    """AdamW groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`.
+def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float, lr_head: float = 0.0) -> list[dict]:
+    """AdamW groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`, a trainable
+    float head at `lr_head`.
 
     Each group records its peak as `peak_lr`; the schedule scales every group by the same factor."""
     latents, scales = [], []
@@ -94,6 +122,9 @@ def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float) -
     groups = [{"params": latents, "lr": lr, "peak_lr": lr}, {"params": scales, "lr": lr_scale, "peak_lr": lr_scale}]
     if norms:
         groups.append({"params": norms, "lr": lr_norm, "peak_lr": lr_norm, "weight_decay": 0.0})
+    head = [p for p in head_parameters(model).values() if p.requires_grad]
+    if head:
+        groups.append({"params": head, "lr": lr_head, "peak_lr": lr_head, "weight_decay": 0.0})
     return groups
 
 

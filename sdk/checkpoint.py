@@ -179,8 +179,13 @@ def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]
             f"{str(path)!r} was quantized from another model ({manifest['source_hash'][:19]}; `base` is "
             f"{base.source_hash[:19]}); pass the model it was made from")
     qnames = set(manifest["layers"])
-    return {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in base.model.state_dict().items()
-            if k.rsplit(".", 1)[0] not in qnames}
+    out, seen = {}, set()
+    for k, t in base.model.state_dict().items():
+        if k.rsplit(".", 1)[0] in qnames or t.data_ptr() in seen:  # a tied head is its embedding, stored once:
+            continue  # a trained embedding in the slim file must not be overwritten by the source's head
+        seen.add(t.data_ptr())
+        out[k] = t.detach().to("cpu", torch.float32).contiguous()
+    return out
 
 
 def unpacked_equal(a: QuantizedWeight, b: QuantizedWeight) -> bool:

@@ -110,6 +110,35 @@ def test_a_few_steps_lower_held_out_kl_and_codes_stay_in_range(run):
     assert json.loads((root / "rec" / "recovery_report.json").read_text())["kl_after"] == r["kl_after"]
 
 
+def test_train_head_trains_the_tied_float_head_and_it_ships(run, tiny_model, tmp_path):
+    from edge_recover.recovery.qat import head_parameters
+
+    root, base = run
+    cfg = RecoverConfig(**{**CFG, "train_head": True, "lr_head": 1e-3})
+    res = recover(load_model(tiny_model), SCHEME, tmp_path / "h", cfg, device="cpu", progress=False,
+                  dataset=root / "rec.work" / "dataset.safetensors")
+    assert list(head_parameters(res.student)) == ["model.embed_tokens.weight"]  # tied: one tensor
+    assert res.report["trainable_parameters"] == base.report["trainable_parameters"] + 320 * 64
+    assert res.report["kl_after"] < res.report["kl_before"]
+    rec, teacher = load_model(tmp_path / "h"), load_model(tiny_model)
+    emb = rec.model.get_input_embeddings().weight
+    assert not torch.equal(emb, teacher.model.get_input_embeddings().weight)  # trained, and in the checkpoint
+    assert rec.model.get_output_embeddings().weight is emb  # still tied after loading
+    ids = torch.randint(0, 320, (2, 16))
+    from edge_recover.checkpoint import load_quantized, save_quantized
+    from edge_recover.models import LoadedModel
+    from edge_recover.recovery.qat import recovered_report, shipped_floats
+
+    slim = save_quantized(LoadedModel(res.student, rec.tokenizer, rec.source, rec.source_hash), tmp_path / "slim",
+                          recovered_report(res.student, res.teacher, SCHEME.to_json(), "rtn"), slim=True,
+                          slim_include=shipped_floats(res.student, True, True))
+    away = load_quantized(slim, base=teacher)  # the trained embedding wins over the source's tied head
+    with torch.no_grad():
+        want = res.student.cpu()(input_ids=ids).logits
+        assert torch.equal(rec.model(input_ids=ids).logits, want)
+        assert torch.equal(away.model(input_ids=ids).logits, want)
+
+
 def test_resume_is_bit_exact(run, tiny_model, tmp_path):
     root, res = run
     dataset = root / "rec.work" / "dataset.safetensors"
@@ -171,6 +200,7 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
                                 "48", "--epochs", "1", "--batch-size", "8", "--mode", "qat", "--latent-units", "step",  # the defaults
                                 "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3", "--beta2", "0.95",
+                                "--train-head", "--lr-head", "1e-4",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
