@@ -60,6 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr-scale", type=float, default=1e-2)
     ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
+    ap.add_argument("--rule", action="append", default=[], help="extra scheme rule, e.g. lm_head=4 (repeatable)")
     ap.add_argument("--train-head", action="store_true", help="qat: also train the float head (tied embedding)")
     ap.add_argument("--lr-head", type=float, default=2e-5)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)
-    scheme = load_scheme("w4w2gateup", block_size=BLOCKS)
+    scheme = load_scheme("w4w2gateup", args.rule, block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
                         train_head=args.train_head, lr_head=args.lr_head,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -25,6 +25,8 @@ def recover_cmd(
     scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     block_size: Optional[str] = typer.Option(None, help="block size, one (64) or per bit width (4:64,2:128); default "
                                                          "4:64,2:128, the CPU's fast layout (when quantizing here)"),
+    rule: List[str] = typer.Option([], help="extra scheme rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable), "
+                                            "e.g. `lm_head=4` for a 4-bit head that recovery trains too"),
     method: str = typer.Option("gptq", help="quantizer of the start integers (gptq, mse or rtn; with --quantized, that checkpoint's)"),
     calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
     save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here (--overwrite replaces it too)"),
@@ -84,9 +86,11 @@ def recover_cmd(
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
     require(not (block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; quantize it "
                                             "with that block size, or leave `--quantized` out")
+    require(not (rule and quantized), "`--rule` cannot change a `--quantized` checkpoint's scheme; quantize it with "
+                                      "that rule, or leave `--quantized` out")
     sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the fast layout
-    if scheme or block_size:  # a named scheme's stand-in blocks get the fast layout; a JSON file keeps its blocks
-        sch = load_scheme(scheme or "w4w2gateup", block_size=block_size)
+    if scheme or block_size or rule:  # a named scheme's stand-in blocks get the fast layout; a JSON file keeps its blocks
+        sch = load_scheme(scheme or "w4w2gateup", rule, block_size=block_size)
         if not quantized:
             sch = sch.with_target_block_size(DEFAULT_BLOCK_SIZES)
     work = work_dir or output.with_name(output.name + ".work")

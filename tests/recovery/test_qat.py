@@ -235,3 +235,19 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
                                   str(tmp_path / "start")], capture_output=True, text=True)
     assert again.returncode == 2 and "start" in again.stderr and "--overwrite" in again.stderr
     assert not (tmp_path / "z").exists()
+
+
+def test_cli_recover_rule_quantizes_and_trains_the_head(tiny_model, tmp_path):
+    exe = [sys.executable, "-c", "from edge_recover.cli import main; main()"]
+    out = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "48", "--seq-len",
+                                "32", "--epochs", "1", "--batch-size", "8", "--block-size", "4:32,2:32", "--rule",
+                                "lm_head=4", "--gen-batch-size", "16", "--device", "cpu", "--method", "rtn",
+                                "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    layers = json.loads((tmp_path / "rec" / "edge_recover_quantized.json").read_text())["layers"]
+    assert layers["lm_head"]["bits"] == 4 and layers["lm_head"]["block_size"] == 32
+    rec, start = quantized_layers(load_model(tmp_path / "rec").model), quantized_layers(load_model(tmp_path / "start").model)
+    assert not torch.equal(rec["lm_head"].scales, start["lm_head"].scales)  # the 4-bit head trained with the rest
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--quantized",
+                                str(tmp_path / "start"), "--rule", "lm_head=4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "`--rule`" in bad.stderr and not (tmp_path / "z").exists()
