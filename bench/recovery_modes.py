@@ -63,6 +63,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rule", action="append", default=[], help="extra scheme rule, e.g. lm_head=4 (repeatable)")
     ap.add_argument("--train-head", action="store_true", help="qat: also train the float head (tied embedding)")
     ap.add_argument("--lr-head", type=float, default=2e-5)
+    ap.add_argument("--block-ap-steps", type=int, default=0, help="qat: block-wise reconstruction steps per layer first")
+    ap.add_argument("--block-ap-rows", type=int, default=1024)
+    ap.add_argument("--block-ap-lr", type=float, default=1e-2)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
@@ -130,7 +133,8 @@ def main(argv=None) -> dict:
     scheme = load_scheme("w4w2gateup", args.rule, block_size=BLOCKS)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
-                        train_head=args.train_head, lr_head=args.lr_head,
+                        train_head=args.train_head, lr_head=args.lr_head, block_ap_steps=args.block_ap_steps,
+                        block_ap_rows=args.block_ap_rows, block_ap_lr=args.block_ap_lr,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
     out_dir = work / f"out-{tag}"

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_recover.errors import EdgeRecoverError, require
+
 from .qat import fake_quant_layers, norm_parameters
 
 # The cosine schedule decays every group to this share of its peak (EfficientQAT: eta_min = lr / 20).
@@ -127,14 +128,16 @@ def _advance(layer, buf: torch.Tensor, kwargs, dtype, batch_size: int, autocast,
 
 
 @torch.no_grad()
-def _mse(layer, x: torch.Tensor, y: torch.Tensor, kwargs, dtype, batch_size: int, autocast) -> float:
-    sq, count = 0.0, 0
+def _mse(layer, x: torch.Tensor, y: torch.Tensor, kwargs, dtype, batch_size: int, autocast) -> tuple[float, float]:
+    """MSE of the layer's outputs on `x` against `y`, and the mean square of `y` (the scale to read it against)."""
+    sq, power, count = 0.0, 0.0, 0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         with autocast():
             out = _forward(layer, xb, kwargs, dtype)
         sq += float((out - yb).square().sum())
+        power += float(yb.square().sum())
         count += out.numel()
-    return sq / max(count, 1)
+    return sq / max(count, 1), power / max(count, 1)
 
 
 def _row_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
@@ -205,7 +208,8 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
     requires_grad flags and train/eval mode of the student are as they were afterwards.
 
     Returns a JSON-able report: per layer the MSE on the first min(N, 64) rows before and after its
-    training, the mean loss of its last tenth of steps and its seconds; the total seconds; the settings.
+    training (and the targets' mean square there, to read it against), the mean loss of its last tenth of
+    steps and its seconds; the total seconds; the settings.
     Raises `EdgeRecoverError` when a loss or gradient is not finite.
 
     Example:
@@ -258,7 +262,7 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
         for i, (s_layer, t_layer) in enumerate(zip(s_layers, t_layers)):
             t_layer_start = time.perf_counter()
             _advance(t_layer, fp, t_kwargs[i], t_dtype, batch_size, amp)  # fp now holds the targets y_i
-            before = _mse(s_layer, qs[:eval_rows], fp[:eval_rows], s_kwargs[i], s_dtype, batch_size, amp)
+            before, power = _mse(s_layer, qs[:eval_rows], fp[:eval_rows], s_kwargs[i], s_dtype, batch_size, amp)
             groups = _layer_groups(s_layer, trainable_norms, lr, lr_scale, lr_norm)
             params = [p for g in groups for p in g["params"]]
             saved = [p.detach().clone() for p in params]
@@ -273,6 +277,7 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
             after = _advance(s_layer, qs, s_kwargs[i], s_dtype, batch_size, amp, target=fp, eval_rows=eval_rows)
             tail = losses[-max(1, len(losses) // 10):]
             report["layers"].append({"layer": i, "mse_before": before, "mse_after": after,
+                                     "target_mean_square": power,
                                      "train_loss_last": sum(tail) / len(tail) if tail else None,
                                      "trained_parameters": sum(p.numel() for p in params),
                                      "seconds": time.perf_counter() - t_layer_start})

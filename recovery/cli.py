@@ -50,6 +50,10 @@ def recover_cmd(
     train_head: bool = typer.Option(False, help="qat: also train a float output head (tied: the embedding too; it ships "
                                                 "as floats: no new bytes)"),
     lr_head: float = typer.Option(2e-5, help="qat: peak learning rate of the float head"),
+    block_ap_steps: int = typer.Option(0, help="qat: first fit each decoder layer to the teacher's (block-wise "
+                                                "reconstruction, this many steps per layer; 0: off)"),
+    block_ap_rows: int = typer.Option(1024, help="qat: teacher samples the block-wise reconstruction fits on"),
+    block_ap_lr: float = typer.Option(1e-2, help="qat: peak learning rate of the latents in the block-wise reconstruction"),
     latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
@@ -79,7 +83,8 @@ def recover_cmd(
         check_new_dir(save_quantized, overwrite)
     cfg = RecoverConfig(mode=mode, samples=samples, seq_len=seq_len, rank=rank, alpha=alpha, targets=targets, init=init,
                         epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
-                        train_head=train_head, lr_head=lr_head,
+                        train_head=train_head, lr_head=lr_head, block_ap_steps=block_ap_steps,
+                        block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
                         latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -100,6 +101,9 @@ class RecoverConfig:
     train_norms: bool = True  # qat: also train the norm weights (they ship as floats)
     train_head: bool = False  # qat: also train a float output head (tied: the embedding too; ships as floats)
     lr_head: float = 2e-5  # qat: peak LR of the float head
+    block_ap_steps: int = 0  # qat: steps per decoder layer of block-wise reconstruction first (blockap.py); 0: off
+    block_ap_rows: int = 1024  # qat: teacher samples block reconstruction fits on
+    block_ap_lr: float = 1e-2  # qat: its peak LR of the latents (log-scales and norms at --lr-scale / --lr-norm)
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
@@ -130,6 +134,11 @@ class RecoverConfig:
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
         require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
+        require(self.block_ap_steps >= 0 and self.block_ap_rows > 0 and self.block_ap_lr > 0,
+                f"`--block-ap-steps` must be >= 0 and `--block-ap-rows`, `--block-ap-lr` positive, got "
+                f"{self.block_ap_steps!r}, {self.block_ap_rows!r}, {self.block_ap_lr!r}; try 200, 1024, 1e-2")
+        require(self.block_ap_steps == 0 or self.mode == "qat",
+                "`--block-ap-steps` trains the integers layer by layer: it needs `--mode qat`")
         require(self.lr_scale > 0 and self.lr_norm > 0,
                 f"`--lr-scale` and `--lr-norm` must be positive, got {self.lr_scale!r} and {self.lr_norm!r}; try 1e-2 and 1e-3")
         require(isinstance(self.rank, int) and self.rank > 0, f"`--rank` must be a positive integer, got {self.rank!r}; try 32")
@@ -542,6 +551,18 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
             metrics_path.write_text("")
         student.eval()
         kl_before = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)
+    block_ap = None
+    if cfg.block_ap_steps and not resume:  # layer by layer first; a resumed run's checkpoint already holds it
+        from .blockap import block_reconstruct
+
+        block_ap = block_reconstruct(student, teacher_model, train_ids[: cfg.block_ap_rows], steps=cfg.block_ap_steps,
+                                     batch_size=cfg.batch_size, lr=cfg.block_ap_lr, lr_scale=cfg.lr_scale,
+                                     lr_norm=cfg.lr_norm, device=dev, progress=progress and ranks.is_main, seed=cfg.seed)
+        student.eval()
+        block_ap["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)
+        if progress and ranks.is_main:
+            print(f"block reconstruction: held-out KL {kl_before:.4f} -> {block_ap['kl_after']:.4f} "
+                  f"({block_ap['seconds']:.0f} s)", file=sys.stderr)
     model = acc.prepare_model(student) if ranks.world > 1 else student  # DDP: gradients averaged over ranks
     loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start, ranks, model)
     step, train_seconds = _train(student, teacher_model, optimizer, train_ids, cfg, step, loop, acc, progress)
@@ -553,7 +574,8 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
               "quant_hash": qhash, "dataset": {"path": str(data_path), **ds.settings.to_json(),
                                                 "generate_seconds": ds.seconds},
               "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev), "processes": ranks.world,
-              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": start}
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": start,
+              "block_ap": block_ap}
     if report["status"] == "stopped":
         report["seconds"] = prior_seconds + time.perf_counter() - t_start
         return RecoverResult(report, student, teacher_model)

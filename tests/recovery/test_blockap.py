@@ -4,6 +4,7 @@ the requires_grad flags come back, and a diverging run stops with one line."""
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -52,9 +53,11 @@ def run(tiny_model):
     return lm, student, start, flags, hold, kl_before, report
 
 
-def test_captured_inputs_and_kwargs_replay_the_models_forward(tiny_model):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # eager: the causal mask is a [1, 1, T, T] tensor
+def test_captured_inputs_and_kwargs_replay_the_models_forward(tiny_model, attn):
     lm = load_model(tiny_model)
     model, ids = lm.model, _ids(lm, 5, seed=2)
+    model.config._attn_implementation = attn
     h, kwargs, dtype = _capture(model, ids, 2, torch.device("cpu"), contextlib.nullcontext)  # 3 chunks: 2, 2, 1 rows
     assert h.shape == (5, 32, model.config.hidden_size) and h.dtype == torch.float32
     for layer, kw in zip(model.model.layers, kwargs):  # kwargs of a one-row forward broadcast over batches of 3
@@ -76,8 +79,7 @@ def test_every_layer_and_the_end_to_end_kl_improve(run):
     kl_after = _kl(student, lm.model, hold)  # held-out rows
     assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
     assert report["settings"]["steps"] == 60 and report["seconds"] > 0
-    import json
-    json.dumps(report)  # JSON-able
+    assert json.loads(json.dumps(report)) == report  # JSON-able
 
 
 def test_integers_stay_exact_and_in_range(run):

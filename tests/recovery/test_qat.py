@@ -139,15 +139,23 @@ def test_train_head_trains_the_tied_float_head_and_it_ships(run, tiny_model, tmp
         assert torch.equal(away.model(input_ids=ids).logits, want)
 
 
-def test_resume_is_bit_exact(run, tiny_model, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"block_ap_steps": 10, "block_ap_rows": 64, "block_ap_lr": 1e-3}], ids=["e2e", "block-ap-first"])
+def test_resume_is_bit_exact(run, tiny_model, tmp_path, extra):
     root, res = run
     dataset = root / "rec.work" / "dataset.safetensors"
-    stopped = recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**{**CFG, "max_steps": 5}),
+    cfg = {**CFG, **extra}
+    stopped = recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**{**cfg, "max_steps": 5}),
                       device="cpu", dataset=dataset, progress=False).report
     assert stopped["status"] == "stopped" and not (tmp_path / "a").exists()
-    recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**CFG), device="cpu", dataset=dataset,
+    recover(load_model(tiny_model), SCHEME, tmp_path / "a", RecoverConfig(**cfg), device="cpu", dataset=dataset,
             resume=True, progress=False)
-    resumed, whole = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(root / "rec" / "model.safetensors"))
+    whole_dir = root / "rec"
+    if extra:  # block reconstruction runs once, before step 0; the resumed run takes it from the checkpoint
+        whole_dir = tmp_path / "whole"
+        r = recover(load_model(tiny_model), SCHEME, whole_dir, RecoverConfig(**cfg), device="cpu", dataset=dataset,
+                    progress=False).report
+        assert r["block_ap"]["kl_after"] < r["kl_before"] and len(r["block_ap"]["layers"]) == 2
+    resumed, whole = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(whole_dir / "model.safetensors"))
     assert resumed.keys() == whole.keys()
     diff = [k for k in whole if not torch.equal(resumed[k], whole[k])]
     assert not diff, f"resumed run differs from the uninterrupted one in {diff[:3]}"
@@ -200,11 +208,14 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
                                 "48", "--epochs", "1", "--batch-size", "8", "--mode", "qat", "--latent-units", "step",  # the defaults
                                 "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3", "--beta2", "0.95",
-                                "--train-head", "--lr-head", "1e-4",
+                                "--train-head", "--lr-head", "1e-4", "--block-ap-steps", "20", "--block-ap-rows", "32",
+                                "--block-ap-lr", "1e-2",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
     assert "held-out teacher samples" in rec.stdout and "codes moved" in rec.stdout
+    report = json.loads((tmp_path / "rec" / "recovery_report.json").read_text())
+    assert report["block_ap"]["kl_after"] < report["kl_before"] and report["config"]["train_head"]
     pkgs = {}
     for name in ("rec", "start"):
         out = subprocess.run(exe + ["export", str(tmp_path / name), "-o", str(tmp_path / f"pkg-{name}"), "--target",
