@@ -57,7 +57,8 @@ lora = next((t for t, r in ok.items() if r["variant"] == "lora"), None)
 extra = {f.stem: json.loads(f.read_text()) for f in sorted((R / "extra").glob("*.json"))}  # side jobs' summaries
 (out / "results.json").write_text(json.dumps({"best": best, "lora": lora, "runs": res, "extra": extra}, indent=2))
 for name, tag in (("best", best), ("lora", lora)):  # at most 8 files come back: 4 parts + 1 JSON each
-    if tag and (R / f"save-{tag}").is_dir():
+    if tag and (R / f"save-{tag}").is_dir() and len(list((R / f"save-{tag}").iterdir())) <= 7:  # a trained
+        # float embedding (--train-head) makes the slim checkpoint too many parts for one call: it stays there
         d = out / name; d.mkdir()
         for f in sorted((R / f"save-{tag}").iterdir()):
             shutil.copy(f, d / f.name)
