@@ -223,7 +223,8 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, ba
                    "train_seconds": r["train_seconds"], "kl_holdout_before": r["kl_before"],
                    "kl_holdout_after": r["kl_after"], "codes_moved": r.get("codes_moved"), "start": r.get("start"),
                    "optimizer_steps": r["optimizer_steps"], "trainable_parameters": r["trainable_parameters"],
-                   "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"]})
+                   "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"],
+                   "block_ap": r.get("block_ap")})
     rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
     if args.variant == "qat":  # the unrecovered start: the integers training started from
         start, _, _ = load_student_checkpoint(base_ckpt, LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash),
