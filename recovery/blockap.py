@@ -230,6 +230,8 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
     require(len(s_layers) == len(t_layers),
             f"the student has {len(s_layers)} decoder layers and the teacher {len(t_layers)}; pass the student's teacher")
     device = torch.device(device) if device is not None else next(student.parameters()).device
+    if device.type == "cuda" and device.index is None:  # `cuda` is the current GPU, where `.to("cuda")` puts tensors
+        device = torch.device("cuda", torch.cuda.current_device())
     for who, model in (("student", student), ("teacher", teacher)):
         where = {p.device for p in model.parameters()}
         require(where == {device}, f"the {who} is on {', '.join(sorted(map(str, where)))}, not on `device` {device}; "
