@@ -154,6 +154,9 @@ def cli_argv(ctx, drop: tuple[str, ...] = ("num_processes",)) -> list[str]:
             flag = p.opts if value else p.secondary_opts
             if flag:
                 options.append(max(flag, key=len))
+        elif isinstance(value, (list, tuple)):  # a repeatable option (`--rule`): once per value
+            for v in value:
+                options += [max(p.opts, key=len), str(v)]
         else:
             options += [max(p.opts, key=len), str(value)]
     return positional + options

@@ -50,7 +50,8 @@ def test_cli_argv_gives_the_same_options_back():
 
     _register_parts()
     cmd = typer.main.get_command(app).commands["recover"]
-    args = ["m", "-o", "out", "--mode", "lora", "--no-train-norms", "--resume", "--lr", "0.01", "--num-processes", "2"]
+    args = ["m", "-o", "out", "--mode", "lora", "--no-train-norms", "--resume", "--lr", "0.01", "--num-processes", "2",
+            "--rule", "lm_head=4", "--rule", "down_proj$=8"]
     ctx = cmd.make_context("recover", list(args))
     again = cmd.make_context("recover", cli_argv(ctx))
     assert again.params == {**ctx.params, "num_processes": 1}
