@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         share_embedding: bool = typer.Option(True, "--share-embedding/--float-embedding",
                                              help="a tied embedding reads the quantized lm_head's integers "
                                                   "(default) or keeps a float32 table"),
+        pack_qkv: bool = typer.Option(True, "--pack-qkv/--no-pack-qkv",
+                                      help="fused graphs: q/k/v as one MatMulNBits read packed by the attention "
+                                           "(default; bit-identical, fewer kernel calls per token) or three nodes"),
         context_length: Optional[int] = typer.Option(None, help="qnn: KV cache slots of the static graphs (prompt + "
                                                                  "answer; default: the model's, at most 256)"),
         prefill_window: Optional[int] = typer.Option(None, help="qnn: prompt tokens per static prefill step (default 64)"),
@@ -61,7 +64,7 @@ def register(app: typer.Typer) -> None:
         static = _static_options(prof, context_length, prefill_window, soc)
         options = ExportOptions(
             target=target, vendor=vendor, scheme=scheme, method=method, calibration=calibration,
-            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, adapter=adapter,
+            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv, adapter=adapter,
             adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
             merge_calibration=merge_calibration, eval_text=_read_text(eval_text), verify=verify,
             static=static, base=base, overwrite=overwrite)

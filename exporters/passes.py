@@ -10,6 +10,7 @@ A target's export is two tuples of passes, each `(state, options) -> state` (`Pa
       lora sidecar    LoRA nodes beside the MatMulNBits (sidecar mode; lora.py)
       fusions         GroupQueryAttention, skip norms; float16 KV inside the attention (cpu; fusions.py)
       embedding       a tied embedding reads the quantized head's integers (embedding.py)
+      packed qkv      q/k/v in one MatMulNBits, read packed by GroupQueryAttention (cpu; packed_qkv.py)
       [static preflight]  qnn only: blocks, shapes, SoC, onnxruntime-qnn (qnn.py)
       check graph     the target's validator (validate.py)
     write (inside `atomic_dir`: the package folder appears complete or not at all)
@@ -58,7 +59,7 @@ class ExportOptions:
     quantize a full-precision model (a quantized one keeps its integers); `fuse` None: as the target says;
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
-    integers; `adapter` (+ `adapter_mode` sidecar / merge, `adapter_name`, and for merge `merge_method`,
+    integers; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar / merge, `adapter_name`, and for merge `merge_method`,
     `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
     (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
@@ -78,6 +79,7 @@ class ExportOptions:
     low_memory: bool | None = None
     kv_dtype: str = "float32"
     share_embedding: bool = True
+    pack_qkv: bool = True  # fused graphs: q/k/v in one MatMulNBits (packed_qkv.py)
     adapter: "str | Path | None" = None
     adapter_mode: str = "sidecar"
     adapter_name: str | None = None
@@ -281,6 +283,18 @@ def embedding(state: ExportState, options: ExportOptions) -> ExportState:
     return state
 
 
+#   x ─► q_proj, k_proj, v_proj ─► GQA   =>   x ─► qkv_proj (the three layers' integers, stacked) ─► GQA
+def packed_qkv(state: ExportState, options: ExportOptions) -> ExportState:
+    """Fused graphs: each layer's q/k/v MatMulNBits as one node read packed by GroupQueryAttention."""
+    from .packed_qkv import pack_qkv
+
+    if options.pack_qkv and options.fused(state.target) and state.plan is None:  # an adapter names its layers' nodes
+        n = pack_qkv(state.graph, state.rewritten)
+        if n:
+            state.fusions.append(f"packed QKV MatMulNBits x{n}")
+    return state
+
+
 def static_preflight(state: ExportState, options: ExportOptions) -> ExportState:
     """qnn: refuse blocks, shapes or a SoC the HTP cannot take; resolve the static shapes' defaults."""
     from .qnn import preflight
@@ -465,7 +479,8 @@ class PassList:
 
 
 DYNAMIC = PassList(
-    build=(quantize, adapter_base, optimum_graph, matmulnbits, lora_sidecar, fusions, embedding, check_graph),
+    build=(quantize, adapter_base, optimum_graph, matmulnbits, lora_sidecar, fusions, embedding, packed_qkv,
+           check_graph),
     write=(write_graph, hf_files, kv_dtype, adapters, verify, package),
 )
 # qnn: the dynamic graph is verified as above, then the static graphs of static_graph.py are built from it

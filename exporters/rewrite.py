@@ -55,10 +55,12 @@ class RewrittenLayer:
     storage_bits: int  # what the node stores (a 4-bit container for 2-bit codes where 2-bit is not native)
     block_size: int
     shape: tuple[int, int]  # [N, K]
+    rows: tuple[int, int] | None = None  # the layer's output rows [start, stop) of a packed node (packed_qkv.py)
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "storage_bits": self.storage_bits, "block_size": self.block_size,
-                "node": self.node, "shape": list(self.shape)}
+        out = {"bits": self.bits, "storage_bits": self.storage_bits, "block_size": self.block_size,
+               "node": self.node, "shape": list(self.shape)}
+        return {**out, "rows": list(self.rows)} if self.rows else out
 
 
 def node_name_for(layer: str) -> str:

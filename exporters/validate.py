@@ -6,8 +6,8 @@ What it checks, on the graph that goes into the package:
 - every MatMulNBits node: bits native to the target, block_size one it takes, the target's accuracy_level,
   K and N consistent with the packed weight [N, n_blocks, block_size*bits/8], scales [N*n_blocks] and
   zero points [N, ceil(n_blocks*bits/8)];
-- when `expected` (layer -> RewrittenLayer) is given: every expected layer has exactly its node, with the
-  expected bits and block size, and no quantized layer is left as a float MatMul.
+- when `expected` (layer -> RewrittenLayer) is given: every expected layer has exactly its node (or its rows
+  of a packed node), with the expected bits and block size, and no quantized layer is left as a float MatMul.
 
 It returns a list of problems (empty when valid); `validate_or_raise` turns them into one error.
 """
@@ -91,12 +91,15 @@ def validate(model: onnx.ModelProto, target: TargetProfile, expected: dict | Non
         if (a["bits"], a["block_size"]) != (info.storage_bits, info.block_size):
             problems.append(f"layer {layer!r}: node has {a['bits']}-bit b{a['block_size']}, expected "
                             f"{info.storage_bits}-bit b{info.block_size}")
-        if (a["N"], a["K"]) != tuple(info.shape):
-            problems.append(f"layer {layer!r}: node is {a['N']}x{a['K']}, expected {tuple(info.shape)}")
+        rows = info.rows or (0, a["N"])  # a packed node (packed_qkv.py) holds the layer in its rows
+        if (rows[1] - rows[0], a["K"]) != tuple(info.shape) or rows[1] > a["N"]:
+            problems.append(f"layer {layer!r}: node is {a['N']}x{a['K']} (rows {rows[0]}:{rows[1]}), expected "
+                            f"{tuple(info.shape)}")
         if any(n.name == info.node.replace("/MatMulNBits", "/MatMul") for n in model.graph.node):
             problems.append(f"layer {layer!r}: a float MatMul is still in the graph")
-    if expected is not None and len(seen) != len(expected):
-        problems.append(f"{len(seen)} MatMulNBits nodes, but {len(expected)} quantized layers")
+    if expected is not None and len(seen) != len({info.node for info in expected.values()}):
+        problems.append(f"{len(seen)} MatMulNBits nodes, but {len(expected)} quantized layers in "
+                        f"{len({info.node for info in expected.values()})} nodes")
     return problems
 
 

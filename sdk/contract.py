@@ -9,7 +9,8 @@ other (sdk <- exporters <- runtimes). It owns:
   sha256. `write_manifest` computes it last, after every other file is written; `check_files` compares
   sizes always (cheap: one stat per file) and hashes on request (`--verify-hashes`, `edge-recover verify`);
 - `read_manifest`: a folder in, a validated manifest out, or one `EdgeRecoverError` line naming the fix;
-- `check_graph`: the MatMulNBits nodes of `model.onnx` against `manifest["layers"]` (bits, block, shape).
+- `check_graph`: the MatMulNBits nodes of `model.onnx` against `manifest["layers"]` (bits, block, shape; a
+  layer packed with others into one node, e.g. q/k/v, records its `rows` [start, stop) of that node's N).
 
 A package written before the file table existed has no `files` key: it still loads, with one warning per
 folder, and `edge-recover verify` says that it cannot check its bytes.
@@ -187,7 +188,8 @@ def _fix(package: Path, rel: str) -> str:
 
 def check_graph(path: str | Path, manifest: dict) -> int:
     """Check that `model.onnx` holds the MatMulNBits node of every layer in `manifest["layers"]` with its
-    bits (the stored width), block size and shape [N, K]; returns the number of layers checked.
+    bits (the stored width), block size and shape [N, K] (a packed node: the layer's `rows` of its N);
+    returns the number of layers checked.
 
     Reads the graph without its weights. Raises `EdgeRecoverError` naming the first layer that differs.
     """
@@ -211,6 +213,12 @@ def check_graph(path: str | Path, manifest: dict) -> int:
         want = {"bits": layer.get("storage_bits", layer.get("bits")), "block_size": layer.get("block_size")}
         if layer.get("shape"):
             want["N"], want["K"] = layer["shape"]
+            if layer.get("rows"):  # the layer's rows of a packed node (q/k/v in one MatMulNBits)
+                start, stop = layer["rows"]
+                require(stop - start == want["N"] and 0 <= start < stop <= attrs.get("N", 0),
+                        f"package {str(p)!r}: layer {name!r} rows {start}:{stop} do not fit node {node.name!r} "
+                        f"(N={attrs.get('N')}); the graph does not match the manifest, re-export the package")
+                want["N"] = attrs.get("N")
         for key, value in want.items():
             require(attrs.get(key) == value,
                     f"package {str(p)!r}: layer {name!r} node {node.name!r} has {key}={attrs.get(key)}, the manifest "

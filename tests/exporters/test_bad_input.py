@@ -140,3 +140,19 @@ def test_cli_kv_dtype_and_embedding_options(tmp_path, tiny_dirs):
     r = _cli("export", str(tiny_dirs["qwen3"]), "-o", str(tmp_path / "pkg2"), "--kv-dtype", "int4")
     assert r.returncode == 2 and "unknown `kv_dtype` 'int4'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pkg2").exists()
+
+
+def test_cli_pack_qkv_default_and_no_pack_qkv(tmp_path, tiny_dirs):
+    """q/k/v are one node by default (also under an int8 KV cache); `--no-pack-qkv` keeps three; both verified."""
+    r = _cli("export", str(tiny_dirs["llama"]), "-o", str(tmp_path / "p"), "--method", "rtn", "--calibration", "0",
+             "--kv-dtype", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "packed QKV MatMulNBits x2" in r.stdout
+    m = read_package_manifest(tmp_path / "p")
+    assert m["parity"]["ok"] and m["layers"]["model.layers.0.self_attn.v_proj"]["rows"][1] == \
+        m["layers"]["model.layers.0.self_attn.v_proj"]["shape"][0] + m["layers"]["model.layers.0.self_attn.v_proj"]["rows"][0]
+    r = _cli("export", str(tiny_dirs["llama"]), "-o", str(tmp_path / "u"), "--method", "rtn", "--calibration", "0",
+             "--no-pack-qkv")
+    assert r.returncode == 0, r.stderr
+    m = read_package_manifest(tmp_path / "u")
+    assert not any("packed QKV" in f for f in m["fusions"]) and "rows" not in m["layers"]["model.layers.0.self_attn.q_proj"]

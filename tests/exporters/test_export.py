@@ -40,21 +40,31 @@ def test_package_per_scheme_and_target(tmp_path, arch, scheme, target):
     assert validate(graph, prof, None) == []
     nodes = _mnb_nodes(graph)
     qlayers = quantized_layers(lm.model)
-    assert len(nodes) == len(qlayers) == 2 * 7  # q k v o gate up down per layer; lm_head kept
+    packed = target == "cpu" and arch == "llama"  # fused graphs: q/k/v in one node (Qwen3's head norms keep three)
+    assert len(qlayers) == 2 * 7 and len(nodes) == 2 * (5 if packed else 7)  # q k v o gate up down; lm_head kept
+    by_name = {n.name: n for n in graph.graph.node}
     inits = {i.name: numpy_helper.to_array(i, base_dir=str(pkg)) for i in graph.graph.initializer}
     for name, q in qlayers.items():
         bits = _expected_bits(name, scheme)
         storage = bits if bits in prof.native_bits else 4
         node_name = "/" + name.replace("model.layers.", "model/layers.").replace(".self_attn.", "/self_attn/").replace(".mlp.", "/mlp/") + "/MatMulNBits"
+        if packed and name.endswith(("q_proj", "k_proj", "v_proj")):
+            node_name = node_name.rsplit("/", 2)[0] + "/qkv_proj/MatMulNBits"
+        layer = manifest["layers"][name]
+        assert layer["node"] == node_name  # the manifest names the node (and the rows) that hold the layer
         attrs = nodes[node_name]
         assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (storage, prof.preferred_block_size, prof.accuracy_level)
-        assert manifest["layers"][name]["bits"] == bits and manifest["layers"][name]["storage_bits"] == storage
-        # the very integers of the torch QuantLinear
-        codes = unpack_codes(inits[f"{name}.qweight"], storage, q.in_features)
-        zps = unpack_zero_points(inits[f"{name}.qzeros"], storage, q.scales.shape[1])
+        assert layer["bits"] == bits and layer["storage_bits"] == storage
+        # the very integers of the torch QuantLinear, in the manifest's rows of its node
+        start, stop = layer.get("rows", (0, attrs["N"]))
+        assert stop - start == q.out_features
+        b, sc, zp = (inits[i] for i in by_name[node_name].input[1:4])
+        nb = q.scales.shape[1]
+        codes = unpack_codes(b[start:stop], storage, q.in_features)
+        zps = unpack_zero_points(zp.reshape(attrs["N"], -1)[start:stop], storage, nb)
         np.testing.assert_array_equal(codes, q.codes.numpy())
         np.testing.assert_array_equal(zps, q.zero_points.numpy())
-        np.testing.assert_array_equal(inits[f"{name}.scales"], q.scales.numpy().reshape(-1))
+        np.testing.assert_array_equal(sc.reshape(-1)[start * nb:stop * nb], q.scales.numpy().reshape(-1))
     parity = manifest["parity"]
     exact = parity["exact"]  # accuracy_level 0: fp32 dequantization, the same function as torch
     assert parity["ok"] and exact["top1_agreement"] == 1.0

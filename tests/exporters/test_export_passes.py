@@ -15,7 +15,7 @@ from edge_recover.exporters.targets import TARGETS, resolve_target
 from .conftest import make_loaded
 
 DYNAMIC = ["quantize", "adapter_base", "optimum_graph", "matmulnbits", "lora_sidecar", "fusions", "embedding",
-           "check_graph", "write_graph", "hf_files", "kv_dtype", "adapters", "verify", "package"]
+           "packed_qkv", "check_graph", "write_graph", "hf_files", "kv_dtype", "adapters", "verify", "package"]
 
 
 def test_each_target_runs_the_documented_pass_list():
@@ -23,7 +23,7 @@ def test_each_target_runs_the_documented_pass_list():
         names = passes.pass_list(prof).names()
         if prof.static_graphs:  # qnn: the static NPU graph is the same list plus its own two passes
             assert name == "qnn"
-            assert names == DYNAMIC[:7] + ["static_preflight", "check_graph"] + DYNAMIC[8:13] + ["static_graphs", "package"]
+            assert names == DYNAMIC[:8] + ["static_preflight", "check_graph"] + DYNAMIC[9:14] + ["static_graphs", "package"]
         else:
             assert names == DYNAMIC, name
     every = {p for pl in (passes.DYNAMIC, passes.STATIC) for p in pl.build + pl.write}
@@ -97,4 +97,4 @@ def test_export_blocks_by_scheme_kind(tmp_path, scheme, block_size, head, down, 
     blocks = _graph_blocks(export(make_loaded("llama"), tmp_path / "pkg", opts))
     assert blocks.pop("lm_head", None) == head
     assert {blocks.pop(f"model.layers.{i}.mlp.down_proj") for i in range(2)} == {down}
-    assert len(blocks) == 2 * 6 and set(blocks.values()) == {other}
+    assert len(blocks) == 2 * 4 and set(blocks.values()) == {other}  # qkv_proj (packed), o, gate, up per layer

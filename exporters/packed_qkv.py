@@ -1,0 +1,105 @@
+"""Packed QKV for the cpu target: one MatMulNBits per layer for q, k and v, read by GroupQueryAttention packed.
+
+A decode step of a small model is a chain of small kernels, and each MatMulNBits call has a fixed cost
+(thread-pool dispatch, activation quantization of the same input at accuracy level 4). q_proj, k_proj and
+v_proj read the same normed hidden state, so their integers stacked along N are one node that quantizes the
+input once and dispatches once; GroupQueryAttention takes the packed output as its query and leaves key and
+value empty (onnxruntime-genai's builder emits the same layout):
+
+    x ─► q_proj ─┐                               x ─► qkv_proj (N = Nq + Nk + Nv) ─► GroupQueryAttention
+    x ─► k_proj ─┼─► GroupQueryAttention   =>        rows [0, Nq) [Nq, Nq+Nk) [Nq+Nk, N)   (key, value: "")
+    x ─► v_proj ─┘
+
+The integers are the layers' own, unchanged: B [N, blocks, bytes], scales [N * blocks] and zero points
+[N, bytes] are row-major in N, so stacking rows is exact and the node computes each output column as the
+layer's node did (tests: logits equal bit for bit). The manifest keeps one record per layer, with the fused
+node's name and the layer's `rows` in it.
+
+Left as three nodes: layers whose q/k/v outputs feed anything else first (Qwen3's per-head norms, a
+float16-KV Cast, a LoRA side-car), or whose nodes differ in bits, block size, accuracy level or input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .rewrite import RewrittenLayer, drop_unused_initializers
+
+# the attributes the three nodes must share (N differs: it is summed)
+_SHARED = ("K", "bits", "block_size", "accuracy_level")
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> list[onnx.NodeProto] | None:
+    """The q, k, v MatMulNBits nodes feeding `gqa` directly and only it, sharing input and attributes; else None."""
+    if len(gqa.input) < 3 or not all(gqa.input[:3]):
+        return None
+    nodes = [producers.get(name) for name in gqa.input[:3]]
+    if any(n is None or n.op_type != "MatMulNBits" or len(n.input) != 4 for n in nodes):
+        return None
+    if any(len(consumers.get(n.output[0], [])) != 1 for n in nodes) or len({n.input[0] for n in nodes}) != 1:
+        return None
+    shared = [tuple(_attrs(n).get(k) for k in _SHARED) for n in nodes]
+    return nodes if len(set(shared)) == 1 else None
+
+
+def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer]) -> int:
+    """Stack each layer's q/k/v MatMulNBits into one node read packed by its GroupQueryAttention (in place).
+
+    `rewritten` (layer -> RewrittenLayer) is updated: the three layers name the packed node and their rows.
+    Returns the number of layers packed.
+
+    Example:
+        >>> pack_qkv(graph, state.rewritten)  # doctest: +SKIP
+        30
+    """
+    g = graph_model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_node = {r.node: r for r in rewritten.values()}
+    inits = {t.name: t for t in g.initializer}
+    replace: dict[str, onnx.NodeProto] = {}  # q_proj node name -> packed node; k/v nodes map to None
+    new_inits: list[onnx.TensorProto] = []
+    for gqa in (n for n in g.node if n.op_type == "GroupQueryAttention"):
+        nodes = _packable(gqa, producers, consumers)
+        if nodes is None or any(n.name not in by_node for n in nodes):
+            continue
+        prefix = nodes[0].name.rsplit("/", 2)[0]  # /model/layers.i/self_attn
+        arrays = [[numpy_helper.to_array(inits[n.input[j]]) for n in nodes] for j in (1, 2, 3)]
+        names = [f"{prefix}/qkv_proj.{s}" for s in ("qweight", "scales", "qzeros")]
+        new_inits += [numpy_helper.from_array(np.concatenate(a, axis=0), nm) for a, nm in zip(arrays, names)]
+        sizes = [_attrs(n)["N"] for n in nodes]
+        a = _attrs(nodes[0])
+        packed = helper.make_node("MatMulNBits", [nodes[0].input[0], *names], [f"{prefix}/qkv_proj/output_0"],
+                                  name=f"{prefix}/qkv_proj/MatMulNBits", domain=nodes[0].domain, N=sum(sizes),
+                                  **{k: a[k] for k in _SHARED})
+        replace[nodes[0].name] = packed
+        replace.update({n.name: None for n in nodes[1:]})
+        gqa.input[0], gqa.input[1], gqa.input[2] = packed.output[0], "", ""
+        start = 0
+        for n, size in zip(nodes, sizes):
+            layer = by_node[n.name]
+            layer.node, layer.rows = packed.name, (start, start + size)
+            start += size
+    if not replace:
+        return 0
+    ordered = []
+    for n in g.node:
+        if n.name in replace:
+            if replace[n.name] is not None:
+                ordered.append(replace[n.name])
+        else:
+            ordered.append(n)
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(new_inits)
+    drop_unused_initializers(graph_model)
+    return sum(1 for v in replace.values() if v is not None)
