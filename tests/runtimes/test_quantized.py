@@ -37,7 +37,7 @@ def _exact_copy(pkg: Path, dest: Path) -> Path:
 
 def test_package_structure(tiny_w4w2, tiny_package):
     pkg = open_package(tiny_w4w2[0])
-    assert pkg.stats.matmulnbits_bits == {2: 4, 4: 10}  # gate/up of 2 layers 2-bit; q,k,v,o,down 4-bit
+    assert pkg.stats.matmulnbits_bits == {2: 4, 4: 6}  # nodes: gate/up of 2 layers 2-bit; qkv (packed), o, down 4-bit
     assert pkg.scheme_name == "w4w2gateup"
     fp32 = open_package(tiny_package).stats
     # the same graph in fp32 reads the same lm_head (fp32 in both) but 8-16x more linear-layer bytes
