@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
         static = _static_options(prof, context_length, prefill_window, soc)
         options = ExportOptions(
             target=target, vendor=vendor, scheme=scheme, method=method, calibration=calibration,
-            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv, adapter=adapter,
-            adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
+            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv,
+            adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
             merge_calibration=merge_calibration, eval_text=_read_text(eval_text), verify=verify,
             static=static, base=base, overwrite=overwrite)
         path = export(model, output, options)

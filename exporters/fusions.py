@@ -41,6 +41,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_recover.contract import kv_share_buffer  # noqa: F401  (the package contract's; importable here too)
 from edge_recover.errors import EdgeRecoverError, require
 
+from .rewrite import consumer_index, producer_index
+
 MS = "com.microsoft"
 FUSED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 _SEQLENS = "/model/attn_mask/seqlens_k"
@@ -86,10 +88,6 @@ def _rotary_tables(model) -> tuple[np.ndarray, np.ndarray]:
 
 def _head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
-def _producer_index(graph) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
 
 
 def _proj(by_name: dict, layer: int, proj: str) -> onnx.NodeProto:
@@ -161,11 +159,8 @@ def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32
     heads, kv_heads, dim = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), _head_dim(cfg)
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     outputs = {o.name for o in g.output}
-    producers = _producer_index(g)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers = producer_index(g)
+    consumers = consumer_index(g)
     cos, sin = _rotary_tables(model)
     if half:
         cos, sin = cos.astype(np.float16), sin.astype(np.float16)
@@ -271,7 +266,7 @@ def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
     Returns (skip norms, plain norms) written.
     """
     g = graph_model.graph
-    producers = _producer_index(g)
+    producers = producer_index(g)
     by_name = {n.name: n for n in g.node}
     drop: set[str] = set()
     at: dict[str, onnx.NodeProto] = {}   # node name -> new node taking its place

@@ -25,14 +25,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .rewrite import RewrittenLayer, drop_unused_initializers
+from .rewrite import RewrittenLayer, consumer_index, drop_unused_initializers, node_attrs, producer_index
 
 # the attributes the three nodes must share (N differs: it is summed)
 _SHARED = ("K", "bits", "block_size", "accuracy_level")
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> list[onnx.NodeProto] | None:
@@ -44,7 +40,7 @@ def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> list[onn
         return None
     if any(len(consumers.get(n.output[0], [])) != 1 for n in nodes) or len({n.input[0] for n in nodes}) != 1:
         return None
-    shared = [tuple(_attrs(n).get(k) for k in _SHARED) for n in nodes]
+    shared = [tuple(node_attrs(n).get(k) for k in _SHARED) for n in nodes]
     return nodes if len(set(shared)) == 1 else None
 
 
@@ -59,14 +55,11 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
         30
     """
     g = graph_model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producer_index(g), consumer_index(g)
     by_node = {r.node: r for r in rewritten.values()}
     inits = {t.name: t for t in g.initializer}
-    replace: dict[str, onnx.NodeProto] = {}  # q_proj node name -> packed node; k/v nodes map to None
+    packed_at: dict[str, onnx.NodeProto] = {}  # q_proj's node name -> the packed node that takes its place
+    dropped: set[str] = set()  # k_proj's and v_proj's nodes
     new_inits: list[onnx.TensorProto] = []
     for gqa in (n for n in g.node if n.op_type == "GroupQueryAttention"):
         nodes = _packable(gqa, producers, consumers)
@@ -76,30 +69,24 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
         arrays = [[numpy_helper.to_array(inits[n.input[j]]) for n in nodes] for j in (1, 2, 3)]
         names = [f"{prefix}/qkv_proj.{s}" for s in ("qweight", "scales", "qzeros")]
         new_inits += [numpy_helper.from_array(np.concatenate(a, axis=0), nm) for a, nm in zip(arrays, names)]
-        sizes = [_attrs(n)["N"] for n in nodes]
-        a = _attrs(nodes[0])
+        sizes = [node_attrs(n)["N"] for n in nodes]
+        a = node_attrs(nodes[0])
         packed = helper.make_node("MatMulNBits", [nodes[0].input[0], *names], [f"{prefix}/qkv_proj/output_0"],
                                   name=f"{prefix}/qkv_proj/MatMulNBits", domain=nodes[0].domain, N=sum(sizes),
                                   **{k: a[k] for k in _SHARED})
-        replace[nodes[0].name] = packed
-        replace.update({n.name: None for n in nodes[1:]})
+        packed_at[nodes[0].name] = packed
+        dropped.update(n.name for n in nodes[1:])
         gqa.input[0], gqa.input[1], gqa.input[2] = packed.output[0], "", ""
         start = 0
         for n, size in zip(nodes, sizes):
             layer = by_node[n.name]
             layer.node, layer.rows = packed.name, (start, start + size)
             start += size
-    if not replace:
+    if not packed_at:
         return 0
-    ordered = []
-    for n in g.node:
-        if n.name in replace:
-            if replace[n.name] is not None:
-                ordered.append(replace[n.name])
-        else:
-            ordered.append(n)
+    ordered = [packed_at.get(n.name, n) for n in g.node if n.name not in dropped]
     del g.node[:]
     g.node.extend(ordered)
     g.initializer.extend(new_inits)
     drop_unused_initializers(graph_model)
-    return sum(1 for v in replace.values() if v is not None)
+    return len(packed_at)

@@ -59,8 +59,8 @@ class ExportOptions:
     quantize a full-precision model (a quantized one keeps its integers); `fuse` None: as the target says;
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
-    integers; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar / merge, `adapter_name`, and for merge `merge_method`,
-    `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
+    integers; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
+    merge, `adapter_name`, and for merge `merge_method`, `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
     (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
 

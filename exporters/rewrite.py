@@ -345,6 +345,25 @@ def _drop_dead_identities(model: onnx.ModelProto) -> None:
         g.node.extend(keep)
 
 
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as {name: Python value}."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def producer_index(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def consumer_index(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> int:
     """Remove initializers no node reads (the float weights the rewrite replaced)."""
     g = model.graph

@@ -244,11 +244,10 @@ def safe_rms_norm(graph, opts: StaticOptions):
     """Rewrite each Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div(x, .) chain to square x / max|x|."""
     from onnx import helper, numpy_helper
 
+    from .rewrite import consumer_index
+
     g = graph.graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumer_index(g)
     inits = {t.name: t for t in g.initializer}
 
     def only(name, op):

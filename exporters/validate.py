@@ -19,11 +19,8 @@ import onnx
 from edge_recover.errors import EdgeRecoverError
 
 from .matmulnbits import IR_VERSION, MS_DOMAIN
+from .rewrite import node_attrs
 from .targets import TargetProfile
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -31,7 +28,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 
 def _check_mnb(node: onnx.NodeProto, shapes: dict, target: TargetProfile) -> list[str]:
-    a = _attrs(node)
+    a = node_attrs(node)
     where = f"node {node.name!r}"
     problems = []
     missing = {"K", "N", "bits", "block_size"} - set(a)
@@ -87,7 +84,7 @@ def validate(model: onnx.ModelProto, target: TargetProfile, expected: dict | Non
         if node is None:
             problems.append(f"layer {layer!r}: no MatMulNBits node {info.node!r}")
             continue
-        a = _attrs(node)
+        a = node_attrs(node)
         if (a["bits"], a["block_size"]) != (info.storage_bits, info.block_size):
             problems.append(f"layer {layer!r}: node has {a['bits']}-bit b{a['block_size']}, expected "
                             f"{info.storage_bits}-bit b{info.block_size}")
