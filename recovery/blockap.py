@@ -42,7 +42,7 @@ from torch import nn
 
 from edge_recover.errors import EdgeRecoverError, require
 
-from .qat import fake_quant_layers, norm_parameters
+from .qat import fake_quant_layers, param_groups
 
 # The cosine schedule decays every group to this share of its peak (EfficientQAT: eta_min = lr / 20).
 _MIN_LR = 0.05
@@ -151,23 +151,10 @@ def _row_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         at += size
 
 
-def _layer_groups(layer: nn.Module, trainable_norms: set[int], lr: float, lr_scale: float, lr_norm: float) -> list[dict]:
-    """AdamW groups of one decoder layer: latents, log-scales, and the norm weights that were trainable."""
-    fqs = list(fake_quant_layers(layer).values())
-    norms = [p for p in norm_parameters(layer).values() if id(p) in trainable_norms]
-    groups = [{"params": [fq.latent for fq in fqs], "lr": lr, "peak_lr": lr},
-              {"params": [fq.log_scale for fq in fqs], "lr": lr_scale, "peak_lr": lr_scale}]
-    if norms:
-        groups.append({"params": norms, "lr": lr_norm, "peak_lr": lr_norm})
-    return [g for g in groups if g["params"]]
-
-
 def _train_layer(i: int, s_layer, x_all, y_all, kwargs, dtype, groups, steps, batch_size, gen, autocast,
                  lr: float, lr_scale: float) -> list[float]:
     """AdamW on MSE(s_layer(x[b]), y[b]) for `steps` cosine-scheduled steps; returns the losses."""
     params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for step, rows in enumerate(_row_batches(x_all.shape[0], batch_size, steps, gen)):
@@ -189,8 +176,6 @@ def _train_layer(i: int, s_layer, x_all, y_all, kwargs, dtype, groups, steps, ba
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(value)
-    for p in params:
-        p.requires_grad_(False)
     return losses
 
 
@@ -242,7 +227,6 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
 
     flags = {id(p): p.requires_grad for p in student.parameters()}
-    trainable_norms = {id(p) for p in norm_parameters(student).values() if p.requires_grad}
     was_training, teacher_training = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -251,9 +235,7 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
                            "rows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "autocast": use_autocast,
                            "seed": seed, "device": str(device)}, "layers": []}
     bar = None
-    try:
-        for p in student.parameters():
-            p.requires_grad_(False)
+    try:  # only layer i's forward runs with gradients, so only its trainable tensors get any
         fp, t_kwargs, t_dtype = _capture(teacher, ids, batch_size, device, amp)  # [N, T, H] float32
         qs, s_kwargs, s_dtype = _capture(student, ids, batch_size, device, amp)
         eval_rows = min(ids.shape[0], _EVAL_ROWS)
@@ -265,7 +247,8 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
             t_layer_start = time.perf_counter()
             _advance(t_layer, fp, t_kwargs[i], t_dtype, batch_size, amp)  # fp now holds the targets y_i
             before, power = _mse(s_layer, qs[:eval_rows], fp[:eval_rows], s_kwargs[i], s_dtype, batch_size, amp)
-            groups = _layer_groups(s_layer, trainable_norms, lr, lr_scale, lr_norm)
+            # the layer's trainable tensors as make_qat_student left them: latents, log-scales, trained norms
+            groups = [g for g in param_groups(s_layer, lr, lr_scale, lr_norm) if g["params"]]
             params = [p for g in groups for p in g["params"]]
             saved = [p.detach().clone() for p in params]
             try:
