@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("mse", help="quantizer method when the model is full precision: rtn or mse"),
         block_size: Optional[str] = typer.Option(None, help="block size when quantizing (default: a scheme name gets the target's, "
                                                                    "a JSON file keeps its own): 64, or per bit width as 4:64,2:128"),
+        rule: List[str] = typer.Option([], help="extra scheme rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep, e.g. "
+                                                "lm_head=4:32 (repeatable; not for a quantized checkpoint)"),
         calibration: int = typer.Option(16, help="teacher samples for the mse method's activation importance"),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
         check_new_dir(output, overwrite)
         static = _static_options(prof, context_length, prefill_window, soc)
         options = ExportOptions(
-            target=target, vendor=vendor, scheme=scheme, method=method, calibration=calibration,
+            target=target, vendor=vendor, scheme=scheme, rules=tuple(rule), method=method, calibration=calibration,
             block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv,
             adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
             merge_calibration=merge_calibration, eval_text=_read_text(eval_text), verify=verify,

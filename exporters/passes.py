@@ -55,7 +55,7 @@ LOW_MEMORY_BYTES = 2 << 30
 class ExportOptions:
     """Everything an export is told, in one frozen object (the CLI builds it once from its flags).
 
-    `scheme` / `method` / `calibration` / `block_size` (one size, or per bit width as {2: 128} / "4:64,2:128")
+    `scheme` (+ `rules`, `--rule` strings) / `method` / `calibration` / `block_size` (one size, or per bit width as {2: 128} / "4:64,2:128")
     quantize a full-precision model (a quantized one keeps its integers); `fuse` None: as the target says;
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
@@ -72,6 +72,7 @@ class ExportOptions:
     target: str = "cpu"
     vendor: str | None = None
     scheme: Any = "w4w2gateup"  # a scheme name, JSON file or `Scheme`
+    rules: tuple = ()  # extra `--rule PATTERN=BITS[:BLOCK][:sym]` strings on top of the scheme
     method: str = "mse"
     calibration: int = 16
     block_size: "int | dict | str | None" = None
@@ -104,6 +105,14 @@ class ExportOptions:
         require(self.kv_dtype == "float32" or self.fused(prof),
                 f"a {self.kv_dtype} KV cache needs the fused attention, which target {prof.name!r} does not use; "
                 f"pass `--fuse` or `--kv-dtype float32`")
+        from edge_recover.errors import EdgeRecoverError
+        from edge_recover.scheme import parse_rule
+
+        for r in self.rules:  # a bad `--rule` is refused before the model loads
+            try:
+                parse_rule(r)
+            except EdgeRecoverError as exc:
+                raise EdgeRecoverError(f"`--rule {r}`: {exc}") from None
         return prof
 
     def fused(self, prof: TargetProfile) -> bool:
@@ -172,18 +181,24 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
     then `options.block_size` overrides every block it names. So a scheme name is quantized at the target's
     block, a rule without BLOCK too; a JSON file keeps its blocks, and so does a `Scheme` object for the
     blocks someone chose (`load_scheme("w4w2gateup", ["lm_head=4:32"])`: lm_head at 32, the rest at 64 on
-    the cpu target); only `options.block_size` changes those."""
+    the cpu target); only `options.block_size` changes those. `options.rules` come last: a rule's own BLOCK
+    stays (`--block-size 4:64,2:128 --rule lm_head=4:32`: the head at 32)."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
-    from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes
+    from edge_recover.errors import require
+    from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes, parse_rule
 
     if quantized_layers(lm.model):
+        require(not options.rules, "`--rule` cannot change a quantized checkpoint's scheme; quantize it with that "
+                                   "rule (`edge-recover quantize --rule ...`), or leave `--rule` out")
         qm = lm.quantized_manifest or {}
         return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
     sch = options.scheme if isinstance(options.scheme, Scheme) else load_scheme(str(options.scheme))
-    sch = sch.with_target_block_size(target.preferred_block_size)
-    if options.block_size is not None:
-        sch = sch.with_block_size(parse_block_sizes(options.block_size))
+    blocks = parse_block_sizes(options.block_size)
+    if blocks is not None:
+        sch = sch.with_block_size(blocks)
+    # as `load_scheme`: a rule's own BLOCK stays, one without takes --block-size, else the target's
+    sch = sch.with_rules(parse_rule(r, blocks) for r in options.rules).with_target_block_size(target.preferred_block_size)
     target.check_scheme(sch)  # refused before minutes of quantizing, not after
     quantize_loaded(lm, sch, method=options.method, calibration=options.calibration, progress=False)
     return sch.to_json(), options.method

@@ -81,3 +81,21 @@ def test_merge(work, q_gptq, adapter, text_file):
     m = _manifest(pkg)
     assert m["adapter_mode"] == "merge" and m["adapters"][0]["merge"]["merge"]["method"] == "rtn"
     assert "merged" in r.stdout and not (pkg / "adapters").exists()
+
+
+def test_rule_sets_one_layer_and_keeps_its_own_block(work, hf):
+    """`--rule lm_head=4:32` (docs/peers.md: the 4-bit head at block 32): the rule's BLOCK survives
+    `--block-size`, the other layers take `--block-size`."""
+    pkg = work / "pkg-rule"
+    ok("export", hf, "--scheme", "w4", "--block-size", "64", "--rule", "lm_head=4:32", "--method", "rtn",
+       "--no-verify", "-o", pkg)
+    m = _manifest(pkg)
+    assert (m["layers"]["lm_head"]["bits"], m["layers"]["lm_head"]["block_size"]) == (4, 32)
+    assert {(v["bits"], v["block_size"]) for k, v in m["layers"].items() if k != "lm_head"} == {(4, 64)}
+    assert m["embedding"] == "lm_head integers"
+
+
+def test_bad_rule_and_rule_on_a_checkpoint_are_refused(work, hf, q_gptq):
+    one_line_error(cli("export", hf, "--rule", "lm_head=3", "-o", work / "never"), "--rule")
+    one_line_error(cli("export", q_gptq, "--rule", "lm_head=8", "-o", work / "never"), "quantize it with that rule")
+    assert not (work / "never").exists()
