@@ -13,8 +13,8 @@ a 2.4 GB package). com.microsoft GatherBlockQuantized reads rows straight from M
 Only the scales and zero points are stored again (MatMulNBits wants them as [V, k_blocks] and packed,
 GatherBlockQuantized with the data's rank: 19 MB at V = 151,936, block 64). The embedding then returns the
 head's dequantized rows, the same values a tied torch model gets after quantization when its embedding
-reads the quantized head's weight (`retie_torch`, which export applies before verification, so the parity
-check stays exact). Applies to tied models whose head is quantized with K a multiple of its block size;
+reads the quantized head's weight (`retie_torch`: sdk/shared_head.py, which export applies before verification,
+so the parity check stays exact; recovery trains against the same). Applies to tied models whose head is quantized with K a multiple of its block size;
 otherwise the float embedding stays and the reason is reported.
 """
 
@@ -34,16 +34,9 @@ HEAD = "lm_head"
 
 def plan(model) -> str | None:
     """None when `model`'s embedding can read its quantized head's integers, else why not (for the manifest)."""
-    from edge_recover.qlinear import QuantLinear
+    from edge_recover.shared_head import shares
 
-    head = model.get_output_embeddings()
-    if not isinstance(head, QuantLinear):
-        return "the lm_head is not quantized"
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return "the embedding is not tied to the lm_head"
-    if head.in_features % head.config.block_size:
-        return f"hidden size {head.in_features} is not a multiple of the head's block size {head.config.block_size}"
-    return None
+    return shares(model)
 
 
 def _embedding_gather(g: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, str]:
@@ -97,4 +90,6 @@ def head_zero_points(graph: onnx.ModelProto, head: RewrittenLayer) -> np.ndarray
 
 def retie_torch(model) -> None:
     """Make a quantized tied torch model's embedding read its quantized head's weight (what the package does)."""
-    model.get_input_embeddings().weight = model.get_output_embeddings().weight
+    from edge_recover.shared_head import share_quantized_head
+
+    share_quantized_head(model)

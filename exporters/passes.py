@@ -155,10 +155,12 @@ Pass = Callable[[ExportState, ExportOptions], ExportState]
 def quantize(state: ExportState, options: ExportOptions) -> ExportState:
     """Quantize the model unless it already is (an adapter's scheme first); decide the low-memory path."""
     from edge_recover.apply import quantized_layers
+    from edge_recover.shared_head import unshare_quantized_head
 
     from . import adapter_export
 
     lm = state.lm
+    unshare_quantized_head(lm.model)  # graph capture reads the float table; `embedding` shares in the graph
     quantized_as = adapter_export.quantize_for(lm, state.plan) if state.plan is not None else None
     state.scheme, state.method = quantized_as or _ensure_quantized(lm, state.target, options)
     low = options.low_memory

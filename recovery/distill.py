@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from edge_recover.apply import quantized_layers
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.scheme import BlockSizes, Scheme, named_scheme
+from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
@@ -517,6 +518,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     # the CPU they are the integers `edge-recover quantize` makes; `--save-quantized` keeps them either way)
     base, scheme, method, _ = _student_base(lm, scheme, cfg, quantized, save_quantized_to if ranks.is_main else None,
                                             resume, progress and ranks.is_main, overwrite, device=dev)
+    share_quantized_head(base)  # a tied quantized head is also the embedding, as in the package (sdk/shared_head.py)
     qhash = quant_hash(base)
     targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
     start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None

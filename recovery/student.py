@@ -110,6 +110,9 @@ def load_student_checkpoint(path: str | Path, teacher: LoadedModel, scheme: Sche
                 f"`--quantized` {str(path)!r} uses scheme {theirs.get('name')!r}"
                 f"{' with other rules (block sizes)' if same_name else ''}, not {scheme.name!r}; "
                 f"leave out `--scheme` to use the checkpoint's")
+    from edge_recover.shared_head import share_quantized_head
+
+    share_quantized_head(q.model)  # the student computes what the package does (a tied quantized head embeds)
     return q.model, q.quantized_manifest, scheme or Scheme.from_json(q.quantized_manifest["scheme"])
 
 

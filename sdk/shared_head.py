@@ -1,0 +1,86 @@
+"""A tied model's input embedding that reads its quantized head, as the exported package does.
+
+A tied model shares one [V, K] matrix between the embedding and the lm_head. Once a scheme quantizes the
+head (`--rule lm_head=4:32`), the package's embedding reads the head's integers (exporters/embedding.py,
+the export default), so a token's input vector is the head's dequantized row, not the float row. A torch
+model that keeps the float table for its embedding is then another model than the one that ships: the
+recovery would train (and report figures) against an embedding the package does not have.
+
+`share_quantized_head(model)` swaps the embedding module for `SharedHeadEmbedding`, which keeps the float
+table as its own `weight` (same parameter, same state-dict key: checkpoints store and load as before) but
+looks tokens up in the head's current weight: a `QuantLinear`'s dequantized weight, or a `FakeQuantLinear`'s
+W_hat = (q - z) * s of the step, so gradients reach the head's latents and scales through both of its uses.
+The head is found on every call, so a head swapped later (fake-quantized for training, frozen after) is
+read as it is then.
+
+    >>> share_quantized_head(model)  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fakequant import FakeQuantLinear
+from .qlinear import QuantLinear
+
+
+class SharedHeadEmbedding(nn.Module):
+    """`nn.Embedding`'s lookup in the quantized head's weight; `weight` is the float table, kept, not read."""
+
+    def __init__(self, embedding: nn.Embedding, owner: nn.Module):
+        super().__init__()
+        self.weight = embedding.weight
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the model is not its own child
+
+    def head_weight(self) -> torch.Tensor:
+        head = self._owner.get_output_embeddings()
+        if isinstance(head, FakeQuantLinear):
+            return head.dequantized()
+        return head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.head_weight().to(self.weight.dtype), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, reads the quantized lm_head"
+
+
+def shares(model: nn.Module) -> str | None:
+    """None when `model`'s embedding can read its quantized head (tied, head quantized, K a whole number of
+    the head's blocks: exporters/embedding.plan's conditions), else why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, (QuantLinear, FakeQuantLinear)):
+        return "the lm_head is not quantized"
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return "the embedding is not tied to the lm_head"
+    if head.in_features % head.config.block_size:
+        return f"hidden size {head.in_features} is not a multiple of the head's block size {head.config.block_size}"
+    return None
+
+
+def share_quantized_head(model: nn.Module) -> bool:
+    """Make `model`'s embedding read its quantized head (in place) when `shares(model)` allows; idempotent.
+    Returns whether the embedding now reads the head."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, SharedHeadEmbedding):
+        return True
+    if shares(model) is not None or not isinstance(emb, nn.Embedding):
+        return False
+    model.set_input_embeddings(SharedHeadEmbedding(emb, model))
+    return True
+
+
+def unshare_quantized_head(model: nn.Module) -> None:
+    """Put a plain `nn.Embedding` on its float table back (in place; a no-op when the embedding is one):
+    what graph capture wants, the exporter then shares the head's integers in the graph itself."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, SharedHeadEmbedding):
+        plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, _weight=emb.weight,
+                             _freeze=not emb.weight.requires_grad, device=emb.weight.device, dtype=emb.weight.dtype)
+        plain.weight = emb.weight
+        model.set_input_embeddings(plain)
