@@ -1,6 +1,6 @@
 """The main job on the real SmolLM2-135M, end to end on the CPU.
 
-    quantize (W4/W2-GateUp at the CPU's fast layout: 4-bit block 64, gate/up 2-bit block 128, RTN)
+    quantize (W4/W2-GateUp at the CPU's fast layout: 4-bit block 64, gate/up 2-bit block 128, the head 8-bit; GPTQ)
       ->  recover --mode qat on the CPU (the integers themselves are trained: no side-car)
       ->  export both checkpoints for the `cpu` target (same nodes, same weight bytes)
       ->  ask fp / unrecovered / recovered "What is the capital of France?", side by side

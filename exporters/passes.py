@@ -160,9 +160,9 @@ def quantize(state: ExportState, options: ExportOptions) -> ExportState:
     from . import adapter_export
 
     lm = state.lm
-    unshare_quantized_head(lm.model)  # graph capture reads the float table; `embedding` shares in the graph
     quantized_as = adapter_export.quantize_for(lm, state.plan) if state.plan is not None else None
     state.scheme, state.method = quantized_as or _ensure_quantized(lm, state.target, options)
+    unshare_quantized_head(lm.model)  # graph capture reads a float table of the head's values; `embedding` shares
     low = options.low_memory
     if low is None:
         low = sum(4 * q.in_features * q.out_features for q in quantized_layers(lm.model).values()) > LOW_MEMORY_BYTES
@@ -196,6 +196,7 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
         qm = lm.quantized_manifest or {}
         return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
     sch = options.scheme if isinstance(options.scheme, Scheme) else load_scheme(str(options.scheme))
+    sch = sch.with_target_head(target.head)  # a named scheme's float head becomes the target's (cpu: 8-bit)
     blocks = parse_block_sizes(options.block_size)
     if blocks is not None:
         sch = sch.with_block_size(blocks)

@@ -23,10 +23,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from edge_recover.contract import PROVIDER_KERNELS
 from edge_recover.errors import EdgeRecoverError, require
-from edge_recover.scheme import QuantConfig
+from edge_recover.scheme import CPU_HEAD, QuantConfig
 
 # Fused contrib ops the cpu exporter may emit (exporters/fusions.py, embedding.py); other targets get plain
 # ONNX + MatMulNBits.
@@ -55,6 +56,8 @@ class TargetProfile:
     # adapter weights as run-time graph inputs; `sidecar_note` then says why and what to do instead.
     sidecar_dtype: str = ""
     sidecar_note: str = ""
+    # what a named scheme's float head becomes for this target (`Scheme.with_target_head`; None: it stays float)
+    head: Any = None  # QuantConfig | None
 
     def check_sidecar(self) -> str:
         """The LoRA dtype of this target; refuses targets without run-time adapter inputs."""
@@ -100,7 +103,7 @@ class TargetProfile:
         return "/".join(map(str, self.native_bits)) + "-bit"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "head": None if self.head is None else {"bits": self.head.bits}}
 
     def describe(self) -> str:
         container = " (2-bit stored in 4-bit containers)" if 2 not in self.native_bits and 4 in self.native_bits else ""
@@ -108,6 +111,7 @@ class TargetProfile:
                 f"{','.join(map(str, self.block_sizes))} (default {self.preferred_block_size}); "
                 f"accuracy_level {self.accuracy_level}; activations {self.activation_dtype}"
                 + ("; fused ops" if self.fuse else "")
+                + (f"; named schemes' head {self.head.bits}-bit" if self.head is not None else "")
                 + (f"; side-car LoRA {self.sidecar_dtype}" if self.sidecar_dtype else "; no side-car LoRA"))
 
 
@@ -124,6 +128,7 @@ TARGETS: dict[str, TargetProfile] = {
         activation_dtype="float32", contrib_ops=("MatMulNBits",) + CPU_FUSED_OPS, fuse=True,
         source="FACTS.md: 2-bit bs32 is slower than 4-bit; bs64/bs128 2-bit beat 4-bit; accuracy_level 0 is a slow path",
         sidecar_dtype="float32", sidecar_note="measured here: ORT CPU EP, LoraAdapter + add_active_adapter",
+        head=CPU_HEAD,
     ),
     "dml": TargetProfile(
         "dml", "DmlExecutionProvider", "DirectML (Windows GPUs/NPUs): 4/8-bit only, dequantize + GEMM",

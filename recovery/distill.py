@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from edge_recover.apply import quantized_layers
 from edge_recover.errors import EdgeRecoverError, require
-from edge_recover.scheme import BlockSizes, Scheme, named_scheme
+from edge_recover.scheme import CPU_HEAD, BlockSizes, Scheme, named_scheme
 from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
@@ -62,9 +62,13 @@ from .student import (add_lora, init_lora_from_activations, init_lora_from_resid
                       quantize_student, resolve_targets)
 
 MODES = ("qat", "lora")
-# The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64): what `recover`
-# quantizes with unless told otherwise, so that the recovered integers are the ones that ship.
-DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128}
+# The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64; the 8-bit head at
+# the cpu target's 64): what `recover` quantizes with unless told otherwise, so that the recovered integers
+# are the ones that ship. The head is the cpu target's too (scheme.CPU_HEAD: 8-bit).
+DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128, 8: 64}
+_TRAIN_HEAD_QUANTIZED = ("`--train-head` trains a float head, and this student's head is quantized (a named scheme's "
+                         "head is 8-bit for the CPU); add `--rule lm_head=keep` to keep it float, or leave "
+                         "`--train-head` out")
 # A run has diverged when its loss is not finite, or stays above _EXPLODE x the starting held-out KL (+1)
 # for _PATIENCE steps in a row (one early spike is not divergence: on SmolLM2 a healthy warm-up touched 2.3x).
 _EXPLODE = 2.0
@@ -310,7 +314,7 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
     if quantized is not None:
         base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
         return base, scheme, qmanifest["method"], None
-    scheme = scheme or named_scheme("w4w2gateup").with_block_size(DEFAULT_BLOCK_SIZES)
+    scheme = scheme or named_scheme("w4w2gateup").with_target_head(CPU_HEAD).with_target_block_size(DEFAULT_BLOCK_SIZES)
     base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
                                      progress=progress, device=device)
     if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
@@ -355,6 +359,9 @@ def _lora_student(base, teacher_model, targets, cfg: RecoverConfig, train_ids, d
 def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
     from .qat import make_qat_student, param_groups
 
+    from .qat import head_parameters
+
+    require(not cfg.train_head or bool(head_parameters(base)), _TRAIN_HEAD_QUANTIZED)  # a --quantized one's
     base = base.to(dev)
     start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units,
                              train_head=cfg.train_head)
@@ -500,6 +507,8 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
                 "that folder to start over")
     require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
             f"`--device` must be auto, cpu or cuda[:N], got {device!r}")
+    head = (scheme or named_scheme("w4w2gateup").with_target_head(CPU_HEAD)).resolve("lm_head")
+    require(not (cfg.train_head and quantized is None and head != "keep"), _TRAIN_HEAD_QUANTIZED)
     if device.startswith("cuda"):
         require(torch.cuda.is_available(), f"`--device {device}`: no CUDA device is visible; use `--device cpu`")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")

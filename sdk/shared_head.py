@@ -76,11 +76,21 @@ def share_quantized_head(model: nn.Module) -> bool:
 
 
 def unshare_quantized_head(model: nn.Module) -> None:
-    """Put a plain `nn.Embedding` on its float table back (in place; a no-op when the embedding is one):
-    what graph capture wants, the exporter then shares the head's integers in the graph itself."""
+    """A plain `nn.Embedding` again (in place), for graph capture. A tied model with a quantized head gets the
+    head's dequantized weight as its table (a copy): the values the shared embedding reads, so a graph that
+    keeps a float table (an unfused target; `--float-embedding`) embeds as the training did, and one that
+    shares the head's integers (exporters/embedding.py) replaces this table by them. Any other model keeps
+    its own table."""
     emb = model.get_input_embeddings()
-    if isinstance(emb, SharedHeadEmbedding):
-        plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, _weight=emb.weight,
-                             _freeze=not emb.weight.requires_grad, device=emb.weight.device, dtype=emb.weight.dtype)
+    if shares(model) is None:
+        head = model.get_output_embeddings()
+        w = (head.dequantized() if isinstance(head, FakeQuantLinear) else head.weight).detach()
+        table = emb.weight
+        plain = nn.Embedding(table.shape[0], table.shape[1], emb.padding_idx, device=table.device, dtype=table.dtype)
+        plain.weight = nn.Parameter(w.to(table.dtype).clone(), requires_grad=False)
+        model.set_input_embeddings(plain)
+    elif isinstance(emb, SharedHeadEmbedding):
+        plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device=emb.weight.device,
+                             dtype=emb.weight.dtype)
         plain.weight = emb.weight
         model.set_input_embeddings(plain)

@@ -16,7 +16,8 @@ def _manifest(pkg):
 def test_from_hf_folder(plain_pkg):
     m = _manifest(plain_pkg)
     assert m["scheme"]["name"] == "w4w2gateup" and m["parity"]["ok"]
-    assert {v["bits"] for v in m["layers"].values()} == {2, 4}
+    assert {v["bits"] for v in m["layers"].values()} == {2, 4, 8}  # the cpu target's 8-bit head
+    assert m["layers"]["lm_head"]["bits"] == 8 and m["embedding"] == "lm_head integers"
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json", "genai_config.json"}
 
 
@@ -52,7 +53,7 @@ def test_block_size_and_int8_kv(work, hf):
        "--method", "rtn", "-o", pkg)
     m = _manifest(pkg)
     assert m["kv_dtype"] == "int8"
-    assert {(v["bits"], v["block_size"]) for v in m["layers"].values()} == {(4, 32), (2, 64)}
+    assert {(v["bits"], v["block_size"]) for v in m["layers"].values()} == {(4, 32), (2, 64), (8, 64)}  # 8-bit head
 
 
 def test_sidecar_from_checkpoint(sidecar_pkg):
@@ -93,6 +94,10 @@ def test_rule_sets_one_layer_and_keeps_its_own_block(work, hf):
     assert (m["layers"]["lm_head"]["bits"], m["layers"]["lm_head"]["block_size"]) == (4, 32)
     assert {(v["bits"], v["block_size"]) for k, v in m["layers"].items() if k != "lm_head"} == {(4, 64)}
     assert m["embedding"] == "lm_head integers"
+    pkg = work / "pkg-float-head"  # README: `--rule lm_head=keep`, the float head of before
+    ok("export", hf, "--scheme", "w4w2gateup", "--rule", "lm_head=keep", "--method", "rtn", "--no-verify", "-o", pkg)
+    m = _manifest(pkg)
+    assert "lm_head" not in m["layers"] and m["embedding"].startswith("float32")
 
 
 def test_bad_rule_and_rule_on_a_checkpoint_are_refused(work, hf, q_gptq):

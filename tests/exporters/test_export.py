@@ -15,6 +15,7 @@ from edge_recover.exporters.api import export_package, read_package_manifest
 from edge_recover.exporters.targets import TARGETS
 from edge_recover.exporters.validate import validate
 from edge_recover.packing import unpack_codes, unpack_zero_points
+from edge_recover.scheme import load_scheme
 
 from .conftest import make_loaded
 
@@ -24,7 +25,9 @@ def _mnb_nodes(model: onnx.ModelProto) -> dict[str, dict]:
             for n in model.graph.node if n.op_type == "MatMulNBits"}
 
 
-def _expected_bits(layer: str, scheme: str) -> int:
+def _expected_bits(layer: str, scheme: str, target: str = "cpu") -> int:
+    if layer == "lm_head":  # a named scheme's head is the target's (cpu: 8-bit)
+        return TARGETS[target].head.bits
     return 2 if scheme == "w4w2gateup" and layer.endswith(("gate_proj", "up_proj")) else 4
 
 
@@ -41,11 +44,12 @@ def test_package_per_scheme_and_target(tmp_path, arch, scheme, target):
     nodes = _mnb_nodes(graph)
     qlayers = quantized_layers(lm.model)
     packed = target == "cpu" and arch == "llama"  # fused graphs: q/k/v in one node (Qwen3's head norms keep three)
-    assert len(qlayers) == 2 * 7 and len(nodes) == 2 * (5 if packed else 7)  # q k v o gate up down; lm_head kept
+    head = int(prof.head is not None)  # cpu: the 8-bit head; the other targets keep it float
+    assert len(qlayers) == 2 * 7 + head and len(nodes) == 2 * (5 if packed else 7) + head  # q k v o gate up down
     by_name = {n.name: n for n in graph.graph.node}
     inits = {i.name: numpy_helper.to_array(i, base_dir=str(pkg)) for i in graph.graph.initializer}
     for name, q in qlayers.items():
-        bits = _expected_bits(name, scheme)
+        bits = _expected_bits(name, scheme, target)
         storage = bits if bits in prof.native_bits else 4
         node_name = "/" + name.replace("model.layers.", "model/layers.").replace(".self_attn.", "/self_attn/").replace(".mlp.", "/mlp/") + "/MatMulNBits"
         if packed and name.endswith(("q_proj", "k_proj", "v_proj")):
@@ -80,7 +84,8 @@ def test_block_size_per_bit_width_reaches_the_graph(tmp_path):
     lm = make_loaded("qwen3")
     pkg = export_package(lm, tmp_path / "pkg", scheme="w4w2gateup", method="rtn", calibration=0, block_size="2:128")
     blocks = {(a["bits"], a["block_size"]) for a in _mnb_nodes(onnx.load(str(pkg / "model.onnx"))).values()}
-    assert blocks == {(4, TARGETS["cpu"].preferred_block_size), (2, 128)}  # 4-bit keeps the target's block
+    pref = TARGETS["cpu"].preferred_block_size
+    assert blocks == {(4, pref), (2, 128), (8, pref)}  # 4-bit (and the 8-bit head) keep the target's block
     assert read_package_manifest(pkg)["parity"]["ok"]
 
 
@@ -139,7 +144,7 @@ def test_smaller_kv_cache_needs_fused_attention(tmp_path, kv_dtype):
 
 def test_no_transpose_of_weights_and_tied_embedding_stored_once(tmp_path):
     lm = make_loaded("llama")
-    pkg = export_package(lm, tmp_path / "pkg", scheme="w4", method="rtn", calibration=0)
+    pkg = export_package(lm, tmp_path / "pkg", scheme=load_scheme("w4", ["lm_head=keep"]), method="rtn", calibration=0)
     graph = onnx.load(str(pkg / "model.onnx"))
     inits = {i.name: i for i in graph.graph.initializer}
     assert not [n.name for n in graph.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
@@ -206,9 +211,10 @@ def test_tied_embedding_reads_the_quantized_head(tmp_path, arch, head_bits):
 
 def test_embedding_stays_float_when_not_tied_or_head_float(tmp_path):
     lm = make_loaded("qwen3")
-    pkg = export_package(lm, tmp_path / "a", scheme="w4", method="rtn", calibration=0)
+    pkg = export_package(lm, tmp_path / "a", scheme=load_scheme("w4", ["lm_head=keep"]), method="rtn", calibration=0)
     assert read_package_manifest(pkg)["embedding"] == "float32 (the lm_head is not quantized)"
-    from edge_recover.scheme import load_scheme
+    pkg = export_package(make_loaded("qwen3"), tmp_path / "c", scheme="w4", method="rtn", calibration=0)
+    assert read_package_manifest(pkg)["embedding"] == "lm_head integers"  # the cpu target's 8-bit head, shared
 
     lm = make_loaded("qwen3")
     lm.model.config.tie_word_embeddings = False

@@ -82,10 +82,10 @@ def _scheme_file(tmp_path) -> str:
 @pytest.mark.parametrize("scheme, block_size, head, down, other", [
     ("object", None, 32, 64, 64),  # `lm_head=4:32` keeps its block, the named scheme's own take the target's
     ("object", 16, 16, 16, 16),  # `block_size` overrides every block
-    ("file", None, None, 128, 32),  # a JSON file keeps its blocks
+    ("file", None, None, 128, 32),  # a JSON file keeps its blocks (and its float head)
     ("file", "4:64", None, 64, 64),
-    ("w4", None, None, 64, 64),  # a name: the target's preferred block
-    ("w4", 32, None, 32, 32),
+    ("w4", None, 64, 64, 64),  # a name: the target's preferred block, and the target's (8-bit) head
+    ("w4", 32, 32, 32, 32),
 ])
 def test_export_blocks_by_scheme_kind(tmp_path, scheme, block_size, head, down, other):
     from edge_recover.scheme import load_scheme

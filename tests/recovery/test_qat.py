@@ -208,7 +208,8 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     rec = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "rec"), "--samples", "96", "--seq-len",
                                 "48", "--epochs", "1", "--batch-size", "8", "--mode", "qat", "--latent-units", "step",  # the defaults
                                 "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3", "--beta2", "0.95",
-                                "--train-head", "--lr-head", "1e-4", "--block-ap-steps", "20", "--block-ap-rows", "32",
+                                "--rule", "lm_head=keep", "--train-head", "--lr-head", "1e-4",  # a float head that trains
+                                "--block-ap-steps", "20", "--block-ap-rows", "32",
                                 "--block-ap-lr", "1e-2",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
@@ -234,6 +235,10 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
     got, start = _matmulnbits_inputs(pkgs["rec"], 2), _matmulnbits_inputs(pkgs["start"], 2)
     assert got.keys() == start.keys() and any(not np.array_equal(got[k], start[k]) for k in got)
     assert json.loads((tmp_path / "rec" / "recovery_report.json").read_text())["method"] == "gptq"  # the default
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--train-head", "--samples", "48",
+                                "--seq-len", "32", "--gen-batch-size", "16", "--device", "cpu", "--method", "rtn",
+                                "--block-size", "4:32,2:32,8:32"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rule lm_head=keep" in bad.stderr and "Traceback" not in bad.stderr  # 8-bit head
     bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "qlora"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "`--mode`" in bad.stderr and "Traceback" not in bad.stderr
