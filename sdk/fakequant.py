@@ -162,6 +162,12 @@ class FakeQuantLinear(nn.Module):
         return _FakeQuant.apply(self.latent, self.scales(), self.zero_points.float(), self.config.block_size,
                                 self.units == "step", self.config.levels)
 
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """W_hat[rows] (the output rows `rows`, e.g. the tokens of a tied embedding's lookup), computed for those
+        rows only: blocks run along K, so a row's codes depend on that row's latents and scales alone."""
+        return _FakeQuant.apply(self.latent[rows], self.scales()[rows], self.zero_points[rows].float(),
+                                self.config.block_size, self.units == "step", self.config.levels)
+
     def dequantized_reference(self) -> torch.Tensor:
         """The same W_hat written as a plain autograd expression (what `dequantized`'s gradients must equal)."""
         s_full = self._expand(self.scales())

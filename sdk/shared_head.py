@@ -9,7 +9,8 @@ recovery would train (and report figures) against an embedding the package does 
 `share_quantized_head(model)` swaps the embedding module for `SharedHeadEmbedding`, which keeps the float
 table as its own `weight` (same parameter, same state-dict key: checkpoints store and load as before) but
 looks tokens up in the head's current weight: a `QuantLinear`'s dequantized weight, or a `FakeQuantLinear`'s
-W_hat = (q - z) * s of the step, so gradients reach the head's latents and scales through both of its uses.
+W_hat = (q - z) * s of the step (the batch's rows only), so gradients reach the head's latents and scales
+through both of its uses.
 The head is found on every call, so a head swapped later (fake-quantized for training, frozen after) is
 read as it is then.
 
@@ -37,14 +38,13 @@ class SharedHeadEmbedding(nn.Module):
         self.padding_idx = embedding.padding_idx
         object.__setattr__(self, "_owner", owner)  # not a submodule: the model is not its own child
 
-    def head_weight(self) -> torch.Tensor:
-        head = self._owner.get_output_embeddings()
-        if isinstance(head, FakeQuantLinear):
-            return head.dequantized()
-        return head.weight
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.head_weight().to(self.weight.dtype), self.padding_idx)
+        head = self._owner.get_output_embeddings()
+        if isinstance(head, FakeQuantLinear):  # the batch's rows of W_hat only (the head's forward makes all)
+            uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+            rows = head.dequantized_rows(uniq).to(self.weight.dtype)
+            return rows[inverse].reshape(*ids.shape, rows.shape[-1])
+        return F.embedding(ids, head.weight.to(self.weight.dtype), self.padding_idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, reads the quantized lm_head"

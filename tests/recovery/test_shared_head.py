@@ -50,6 +50,9 @@ def test_training_reaches_the_head_through_the_embedding(tiny_model):
     assert torch.allclose(out, F.embedding(ids, head.dequantized().detach()))
     out.square().sum().backward()  # the embedding's use alone
     assert head.latent.grad is not None and head.latent.grad.abs().sum() > 0
+    rows_grad, head.latent.grad = head.latent.grad.clone(), None  # the rows-only path has the full W_hat's gradients
+    F.embedding(ids, head.dequantized()).square().sum().backward()
+    assert torch.allclose(rows_grad, head.latent.grad)
 
 
 def test_the_recovered_student_is_the_package(tiny_model, tmp_path):
