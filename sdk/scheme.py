@@ -263,7 +263,9 @@ class Scheme:
 
     def describe(self) -> str:
         lines = [f"{self.name}: default {self.default if self.default == KEEP else self.default.describe()}"]
-        lines += [f"  {r.pattern!r} -> {r.config if r.config == KEEP else r.config.describe()}" for r in self.rules]
+        lines += [f"  {r.pattern!r} -> {r.config if r.config == KEEP else r.config.describe()}"
+                  + (" (or the export target's head: cpu 8-bit, see `edge-recover targets`)" if r.head_stand_in else "")
+                  for r in self.rules]
         return "\n".join(lines)
 
 
