@@ -78,6 +78,12 @@ def shipped_floats(model: nn.Module, train_norms: bool, train_head: bool) -> tup
     return tuple(norm_parameters(model) if train_norms else ()) + tuple(head_parameters(model) if train_head else ())
 
 
+# Layers at this many bits or more are not trained: near-lossless already (the cpu target's 8-bit head: 51.75 vs
+# the float head's 51.94), and training them cost accuracy: the demo's recipe ended at 70.37 Hamlet perplexity
+# with the 8-bit head trained, 66.48 with it kept, 66.04 with a float head (docs/results/recovery-cpu-head8/)
+FROZEN_BITS = 8
+
+
 def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight",
                      train_head: bool = False) -> QatStart:
     """Turn every `QuantLinear` of `base` (in place) into a `FakeQuantLinear` that starts at its integers.
@@ -92,6 +98,8 @@ def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = Tr
         p.requires_grad_(False)
     n_teacher = n_deq = 0
     for name, q in quantized_layers(base).items():
+        if q.config.bits >= FROZEN_BITS:  # stays a frozen QuantLinear: its integers ship as they are
+            continue
         w = teacher.get_submodule(name).weight.detach().to(q.codes.device, torch.float32)
         fq = FakeQuantLinear.from_quant_linear(q, latent=w, units=units)
         if torch.equal(fq.to_quantized().codes, q.codes):

@@ -66,3 +66,20 @@ def test_the_recovered_student_is_the_package(tiny_model, tmp_path):
     with tempfile.TemporaryDirectory() as tmp:
         parity = compare(with_accuracy_level(pkg / "model.onnx", 0, tmp), res.student, load_model(tiny_model).tokenizer)
     assert parity.max_abs_diff / parity.logit_scale < 1e-4, parity
+
+
+def test_an_8_bit_head_stays_as_quantized(tiny_model, tmp_path):
+    """Layers at 8 bits are not trained (recovery/qat.py FROZEN_BITS): the cpu default's head keeps its integers
+    and scales, the 4-bit layers train."""
+    from edge_recover.apply import quantized_layers
+
+    scheme = named_scheme("w4w2gateup").with_block_size({4: 32, 2: 32}).with_rules([parse_rule("lm_head=8:32")])
+    cfg = RecoverConfig(samples=48, seq_len=32, epochs=1, batch_size=8, method="rtn", gen_batch_size=16,
+                        checkpoint_every=1000)
+    res = recover(load_model(tiny_model), scheme, tmp_path / "rec", cfg, device="cpu", progress=False,
+                  save_quantized_to=tmp_path / "start")
+    rec, start = (quantized_layers(load_model(tmp_path / n).model) for n in ("rec", "start"))
+    assert rec["lm_head"].config.bits == 8 and torch.equal(rec["lm_head"].codes, start["lm_head"].codes)
+    assert torch.equal(rec["lm_head"].scales, start["lm_head"].scales)
+    name = "model.layers.0.mlp.up_proj"
+    assert not torch.equal(rec[name].scales, start[name].scales) and res.report["kl_after"] < res.report["kl_before"]
