@@ -13,9 +13,10 @@ a 2.4 GB package). com.microsoft GatherBlockQuantized reads rows straight from M
 Only the scales and zero points are stored again (MatMulNBits wants them as [V, k_blocks] and packed,
 GatherBlockQuantized with the data's rank: 19 MB at V = 151,936, block 64). The embedding then returns the
 head's dequantized rows, the same values a tied torch model gets after quantization when its embedding
-reads the quantized head's weight (`retie_torch`: sdk/shared_head.py, which export applies before verification,
-so the parity check stays exact; recovery trains against the same). Applies to tied models whose head is quantized with K a multiple of its block size;
-otherwise the float embedding stays and the reason is reported.
+reads the quantized head's weight (sdk/shared_head.py: export applies it before verification, so the parity
+check stays exact, and recovery trains against the same). Applies to tied models whose head is quantized with
+K a multiple of its block size (`shared_head.shares`); otherwise the float embedding stays and the reason is
+reported.
 """
 
 from __future__ import annotations
@@ -30,13 +31,6 @@ from .matmulnbits import MS_DOMAIN
 from .rewrite import RewrittenLayer, drop_unused_initializers
 
 HEAD = "lm_head"
-
-
-def plan(model) -> str | None:
-    """None when `model`'s embedding can read its quantized head's integers, else why not (for the manifest)."""
-    from edge_recover.shared_head import shares
-
-    return shares(model)
 
 
 def _embedding_gather(g: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, str]:
@@ -86,10 +80,3 @@ def head_zero_points(graph: onnx.ModelProto, head: RewrittenLayer) -> np.ndarray
     n, k = head.shape
     packed = numpy_helper.to_array(inits[f"{HEAD}.qzeros"])
     return unpack_zero_points(packed, head.storage_bits, -(-k // head.block_size))
-
-
-def retie_torch(model) -> None:
-    """Make a quantized tied torch model's embedding read its quantized head's weight (what the package does)."""
-    from edge_recover.shared_head import share_quantized_head
-
-    share_quantized_head(model)

@@ -187,7 +187,6 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
     stays (`--block-size 4:64,2:128 --rule lm_head=4:32`: the head at 32)."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
-    from edge_recover.errors import require
     from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes, parse_rule
 
     if quantized_layers(lm.model):
@@ -289,11 +288,13 @@ def fusions(state: ExportState, options: ExportOptions) -> ExportState:
 
 def embedding(state: ExportState, options: ExportOptions) -> ExportState:
     """A tied embedding reads the quantized lm_head's integers instead of a float table, when it can."""
+    from edge_recover.shared_head import shares
+
     from . import embedding as emb
 
     state.why_float = ("kept with an adapter" if state.plan is not None else None) or (
         None if options.fused(state.target) else f"target {state.target.name!r} runs unfused graphs") or \
-        emb.plan(state.lm.model)
+        shares(state.lm.model)
     state.share_embedding = options.share_embedding and state.why_float is None
     if state.share_embedding:
         head = state.rewritten[emb.HEAD]
@@ -343,9 +344,9 @@ def write_graph(state: ExportState, options: ExportOptions) -> ExportState:
 
         restore_float_weights(state.lm.model)
     if state.share_embedding:  # torch then computes what the package does: the embedding reads the quantized head
-        from . import embedding as emb
+        from edge_recover.shared_head import share_quantized_head
 
-        emb.retie_torch(state.lm.model)
+        share_quantized_head(state.lm.model)
     return state
 
 

@@ -75,9 +75,7 @@ def recover_cmd(
     from edge_recover.errors import EdgeRecoverError, require
     from edge_recover.scheme import load_scheme
 
-    from edge_recover.scheme import CPU_HEAD
-
-    from .distill import DEFAULT_BLOCK_SIZES, RecoverConfig, recover
+    from .distill import RecoverConfig, cpu_layout, recover
     from .distributed import check_split, cli_argv, launch, launched, record_failure
 
     check_new_dir(output, overwrite)
@@ -99,7 +97,7 @@ def recover_cmd(
     if scheme or block_size or rule:  # a named scheme's stand-in blocks get the fast layout; a JSON file keeps its blocks
         sch = load_scheme(scheme or "w4w2gateup", rule, block_size=block_size)
         if not quantized:
-            sch = sch.with_target_head(CPU_HEAD).with_target_block_size(DEFAULT_BLOCK_SIZES)
+            sch = cpu_layout(sch)
     work = work_dir or output.with_name(output.name + ".work")
     if num_processes != 1:  # start the ranks, each of which runs this command with `--num-processes 1`
         require(num_processes > 1, f"`--num-processes` must be at least 1, got {num_processes!r}")

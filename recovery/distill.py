@@ -58,6 +58,7 @@ from edge_recover.shared_head import share_quantized_head
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
 from .output import write_adapter, write_quantized
+from .run_state import read_checkpoint, trim_metrics, write_checkpoint
 from .student import (add_lora, init_lora_from_activations, init_lora_from_residual, load_student_checkpoint, quant_hash,
                       quantize_student, resolve_targets)
 
@@ -69,6 +70,18 @@ DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128, 8: 64}
 _TRAIN_HEAD_QUANTIZED = ("`--train-head` trains a float head, and this student's head is quantized (a named scheme's "
                          "head is 8-bit for the CPU); add `--rule lm_head=keep` to keep it float, or leave "
                          "`--train-head` out")
+
+
+def cpu_layout(scheme: Scheme) -> Scheme:
+    """`scheme` with its stand-ins (a named scheme's blocks and float head) set to the CPU's layout."""
+    return scheme.with_target_head(CPU_HEAD).with_target_block_size(DEFAULT_BLOCK_SIZES)
+
+
+def default_scheme() -> Scheme:
+    """What `recover` quantizes with when told nothing: w4w2gateup at the CPU's layout, with its head."""
+    return cpu_layout(named_scheme("w4w2gateup"))
+
+
 # A run has diverged when its loss is not finite, or stays above _EXPLODE x the starting held-out KL (+1)
 # for _PATIENCE steps in a row (one early spike is not divergence: on SmolLM2 a healthy warm-up touched 2.3x).
 _EXPLODE = 2.0
@@ -255,56 +268,6 @@ def mean_kl(student, teacher, ids: torch.Tensor, batch_size: int, device, autoca
     return total / count
 
 
-def _tensor_file(cfg: RecoverConfig) -> str:
-    return "lora.safetensors" if cfg.mode == "lora" else "qat.safetensors"
-
-
-def _write_checkpoint(path: Path, model, optimizer, state: dict, cfg: RecoverConfig) -> None:
-    from safetensors.torch import save_file
-
-    from edge_recover.atomic import atomic_dir
-
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / _tensor_file(cfg)))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-
-def _read_checkpoint(path: Path, model, optimizer, cfg: RecoverConfig, qhash: str) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / _tensor_file(cfg)))
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EdgeRecoverError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}); delete it to start "
-                               "over, or rerun without `--resume` into a new output") from None
-    saved = state.get("config", {})
-    diff = sorted(k for k, v in cfg.trajectory().items() if saved.get(k) != v)
-    require(not diff, f"`--resume`: the checkpoint in {str(path)!r} was made with other settings ({', '.join(diff)}: "
-                      f"{', '.join(f'{saved.get(k)!r}' for k in diff)}); pass the same options to continue")
-    require(state.get("quant_hash") == qhash,
-            f"`--resume`: the checkpoint in {str(path)!r} was trained on other quantized integers; "
-            "use the same MODEL, `--scheme` and `--method`")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    require(set(params) == set(tensors), f"`--resume`: checkpoint {str(path)!r} does not match the student's layout")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(opt_state)
-    return state
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from, so the log reads as one run."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, resume: bool, progress: bool,
                   overwrite: bool = False, device=None):
     """The student's start integers (a QuantLinear model on the CPU; calibrated and quantized on `device`), its
@@ -314,7 +277,7 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
     if quantized is not None:
         base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
         return base, scheme, qmanifest["method"], None
-    scheme = scheme or named_scheme("w4w2gateup").with_target_head(CPU_HEAD).with_target_block_size(DEFAULT_BLOCK_SIZES)
+    scheme = scheme or default_scheme()
     base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
                                      progress=progress, device=device)
     if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):
@@ -357,9 +320,7 @@ def _lora_student(base, teacher_model, targets, cfg: RecoverConfig, train_ids, d
 
 
 def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
-    from .qat import make_qat_student, param_groups
-
-    from .qat import head_parameters
+    from .qat import head_parameters, make_qat_student, param_groups
 
     require(not cfg.train_head or bool(head_parameters(base)), _TRAIN_HEAD_QUANTIZED)  # a --quantized one's
     base = base.to(dev)
@@ -407,7 +368,7 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
         state = {"step": step, "config": cfg.trajectory(), "quant_hash": loop.qhash, "kl_before": loop.kl_before,
                  "seconds": loop.prior_seconds + time.perf_counter() - loop.t_start}
         if ranks.is_main:  # the state is the same on every rank: rank 0 writes it
-            _write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
+            write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
 
     student.train()
     with open(loop.metrics_path, "a") if ranks.is_main else contextlib.nullcontext() as log:
@@ -507,7 +468,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
                 "that folder to start over")
     require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
             f"`--device` must be auto, cpu or cuda[:N], got {device!r}")
-    head = (scheme or named_scheme("w4w2gateup").with_target_head(CPU_HEAD)).resolve("lm_head")
+    head = (scheme or default_scheme()).resolve("lm_head")
     require(not (cfg.train_head and quantized is None and head != "keep"), _TRAIN_HEAD_QUANTIZED)
     if device.startswith("cuda"):
         require(torch.cuda.is_available(), f"`--device {device}`: no CUDA device is visible; use `--device cpu`")
@@ -552,10 +513,10 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     work.mkdir(parents=True, exist_ok=True)
     metrics_path = work / "metrics.jsonl"
     if resume:
-        state = _read_checkpoint(ckpt, student, optimizer, cfg, qhash)
+        state = read_checkpoint(ckpt, student, optimizer, cfg, qhash)
         step, kl_before, prior_seconds = state["step"], state["kl_before"], state["seconds"]
         if ranks.is_main:
-            _trim_metrics(metrics_path, step)
+            trim_metrics(metrics_path, step)
     else:
         step, prior_seconds = 0, 0.0
         if ranks.is_main:

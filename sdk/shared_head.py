@@ -52,7 +52,7 @@ class SharedHeadEmbedding(nn.Module):
 
 def shares(model: nn.Module) -> str | None:
     """None when `model`'s embedding can read its quantized head (tied, head quantized, K a whole number of
-    the head's blocks: exporters/embedding.plan's conditions), else why not."""
+    the head's blocks: what exporters/embedding.py needs), else why not."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, (QuantLinear, FakeQuantLinear)):
         return "the lm_head is not quantized"
@@ -85,12 +85,11 @@ def unshare_quantized_head(model: nn.Module) -> None:
     if shares(model) is None:
         head = model.get_output_embeddings()
         w = (head.dequantized() if isinstance(head, FakeQuantLinear) else head.weight).detach()
-        table = emb.weight
-        plain = nn.Embedding(table.shape[0], table.shape[1], emb.padding_idx, device=table.device, dtype=table.dtype)
-        plain.weight = nn.Parameter(w.to(table.dtype).clone(), requires_grad=False)
-        model.set_input_embeddings(plain)
+        table = nn.Parameter(w.to(emb.weight.dtype).clone(), requires_grad=False)
     elif isinstance(emb, SharedHeadEmbedding):
-        plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device=emb.weight.device,
-                             dtype=emb.weight.dtype)
-        plain.weight = emb.weight
-        model.set_input_embeddings(plain)
+        table = emb.weight
+    else:
+        return
+    plain = nn.Embedding(table.shape[0], table.shape[1], emb.padding_idx, _weight=table.data)  # no new table
+    plain.weight = table
+    model.set_input_embeddings(plain)
