@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     from edge_recover.fetch import eval_text
     from edge_recover.models import load_model
     from edge_recover.pipeline import resolve_model
-    from edge_recover.recovery.distill import RecoverConfig, recover
+    from edge_recover.recovery.distill import RecoverConfig, cpu_layout, recover
     from edge_recover.recovery.evaluation import compare
     from edge_recover.recovery.student import quantize_student
     from edge_recover.scheme import load_scheme
@@ -115,7 +115,8 @@ def main(argv=None) -> dict:
     if args.variant == "w4":
         t = time.perf_counter()
         dev = "cuda" if use_cuda else "cpu"
-        w4, w4_report = quantize_student(lm, load_scheme("w4", block_size=64), args.method, calibration=32,
+        # plain W4 with the head the recovered runs ship (the cpu target's 8-bit one unless a --rule sets it)
+        w4, w4_report = quantize_student(lm, cpu_layout(load_scheme("w4", args.rule, block_size="4:64")), args.method, calibration=32,
                                          progress=False, device=dev)
         result["quantize_seconds"] = time.perf_counter() - t
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)
-    scheme = load_scheme("w4w2gateup", args.rule, block_size=args.block_size)
+    scheme = cpu_layout(load_scheme("w4w2gateup", args.rule, block_size=args.block_size))  # as `recover` builds it
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
                         train_head=args.train_head, lr_head=args.lr_head, block_ap_steps=args.block_ap_steps,

@@ -12,12 +12,16 @@ set -u
 R=/tmp/rm; W=$R/work; mkdir -p $W $R/res
 case "$1" in
 start)
-  shift; first=1
+  shift; sampled=" "
   THREADS=$(( $(nproc) / $# )); [ $THREADS -lt 1 ] && THREADS=1
   for spec in "$@"; do
     tag=${spec%%:*}; rest=${spec#*:}; variant=${rest%% *}; opts=${rest#"$variant"}
-    wait_env=""; [ $first = 0 ] && [ "$variant" != w4 ] && wait_env="BENCH_WAIT_FOR_DATASET=1"
-    [ "$variant" != w4 ] && first=0
+    # the first run of each teacher dataset (its --samples and --seq-len) samples it, later ones wait for its file
+    key="$(echo "$opts" | grep -o -e '--samples [0-9]*' -e '--seq-len [0-9]*' | tr -d ' -' | tr '\n' _)"
+    wait_env=""
+    if [ "$variant" != w4 ]; then
+      case "$sampled" in *" $key "*) wait_env="BENCH_WAIT_FOR_DATASET=1" ;; *) sampled="$sampled$key " ;; esac
+    fi
     echo "$tag" >> $R/tags
     # CPU stages (GPTQ, export, ONNX Runtime scoring) of several runs share the cores: a share each, or they
     # oversubscribe the machine (16 threads x 5 runs stalled GPTQ and the scoring for 25 min in one study)
