@@ -61,6 +61,12 @@ def _quantized(lm, name: str, work: Path, progress: bool):
     return model, path, scheme
 
 
+def _head(scheme) -> str:
+    """The lm_head's format in `scheme`, in words ("float" or e.g. "8-bit b64")."""
+    cfg = scheme.resolve("lm_head")
+    return "float" if isinstance(cfg, str) else cfg.describe()
+
+
 def search(lm, args, dev) -> tuple[dict, list[str]]:
     from edge_recover.recovery.task_eval import TorchLoglikelihood
     from edge_recover.tasks import BIGBENCH_TASKS, resolve_task
@@ -138,13 +144,13 @@ def table(lm, args, dev, suite: list[str]) -> dict:
 
     score("fp", "SmolLM2-135M full precision (the teacher)", lm.model)
     if "W4" not in reuse:
-        w4, _, _ = _quantized(lm, "w4", work, False)
-        score("W4", "GPTQ, 4-bit block 64, lm_head float (unrecovered)", w4)
+        w4, _, w4_scheme = _quantized(lm, "w4", work, False)
+        score("W4", f"GPTQ, 4-bit block 64, lm_head {_head(w4_scheme)} (unrecovered)", w4)
         del w4
     else:
         score("W4", "", None)
     w4w2, w4w2_path, w4w2_scheme = _quantized(lm, "w4w2gateup", work, False)
-    score("W4/W2", "W4/W2-GateUp GPTQ, 4-bit block 64, gate/up 2-bit block 128 (unrecovered)", w4w2)
+    score("W4/W2", f"W4/W2-GateUp GPTQ, 4-bit block 64, gate/up 2-bit block 128, lm_head {_head(w4w2_scheme)} (unrecovered)", w4w2)
     for spec in args.adapter:
         label, path = spec.split("=", 1)
         peft = load_adapter(w4w2, path, lm.source_hash, w4w2_scheme)
