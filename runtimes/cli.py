@@ -119,7 +119,8 @@ def register(app: typer.Typer) -> None:
         new_tokens: int = typer.Option(128, help="tokens decoded per run"),
         repeats: int = typer.Option(3, help="measured runs per package and prompt length (medians reported)"),
         warmup: int = typer.Option(1, help="unmeasured runs per package and prompt length first"),
-        threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+        threads: Optional[str] = typer.Option(None, help="intra-op threads (default: all cores); several, e.g. "
+                                                         "4,8,16: every package once per count, in one run"),
         huge_pages: bool = typer.Option(False, "--huge-pages/--no-huge-pages",
                                         help="weights on transparent huge pages (glibc malloc tunable; Linux)"),
         session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE for every "
@@ -142,10 +143,13 @@ def register(app: typer.Typer) -> None:
         from .profiler import ProfileSettings, profile_packages
 
         check_new_dir(output, overwrite)
+        counts = _ints(threads, "--threads") if threads else []
         settings = ProfileSettings(provider=provider, provider_options=_options(provider_option),
                                    fallback=fallback_cpu, prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
-                                   new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads,
-                                   huge_pages=huge_pages, session_config=_options(session_config, "--session-config"),
+                                   new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                                   threads=counts[0] if len(counts) == 1 else None,
+                                   thread_sweep=tuple(counts) if len(counts) > 1 else (), huge_pages=huge_pages,
+                                   session_config=_options(session_config, "--session-config"),
                                    eval_text=str(eval_text) if eval_text else None, eval_windows=eval_windows,
                                    eval_seq_len=eval_seq_len)
         report = profile_packages([str(p) for p in packages], settings, output, overwrite=overwrite,

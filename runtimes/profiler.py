@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -62,6 +62,7 @@ class ProfileSettings:
     warmup: int = 1
     warmup_tokens: int = 8
     threads: Optional[int] = None
+    thread_sweep: Sequence[int] = ()  # several intra-op thread counts: every package once per count, one run
     seed: int = 0
     bandwidth_mb: int = 512
     huge_pages: bool = False  # workers' malloc asks for transparent huge pages; the probe uses them too
@@ -81,6 +82,9 @@ class ProfileSettings:
         if self.eval_windows < 1 or self.eval_seq_len < 2:
             raise EdgeRecoverError(f"`eval_windows` must be >= 1 and `eval_seq_len` >= 2, got {self.eval_windows} "
                                    f"and {self.eval_seq_len}")
+        if any(int(t) < 1 for t in self.thread_sweep) or (self.thread_sweep and self.threads is not None):
+            raise EdgeRecoverError(f"`thread_sweep` must hold positive thread counts and leaves `threads` unset, got "
+                                   f"{list(self.thread_sweep)} and threads={self.threads}")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise EdgeRecoverError(f"`--eval-text` {str(self.eval_text)!r} is not a file; pass a UTF-8 text file")
 
@@ -97,6 +101,7 @@ class PackageEntry:
     python: str = sys.executable   # interpreter for the worker (genai peers may live in another venv)
     session_config: dict = field(default_factory=dict)  # this entry's ORT session config entries (over the settings')
     tokenizer: Optional[str] = None  # tokenizer.json for `eval_text` (default: the package's; a GGUF has none beside it)
+    threads: Optional[int] = None  # this entry's intra-op threads (over the settings'): a thread sweep's entries
 
 
 @dataclass
@@ -154,7 +159,9 @@ class Worker:
             self.proc.wait()
 
 
-def _entries(packages: Sequence[str | PackageEntry]) -> list[PackageEntry]:
+def _entries(packages: Sequence[str | PackageEntry], thread_sweep: Sequence[int] = ()) -> list[PackageEntry]:
+    """One entry per package, labels made unique; with a thread sweep one per package and thread count,
+    labelled `LABEL@Nt`, the first package's counts first (ratios are against the first entry)."""
     entries = [p if isinstance(p, PackageEntry) else PackageEntry(str(p)) for p in packages]
     if not entries:
         raise EdgeRecoverError("give at least one package folder to profile")
@@ -163,6 +170,8 @@ def _entries(packages: Sequence[str | PackageEntry]) -> list[PackageEntry]:
         base = e.label or Path(e.path).name
         seen[base] = seen.get(base, 0) + 1
         e.label = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    if thread_sweep:
+        entries = [replace(e, label=f"{e.label}@{t}t", threads=int(t)) for e in entries for t in thread_sweep]
     return entries
 
 
@@ -264,7 +273,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
     """
     from .device import device_info, read_bandwidth
 
-    entries = _entries(packages)
+    entries = _entries(packages, settings.thread_sweep)
     if output is not None:  # the plots come last: a missing plotting library must not cost a whole run
         try:
             import matplotlib  # noqa: F401
@@ -280,7 +289,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
                                    f"`--prompt-lengths` or `--new-tokens`")
     windows = ([_eval_windows(e, settings, d["context_length"]) for e, d in zip(entries, described)]
                if settings.eval_text else None)  # refused before anything is measured
-    device = device_info(settings.threads)
+    device = device_info(max(settings.thread_sweep) if settings.thread_sweep else settings.threads)
     log(f"measuring memory read bandwidth ({device['threads_used']} threads)...")
     # A shared machine's bandwidth drifts (neighbours): probe it before the runs and after every repeat
     # round, between the packages' runs, and take the median as the roofline's bandwidth.
@@ -298,7 +307,7 @@ def profile_packages(packages: Sequence[str | PackageEntry], settings: ProfileSe
             config = {**settings.session_config, **e.session_config} if e.engine == "ort" else {}
             context = max(longest, settings.eval_seq_len if settings.eval_text else 0)
             info = w.ask(op="load", package=e.path, engine=e.engine, provider=settings.provider,
-                         options=settings.provider_options, fallback=settings.fallback, threads=settings.threads,
+                         options=settings.provider_options, fallback=settings.fallback, threads=e.threads or settings.threads,
                          session_config=config, context=min(d["context_length"], -(-context // 256) * 256))
             d.update(provider=info["provider"], fell_back=info["fell_back"], fallback_reason=info["reason"],
                      load_s=info["load_s"], session_config=config, threads=info.get("threads"),

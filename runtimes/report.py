@@ -67,26 +67,34 @@ def _opt(value, scale: float, fmt: str) -> str:
     return "-" if value is None else format(value * scale, fmt)
 
 
+def _threads(data: dict) -> str:
+    """How many threads the run used: one count, or a sweep's counts (each package once per count)."""
+    sweep = data["settings"].get("thread_sweep") or ()
+    if sweep:
+        return f"thread sweep {', '.join(map(str, sweep))} (every package once per count; probes with {max(sweep)})"
+    return f"{data['device']['threads_used']} threads used"
+
+
 def render_markdown(data: dict) -> str:
     """report.md: device, packages, and per prompt length a table with ratios against the first package."""
     dev, st = data["device"], data["settings"]
     lines = [f"# Throughput profile ({data['created']})", "",
              f"{dev['cpu_model']}, {dev['physical_cores']} cores ({dev['logical_cores']} logical), "
-             f"{dev['threads_used']} threads used, {dev['memory_gb']} GiB, {dev['os']}; onnxruntime "
+             f"{_threads(data)}, {dev['memory_gb']} GiB, {dev['os']}; onnxruntime "
              f"{dev['onnxruntime']}; measured read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s{_probes(data)}.", "",
              f"Provider `{st['provider']}` (options {st['provider_options'] or 'default'}); prompt lengths "
              f"{', '.join(map(str, st['prompt_lengths']))}; {st['new_tokens']} new tokens; {st['repeats']} "
              f"interleaved repeats (medians), {st['warmup']} warm-up round(s); {_pages(data)}. Ratios are "
              f"against `{data['packages'][0]['label']}`, paired: the median over rounds of the two packages' "
              f"ratio within a round.", "",
-             "| package | scheme | provider | size MB | weights read/token MB | KV cache KB/position | MatMulNBits bits "
-             "| peak RSS MB | parameters M | load s | perplexity |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| package | scheme | provider | threads | size MB | weights read/token MB | KV cache KB/position | "
+             "MatMulNBits bits | peak RSS MB | parameters M | load s | perplexity |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for p in data["packages"]:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in p["matmulnbits_bits"].items()) or "none"
         config = ", ".join(f"{k}={v}" for k, v in (p.get("session_config") or {}).items())
         provider = p.get("provider", "") + (f" ({config})" if config else "")
-        lines.append(f"| {p['label']} | {p['scheme']} | {provider} | {_mb(p['size_bytes'])} | "
+        lines.append(f"| {p['label']} | {p['scheme']} | {provider} | {p.get('threads') or '-'} | {_mb(p['size_bytes'])} | "
                      f"{_mb(p['weight_bytes_per_token'])} | {p.get('kv_bytes_per_position', 0) / 1024:.1f} | {bits} | "
                      f"{_mb(p.get('peak_rss_bytes', 0))} | {_opt(p.get('parameters'), 1e-6, '.1f')} | "
                      f"{_opt(p.get('load_s'), 1, '.2f')} | {_opt((p.get('perplexity') or {}).get('perplexity'), 1, '.2f')} |")

@@ -214,3 +214,27 @@ def test_cli_profile(tiny_package, tmp_path):
                            str(tiny_package), "--prompt-lengths", "8,x", "-o", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
+
+
+def test_cli_profile_thread_sweep(tiny_package, tmp_path):
+    """`--threads 1,2`: every package once per thread count in one interleaved run, labelled and recorded per row."""
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
+                           str(tiny_package), "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1",
+                           "--threads", "1,2", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "report.json").read_text())
+    name = tiny_package.name
+    assert [(p["label"], p["threads"]) for p in data["packages"]] == [(f"{name}@1t", 1), (f"{name}@2t", 2)]
+    assert data["settings"]["thread_sweep"] == [1, 2] and data["device"]["threads_used"] == 2
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert sorted((r["package"], r["n_threads"]) for r in rows) == [(f"{name}@1t", "1"), (f"{name}@2t", "2")]
+    assert "thread sweep 1, 2" in (out / "report.md").read_text()
+    proc = subprocess.run([sys.executable, "-c", "from edge_recover.cli import main; main()", "profile",
+                           str(tiny_package), "--threads", "0,2", "-o", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "positive integers" in proc.stderr and not (tmp_path / "bad").exists()
