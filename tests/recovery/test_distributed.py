@@ -22,8 +22,10 @@ from tests.fixtures.cli import run_cli
 # 48 rows: 4 held out, 44 train -> 5 optimizer steps of 8 rows (4 per rank); the teacher samples 6 batches of 8
 ARGS = ["--samples", "48", "--seq-len", "32", "--batch-size", "8", "--epochs", "1", "--calibration", "4",
         "--gen-batch-size", "8", "--device", "cpu", "--checkpoint-every", "2"]
-# LoRA on a float head: with the cpu default's 8-bit head the two schedules' adapters differed by 8e-5 (below
-# 1e-5 with the float head; the cause not yet found); qat keeps the default head and meets TOL
+# LoRA on a float head: with the cpu default's 8-bit head the two schedules' adapters differed by up to 8e-5
+# (below 1e-5 with the float head). They agree within 2.1e-7 after one step, so the gradients match; after five a
+# few of 28,672 elements drift to ~1e-5 (Adam's normalised steps amplifying reduction-order noise). qat keeps the
+# default head and meets TOL
 LORA_ARGS = ["--rule", "lm_head=keep"]
 TOL = 1e-5
 
