@@ -39,39 +39,41 @@ SHAPE = (2048, 6144)  # K, N of gate/up; down is the reverse
 CONFIGS = [(4, 64, 4, 64), (4, 128, 4, 128), (2, 64, 4, 64), (2, 128, 4, 64), (2, 128, 4, 128), (2, 128, 2, 128)]
 
 
-def _model(pairs: int, config: tuple[int, int, int, int], rng: np.random.Generator) -> tuple[bytes, int]:
-    """A chain X -> (2048 -> 6144 -> 2048) x `pairs`, every layer with its own random codes."""
-    nodes, inits, nbytes, x = [], [], 0, "A"
-    for i in range(2 * pairs):
-        k, n = SHAPE if i % 2 == 0 else SHAPE[::-1]
-        bits, block = config[:2] if i % 2 == 0 else config[2:]
-        nb = -(-k // block)
-        b = rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8)
-        scales = rng.uniform(0.001, 0.01, n * nb).astype(np.float32)
-        zp = rng.integers(0, 256, (n, -(-nb * bits // 8)), dtype=np.uint8)
-        inits += [numpy_helper.from_array(t, f"{name}{i}") for t, name in ((b, "B"), (scales, "S"), (zp, "Z"))]
-        nodes.append(helper.make_node("MatMulNBits", [x, f"B{i}", f"S{i}", f"Z{i}"], [f"Y{i}"], domain=MS, K=k, N=n,
-                                      bits=bits, block_size=block, accuracy_level=4))
-        nbytes += b.nbytes + scales.nbytes + zp.nbytes
-        x = f"Y{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, SHAPE[0]])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, SHAPE[0]])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
-    m.ir_version = 10
-    return m.SerializeToString(), nbytes
-
-
-# (gate/up bits, gate/up block, stacked into one node, gate/up accuracy level); down is 4-bit block 64, level 4
-MLP_CONFIGS = [(4, 64, False, 4), (4, 64, True, 4), (2, 128, False, 4), (2, 128, True, 4), (2, 64, False, 4),
-               (2, 64, True, 4)]
-
-
 def _weights(k: int, n: int, bits: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Random MatMulNBits B, scales and zero points of a K x N layer."""
     nb = -(-k // block)
     return (rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8),
             rng.uniform(0.001, 0.01, n * nb).astype(np.float32),
             rng.integers(0, 256, (n, -(-nb * bits // 8)), dtype=np.uint8))
+
+
+def _serialized(nodes: list, inits: list, name: str, width: int, last: str, opset: int) -> bytes:
+    """The model bytes of a chain of `nodes` from input "A" [1, width] to `last` [1, width]."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, width])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+def _model(pairs: int, config: tuple[int, int, int, int], rng: np.random.Generator) -> tuple[bytes, int]:
+    """A chain X -> (2048 -> 6144 -> 2048) x `pairs`, every layer with its own random codes."""
+    nodes, inits, nbytes, x = [], [], 0, "A"
+    for i in range(2 * pairs):
+        k, n = SHAPE if i % 2 == 0 else SHAPE[::-1]
+        bits, block = config[:2] if i % 2 == 0 else config[2:]
+        ts = _weights(k, n, bits, block, rng)
+        inits += [numpy_helper.from_array(t, f"{name}{i}") for t, name in zip(ts, ("B", "S", "Z"))]
+        nodes.append(helper.make_node("MatMulNBits", [x, f"B{i}", f"S{i}", f"Z{i}"], [f"Y{i}"], domain=MS, K=k, N=n,
+                                      bits=bits, block_size=block, accuracy_level=4))
+        nbytes += sum(t.nbytes for t in ts)
+        x = f"Y{i}"
+    return _serialized(nodes, inits, "chain", SHAPE[0], x, 17), nbytes
+
+
+# (gate/up bits, gate/up block, stacked into one node, gate/up accuracy level); down is 4-bit block 64, level 4
+MLP_CONFIGS = [(4, 64, False, 4), (4, 64, True, 4), (2, 128, False, 4), (2, 128, True, 4), (2, 64, False, 4),
+               (2, 64, True, 4)]
 
 
 def _mlp_model(layers: int, config: tuple[int, int, bool, int], rng: np.random.Generator) -> tuple[bytes, int]:
@@ -98,11 +100,7 @@ def _mlp_model(layers: int, config: tuple[int, int, bool, int], rng: np.random.G
         nodes.append(helper.make_node("Mul", [f"G{i}", f"U{i}"], [f"H{i}"]))
         matmul(f"d{i}", f"H{i}", f"Y{i}", n, k, 4, 64, 4)
         x = f"Y{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, k])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
-    m.ir_version = 10
-    return m.SerializeToString(), nbytes
+    return _serialized(nodes, inits, "mlp", k, x, 18), nbytes  # opset 18: Split's num_outputs
 
 
 def _time(cases: list[dict], rounds: int, calls: int, width: int, seed: int = 1) -> None:
