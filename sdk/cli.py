@@ -72,6 +72,21 @@ def quantize(
 
 
 @app.command()
+def rotate(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file, or `smollm2` for the default model"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder for the rotated full-precision model"),
+    seed: int = typer.Option(0, help="seed of the random orthogonal rotation"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+) -> None:
+    """Rotate the residual stream (norms folded): the same model, easier to quantize; then quantize or recover it."""
+    from .rotation import rotate_to_folder
+
+    info = rotate_to_folder(model, output, seed=seed, overwrite=overwrite)
+    typer.echo(f"rotated the residual stream ({info.hidden_size} x {info.hidden_size}, seed {info.seed}"
+               f"{'; head untied from the embedding' if info.untied_head else ''}); wrote {output}")
+
+
+@app.command()
 def verify(package: Path = typer.Argument(..., help="package folder written by `edge-recover export`")) -> None:
     """Check a package: every file's size and sha256 against the manifest, and the graph's MatMulNBits
     nodes against its layers (bits, block size, shape). A bad file is one line naming it, exit 2."""

@@ -1,0 +1,35 @@
+"""`edge-recover rotate` as docs/quantization.md shows it, and the rotated folder through quantize and export."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from edge_recover.models import load_model
+from edge_recover.rotation import ROTATION_FILE
+from tests.cli.conftest import cli, ok, one_line_error
+
+
+def test_rotate_cli_then_quantize_and_export(hf, work):
+    """`edge-recover rotate HF -o R` (docs/quantization.md), then R goes through quantize and export as any
+    model does: the package's exact graph matches torch (export's own parity check) and the logits of the
+    rotated folder equal the original's."""
+    out = work / "rotated"
+    r = ok("rotate", hf, "-o", out, "--seed", "2")
+    assert f"wrote {out}" in r.stdout and "untied" in r.stdout
+    record = json.loads((out / ROTATION_FILE).read_text())
+    assert record["seed"] == 2 and record["hidden_size"] == 64 and record["source_hash"].startswith("sha256:")
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        a = load_model(hf).model.float()(input_ids=ids).logits
+        b = load_model(out).model.float()(input_ids=ids).logits
+    torch.testing.assert_close(b, a, atol=2e-5 * a.abs().max().item(), rtol=0)
+    one_line_error(cli("rotate", hf, "-o", out), "already exists")
+    q = work / "rotated-q"
+    ok("quantize", out, "-o", q, "--method", "rtn", "--calibration", "0", "--block-size", "16")
+    one_line_error(cli("rotate", q, "-o", work / "rotated-again"), "quantized checkpoint")
+    assert not (work / "rotated-again").exists()
+    pkg = work / "rotated-pkg"
+    r = ok("export", q, "--target", "cpu", "-o", pkg)
+    assert (pkg / "model.onnx").is_file()
