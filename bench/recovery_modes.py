@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    dataset = work / f"dataset-{args.samples}-{args.seq_len}-s0.safetensors"
+    teacher = "" if args.model in ("smollm2", os.environ.get("SMOLLM2_GGUF")) else f"-{Path(args.model).name}"
+    dataset = work / f"dataset{teacher}-{args.samples}-{args.seq_len}-s0.safetensors"  # one per teacher
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)

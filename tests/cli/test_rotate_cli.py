@@ -26,6 +26,8 @@ def test_rotate_cli_then_quantize_and_export(hf, work):
         b = load_model(out).model.float()(input_ids=ids).logits
     torch.testing.assert_close(b, a, atol=2e-5 * a.abs().max().item(), rtol=0)
     one_line_error(cli("rotate", hf, "-o", out), "already exists")
+    ok("rotate", hf, "-o", out, "--overwrite")  # the default seed 0 replaces the seed-2 folder
+    assert json.loads((out / ROTATION_FILE).read_text())["seed"] == 0
     q = work / "rotated-q"
     ok("quantize", out, "-o", q, "--method", "rtn", "--calibration", "0", "--block-size", "16")
     one_line_error(cli("rotate", q, "-o", work / "rotated-again"), "quantized checkpoint")
