@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--prompt-lengths", default="128,512,1024")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--threads", default=None, help="intra-op threads (default: all cores); N,M,...: a thread sweep, "
+                                                    "every package once per count in one interleaved run")
     ap.add_argument("--huge-pages", action="store_true", help="weights and probe on transparent huge pages")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the report folder: docs/results/profile-<model>[-<tag>]")
@@ -154,8 +155,10 @@ def main() -> None:
                                         session_config={"mlas.use_lut_gemm": "1"} if lut else {}))
         if args.build_only:
             continue
+        counts = [int(t) for t in args.threads.split(",")] if args.threads else []
+        threads, sweep = (counts[0], ()) if len(counts) == 1 else (None, tuple(counts))
         settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
-                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=threads, thread_sweep=sweep,
                                    huge_pages=args.huge_pages)
         report = profile_packages(entries, settings, REPO / "docs" / "results" / f"profile-{model}{'-' + args.tag if args.tag else ''}",
                                   overwrite=True,

@@ -18,7 +18,7 @@ pack)  # here: build the carry folders from out/bench/packages
     (cd "$PKGS/qwen3-1.7b-shape-$v" && cp $(ls | grep -v -e '^model.onnx.data$' -e '^tokenizer.json$') \
       "$OLDPWD/.carryP/graphs/qwen3-1.7b-shape-$v/")
   done
-  cp "$PKGS/qwen3-1.7b-shape-w4/tokenizer.json" .carryP/
+  cp "$PKGS/qwen3-1.7b-shape-$2/tokenizer.json" .carryP/  # the same file in every package (one HF folder)
   du -sh .carryP ;;
 setup)  # into the machine's own Python: the profiler's workers run isolated (python -I), blind to PYTHONPATH
   mkdir -p /tmp/pk
