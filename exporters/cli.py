@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
         kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, float16 or int8 (fused graphs; "
                                                      "a half / a quarter of the cache reads at long contexts)"),
         share_embedding: bool = typer.Option(True, "--share-embedding/--float-embedding",
-                                             help="a tied embedding reads the quantized lm_head's integers "
-                                                  "(default) or keeps a float32 table"),
+                                             help="a tied embedding reads the quantized lm_head's integers, an "
+                                                  "untied one its own 8-bit table (default), or keeps a float32 table"),
         pack_qkv: bool = typer.Option(True, "--pack-qkv/--no-pack-qkv",
                                       help="fused graphs: q/k/v as one MatMulNBits read packed by the attention "
                                            "(default; bit-identical, fewer kernel calls per token) or three nodes"),

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge_recover.packing import unpack_zero_points
+from edge_recover.packing import pack_codes, unpack_zero_points
+from edge_recover.quantizer import QuantizedWeight
 
 from .matmulnbits import MS_DOMAIN
 from .rewrite import RewrittenLayer, drop_unused_initializers
@@ -49,18 +50,44 @@ def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_point
 
     `zero_points` are the head's unpacked zero points [V, k_blocks] (uint8). Returns a line for the manifest.
     """
-    g = graph.graph
-    old, table, out = _embedding_gather(g)
-    inits = {i.name: i for i in g.initializer}
+    inits = {i.name: i for i in graph.graph.initializer}
     n, k = head.shape
     scales = numpy_helper.to_array(inits[f"{HEAD}.scales"]).reshape(n, -1, 1)
     bits, block = head.storage_bits, head.block_size
-    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(scales), f"{HEAD}.embed_scales"),
-                          numpy_helper.from_array(zero_points.astype(np.uint8)[:, :, None], f"{HEAD}.embed_zeros"),
+    table = _gather_block_quantized(graph, f"{HEAD}.qweight", scales, zero_points, bits, block, k, HEAD)
+    return (f"embedding from the lm_head's {bits}-bit integers (GatherBlockQuantized, block {block})"
+            + ("" if table else "; float table still used elsewhere"))
+
+
+#   input_ids ─► GatherBlockQuantized(embed_tokens.qweight [V, k_blocks, blob], its scales, its zero points)
+#             ─► Reshape [.., K] ─► layer 0
+def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight) -> str:
+    """Replace an untied embedding's float Gather in `graph` by GatherBlockQuantized over its own table's integers
+    `qw` (`shared_head.table_quantization`; in place). Returns a line for the manifest."""
+    cfg = qw.config
+    v, k = qw.shape
+    name = "model.embed_tokens"
+    b = pack_codes(qw.codes.cpu().numpy(), cfg.bits, cfg.block_size)
+    graph.graph.initializer.append(numpy_helper.from_array(b, f"{name}.qweight"))
+    scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
+    table = _gather_block_quantized(graph, f"{name}.qweight", scales, qw.zero_points.cpu().numpy(), cfg.bits,
+                                    cfg.block_size, k, name)
+    return (f"embedding from its own {cfg.bits}-bit table (GatherBlockQuantized, block {cfg.block_size})"
+            + ("" if table else "; float table still used elsewhere"))
+
+
+def _gather_block_quantized(graph: onnx.ModelProto, data: str, scales: np.ndarray, zero_points: np.ndarray,
+                            bits: int, block: int, k: int, prefix: str) -> bool:
+    """The Gather (+ Transpose) that reads input_ids replaced by GatherBlockQuantized over the initializer `data`;
+    True when the float table it read is gone from the graph."""
+    g = graph.graph
+    old, table, out = _embedding_gather(g)
+    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(scales), f"{prefix}.embed_scales"),
+                          numpy_helper.from_array(zero_points.astype(np.uint8)[:, :, None], f"{prefix}.embed_zeros"),
                           numpy_helper.from_array(np.array([0, 0, k], np.int64), "/model/embed_tokens/shape")])
     p = "/model/embed_tokens"
-    new = [helper.make_node("GatherBlockQuantized", [f"{HEAD}.qweight", "input_ids", f"{HEAD}.embed_scales",
-                                                     f"{HEAD}.embed_zeros"], [f"{p}/blocks"],
+    new = [helper.make_node("GatherBlockQuantized", [data, "input_ids", f"{prefix}.embed_scales",
+                                                     f"{prefix}.embed_zeros"], [f"{p}/blocks"],
                             name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                             block_size=block, bits=bits),
            helper.make_node("Reshape", [f"{p}/blocks", f"{p}/shape"], [out], name=f"{p}/Reshape")]
@@ -69,9 +96,7 @@ def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_point
     del g.node[:]
     g.node.extend(kept[:at] + new + kept[at:])
     drop_unused_initializers(graph)
-    gone = table not in {i.name for i in g.initializer}
-    return (f"embedding from the lm_head's {bits}-bit integers (GatherBlockQuantized, block {block})"
-            + ("" if gone else f"; float table {table} still used elsewhere"))
+    return table not in {i.name for i in g.initializer}
 
 
 def head_zero_points(graph: onnx.ModelProto, head: RewrittenLayer) -> np.ndarray:

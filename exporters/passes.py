@@ -59,7 +59,7 @@ class ExportOptions:
     quantize a full-precision model (a quantized one keeps its integers); `fuse` None: as the target says;
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
-    integers; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
+    integers, an untied one (with a quantized head) its own 8-bit table's; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
     merge, `adapter_name`, and for merge `merge_method`, `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
     (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
@@ -136,7 +136,8 @@ class ExportState:
     placeholders: Any = None
     rewritten: dict = field(default_factory=dict)  # layer -> rewrite.RewrittenLayer
     fusions: list[str] = field(default_factory=list)
-    share_embedding: bool = False
+    share_embedding: bool = False  # the embedding reads integers: the head's (tied) or its own table's (untied)
+    tied: bool = False
     why_float: str | None = None
     static: Any = None  # the resolved StaticOptions (qnn)
     folder: Path | None = None  # the package folder being written (inside atomic_dir)
@@ -287,18 +288,23 @@ def fusions(state: ExportState, options: ExportOptions) -> ExportState:
 
 
 def embedding(state: ExportState, options: ExportOptions) -> ExportState:
-    """A tied embedding reads the quantized lm_head's integers instead of a float table, when it can."""
-    from edge_recover.shared_head import shares
+    """A tied embedding reads the quantized lm_head's integers instead of a float table, an untied one its own
+    8-bit table's (sdk/shared_head.py), when it can."""
+    from edge_recover.shared_head import quantizes_table, shares, table_quantization
 
     from . import embedding as emb
 
+    model = state.lm.model
+    state.tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state.why_float = ("kept with an adapter" if state.plan is not None else None) or (
         None if options.fused(state.target) else f"target {state.target.name!r} runs unfused graphs") or \
-        shares(state.lm.model)
+        (shares(model) if state.tied else quantizes_table(model))
     state.share_embedding = options.share_embedding and state.why_float is None
-    if state.share_embedding:
+    if state.share_embedding and state.tied:
         head = state.rewritten[emb.HEAD]
         state.fusions.append(emb.share_head_integers(state.graph, head, emb.head_zero_points(state.graph, head)))
+    elif state.share_embedding:
+        state.fusions.append(emb.own_table_integers(state.graph, table_quantization(model)))
     return state
 
 
@@ -343,7 +349,7 @@ def write_graph(state: ExportState, options: ExportOptions) -> ExportState:
         from .rewrite import restore_float_weights
 
         restore_float_weights(state.lm.model)
-    if state.share_embedding:  # torch then computes what the package does: the embedding reads the quantized head
+    if state.share_embedding:  # torch then computes what the package does: the embedding reads the integers
         from edge_recover.shared_head import share_quantized_head
 
         share_quantized_head(state.lm.model)
@@ -446,7 +452,7 @@ def package(state: ExportState, options: ExportOptions) -> ExportState:
             f"not verified on an NPU: target {prof.name} ({prof.provider}) cannot run on this machine and its "
             f"graph keeps dynamic shapes; only the CPU parity above was checked (`--target qnn` is verified "
             f"on the QNN HTP)")
-    manifest["embedding"] = ("lm_head integers" if state.share_embedding else
+    manifest["embedding"] = (("lm_head integers" if state.tied else "own 8-bit table") if state.share_embedding else
                              f"float32 ({state.why_float or 'share_embedding=False'})")
     manifest.update(state.sections.get("adapters", {}))
     write_manifest(state.folder, manifest)

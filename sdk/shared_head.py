@@ -14,6 +14,12 @@ through both of its uses.
 The head is found on every call, so a head swapped later (fake-quantized for training, frozen after) is
 read as it is then.
 
+An untied model (its own embedding table, e.g. after `edge-recover rotate`, or Llama-3-style models) whose head
+is quantized gets `QuantizedTableEmbedding` instead: its table quantized once, 8-bit RTN at the head's block
+size (`table_quantization`, on the CPU, so the student and the exporter compute the same integers from the same
+float table), looked up dequantized. The package stores those integers for com.microsoft GatherBlockQuantized
+(a quarter of the float table) instead of the float table.
+
     >>> share_quantized_head(model)  # doctest: +SKIP
     True
 """
@@ -26,6 +32,10 @@ from torch import nn
 
 from .fakequant import FakeQuantLinear
 from .qlinear import QuantLinear
+from .quantizer import QuantizedWeight, quantize_weight
+from .scheme import QuantConfig
+
+TABLE_BITS = 8  # an untied embedding's own table: near-lossless (the cpu head's 8 bits), a quarter of float32
 
 
 class SharedHeadEmbedding(nn.Module):
@@ -50,6 +60,50 @@ class SharedHeadEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, reads the quantized lm_head"
 
 
+class QuantizedTableEmbedding(nn.Module):
+    """`nn.Embedding`'s lookup in its own table's 8-bit integers, dequantized; `weight` is the float table, kept."""
+
+    def __init__(self, embedding: nn.Embedding, quantized: QuantizedWeight):
+        super().__init__()
+        self.weight = embedding.weight
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.quantized = quantized  # the integers the package stores (not a buffer: the checkpoint keeps `weight`)
+        self.register_buffer("table", quantized.dequantize().to(embedding.weight.device, embedding.weight.dtype),
+                             persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, reads its own {self.quantized.config.describe()} table"
+
+
+def table_quantization(model: nn.Module) -> QuantizedWeight:
+    """The integers of `model`'s untied embedding table: 8-bit RTN at the quantized head's block size, on the CPU.
+
+    Example:
+        >>> qw = table_quantization(untied_model)  # doctest: +SKIP
+    """
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    config = QuantConfig(TABLE_BITS, head.config.block_size)
+    return quantize_weight(emb.weight.detach().float().cpu(), config, "rtn")
+
+
+def quantizes_table(model: nn.Module) -> str | None:
+    """None when `model`'s untied embedding gets its own quantized table (the head quantized, K a whole number
+    of the head's blocks: what exporters/embedding.py needs), else why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, (QuantLinear, FakeQuantLinear)):
+        return "the lm_head is not quantized"
+    if getattr(model.config, "tie_word_embeddings", False):
+        return "the embedding is tied to the lm_head"
+    if head.in_features % head.config.block_size:
+        return f"hidden size {head.in_features} is not a multiple of the head's block size {head.config.block_size}"
+    return None
+
+
 def shares(model: nn.Module) -> str | None:
     """None when `model`'s embedding can read its quantized head (tied, head quantized, K a whole number of
     the head's blocks: what exporters/embedding.py needs), else why not."""
@@ -64,15 +118,20 @@ def shares(model: nn.Module) -> str | None:
 
 
 def share_quantized_head(model: nn.Module) -> bool:
-    """Make `model`'s embedding read its quantized head (in place) when `shares(model)` allows; idempotent.
-    Returns whether the embedding now reads the head."""
+    """Make `model`'s embedding read its quantized head (in place) when `shares(model)` allows, or, untied, its own
+    8-bit table when `quantizes_table(model)` allows; idempotent. Returns whether the embedding is now quantized."""
     emb = model.get_input_embeddings()
-    if isinstance(emb, SharedHeadEmbedding):
+    if isinstance(emb, (SharedHeadEmbedding, QuantizedTableEmbedding)):
         return True
-    if shares(model) is not None or not isinstance(emb, nn.Embedding):
+    if type(emb) is not nn.Embedding:
         return False
-    model.set_input_embeddings(SharedHeadEmbedding(emb, model))
-    return True
+    if shares(model) is None:
+        model.set_input_embeddings(SharedHeadEmbedding(emb, model))
+        return True
+    if quantizes_table(model) is None:
+        model.set_input_embeddings(QuantizedTableEmbedding(emb, table_quantization(model)))
+        return True
+    return False
 
 
 def unshare_quantized_head(model: nn.Module) -> None:
@@ -80,13 +139,13 @@ def unshare_quantized_head(model: nn.Module) -> None:
     head's dequantized weight as its table (a copy): the values the shared embedding reads, so a graph that
     keeps a float table (an unfused target; `--float-embedding`) embeds as the training did, and one that
     shares the head's integers (exporters/embedding.py) replaces this table by them. Any other model keeps
-    its own table."""
+    its own float table (an untied one's 8-bit integers are made again from it: `table_quantization`)."""
     emb = model.get_input_embeddings()
     if shares(model) is None:
         head = model.get_output_embeddings()
         w = (head.dequantized() if isinstance(head, FakeQuantLinear) else head.weight).detach()
         table = nn.Parameter(w.to(emb.weight.dtype).clone(), requires_grad=False)
-    elif isinstance(emb, SharedHeadEmbedding):
+    elif isinstance(emb, (SharedHeadEmbedding, QuantizedTableEmbedding)):  # an own table: the exporter quantizes
         table = emb.weight
     else:
         return

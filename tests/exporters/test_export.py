@@ -15,6 +15,7 @@ from edge_recover.exporters.api import export_package, read_package_manifest
 from edge_recover.exporters.targets import TARGETS
 from edge_recover.exporters.validate import validate
 from edge_recover.packing import unpack_codes, unpack_zero_points
+from edge_recover.pipeline import quantize_loaded
 from edge_recover.scheme import load_scheme
 
 from .conftest import make_loaded
@@ -218,6 +219,43 @@ def test_embedding_stays_float_when_not_tied_or_head_float(tmp_path):
 
     lm = make_loaded("qwen3")
     lm.model.config.tie_word_embeddings = False
-    pkg = export_package(lm, tmp_path / "b", scheme=load_scheme("w4", ["lm_head=8"]), method="rtn", calibration=0)
-    assert read_package_manifest(pkg)["embedding"] == "float32 (the embedding is not tied to the lm_head)"
+    pkg = export_package(lm, tmp_path / "b", scheme=load_scheme("w4", ["lm_head=8"]), method="rtn", calibration=0,
+                         share_embedding=False)
+    assert read_package_manifest(pkg)["embedding"] == "float32 (share_embedding=False)"
     assert not any(n.op_type == "GatherBlockQuantized" for n in onnx.load(str(pkg / "model.onnx")).graph.node)
+
+
+def test_untied_embedding_gets_its_own_8bit_table(tmp_path):
+    """An untied model with a quantized head (e.g. `edge-recover rotate`'s output) embeds from its own table's
+    8-bit integers (GatherBlockQuantized) instead of a float table: a quarter of the bytes, and the package still
+    equals torch, whose embedding reads the same integers (sdk/shared_head.py QuantizedTableEmbedding)."""
+    import torch
+
+    from edge_recover.shared_head import QuantizedTableEmbedding, share_quantized_head, table_quantization
+
+    def untied():
+        lm = make_loaded("qwen3")
+        emb = lm.model.get_input_embeddings()
+        emb.weight = torch.nn.Parameter(emb.weight.detach().clone() + 0.01 * torch.randn_like(emb.weight))
+        lm.model.config.tie_word_embeddings = False
+        return lm
+
+    own = export_package(untied(), tmp_path / "own", scheme=load_scheme("w4", ["lm_head=8"]), method="rtn", calibration=0)
+    flt = export_package(untied(), tmp_path / "float", scheme=load_scheme("w4", ["lm_head=8"]), method="rtn",
+                         calibration=0, share_embedding=False)
+    assert read_package_manifest(own)["embedding"] == "own 8-bit table"
+    nodes = onnx.load(str(own / "model.onnx")).graph.node
+    assert [n.op_type for n in nodes].count("GatherBlockQuantized") == 1 and not any(
+        n.op_type == "Gather" and n.input[1] == "input_ids" for n in nodes)
+    assert (own / "model.onnx.data").stat().st_size < (flt / "model.onnx.data").stat().st_size
+    ex = read_package_manifest(own)["parity"]["exact"]
+    print("own-table parity", ex)
+    assert ex["max_abs_diff"] < 1e-4 * max(1.0, ex.get("logit_scale", 1.0)), ex  # torch embeds from the same integers
+    lm = untied()
+    quantize_loaded(lm, load_scheme("w4", ["lm_head=8"]).with_target_block_size(32), method="rtn", calibration=0,
+                    progress=False)
+    assert share_quantized_head(lm.model) and isinstance(lm.model.get_input_embeddings(), QuantizedTableEmbedding)
+    qw = table_quantization(lm.model)
+    assert qw.config.bits == 8 and qw.config.block_size == 32
+    table = lm.model.get_input_embeddings().table
+    assert torch.equal(table, qw.dequantize()) and not torch.equal(table, lm.model.get_input_embeddings().weight)
