@@ -35,3 +35,19 @@ def test_rotate_cli_then_quantize_and_export(hf, work):
     pkg = work / "rotated-pkg"
     r = ok("export", q, "--target", "cpu", "-o", pkg)
     assert (pkg / "model.onnx").is_file()
+
+
+def test_rotated_model_recovers_and_exports_with_its_own_8bit_table(hf, work):
+    """rotate -> recover (qat, the default mode) -> export: the untied student embeds from its own 8-bit table as
+    the package does (GatherBlockQuantized over the same integers), so the recovered package equals torch."""
+    rot = work / "rotated-for-recover"
+    ok("rotate", hf, "-o", rot)
+    rec = work / "rotated-rec"
+    ok("recover", rot, "-o", rec, "--method", "rtn", "--samples", "16", "--seq-len", "16", "--epochs", "1",
+       "--batch-size", "8", "--block-size", "16", "--rule", "lm_head=8:16", "--device", "cpu")
+    pkg = work / "rotated-rec-pkg"
+    ok("export", rec, "--target", "cpu", "-o", pkg)
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert m["embedding"] == "own 8-bit table"
+    ex = m["parity"]["exact"]
+    assert ex["top1_agreement"] == 1.0 and ex["max_abs_diff"] < 1e-4 * max(1.0, ex["logit_scale"]), ex
