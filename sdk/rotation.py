@@ -74,12 +74,14 @@ def _decoder(model: nn.Module):
             all(hasattr(layer.self_attn, a) for a in (*_READERS, "o_proj")) and \
             all(hasattr(layer.mlp, a) for a in (*_MLP_READERS, "down_proj"))
     arch = type(model).__name__
-    require(ok, f"`--rotate` needs a pre-norm Llama-style decoder (q/k/v/o_proj, gate/up/down_proj, RMSNorms); "
-                f"{arch} is not one; leave rotation off for this model")
+    require(ok, f"`rotate` needs a pre-norm Llama-style decoder (q/k/v/o_proj, gate/up/down_proj, RMSNorms); "
+                f"{arch} is not one; quantize this model without rotating it")
     for norm in (inner.norm, inner.layers[0].input_layernorm):
         name = type(norm).__name__
-        if "RMSNorm" not in name or getattr(norm, "bias", None) is not None:
-            raise EdgeRecoverError(f"`--rotate` needs RMSNorm without bias; {arch} uses {name}; leave rotation off")
+        # Gemma's RMSNorm scales by (1 + weight): folding `weight` alone would change the model
+        if "RMSNorm" not in name or "Gemma" in name or getattr(norm, "bias", None) is not None:
+            raise EdgeRecoverError(f"`rotate` needs an RMSNorm that scales by its weight, without bias; {arch} uses "
+                                   f"{name}; quantize this model without rotating it")
     return inner
 
 
