@@ -59,7 +59,8 @@ class ExportOptions:
     quantize a full-precision model (a quantized one keeps its integers); `fuse` None: as the target says;
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
-    integers, an untied one (with a quantized head) its own 8-bit table's; `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
+    integers, an untied one (with a quantized head) its own 8-bit table's;
+    `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
     merge, `adapter_name`, and for merge `merge_method`, `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
     (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
@@ -288,8 +289,7 @@ def fusions(state: ExportState, options: ExportOptions) -> ExportState:
 
 
 def embedding(state: ExportState, options: ExportOptions) -> ExportState:
-    """A tied embedding reads the quantized lm_head's integers instead of a float table, an untied one its own
-    8-bit table's (sdk/shared_head.py), when it can."""
+    """The embedding reads integers, not a float table, when it can: the quantized head's (tied) or its own 8-bit ones."""
     from edge_recover.shared_head import quantizes_table, shares, table_quantization
 
     from . import embedding as emb
