@@ -123,7 +123,7 @@ def share_quantized_head(model: nn.Module) -> bool:
     emb = model.get_input_embeddings()
     if isinstance(emb, (SharedHeadEmbedding, QuantizedTableEmbedding)):
         return True
-    if type(emb) is not nn.Embedding:
+    if not isinstance(emb, nn.Embedding):
         return False
     if shares(model) is None:
         model.set_input_embeddings(SharedHeadEmbedding(emb, model))
