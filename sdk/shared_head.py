@@ -94,24 +94,23 @@ def table_quantization(model: nn.Module) -> QuantizedWeight:
 def quantizes_table(model: nn.Module) -> str | None:
     """None when `model`'s untied embedding gets its own quantized table (the head quantized, K a whole number
     of the head's blocks: what exporters/embedding.py needs), else why not."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, (QuantLinear, FakeQuantLinear)):
-        return "the lm_head is not quantized"
-    if getattr(model.config, "tie_word_embeddings", False):
-        return "the embedding is tied to the lm_head"
-    if head.in_features % head.config.block_size:
-        return f"hidden size {head.in_features} is not a multiple of the head's block size {head.config.block_size}"
-    return None
+    return _head_reads(model, tied=False)
 
 
 def shares(model: nn.Module) -> str | None:
     """None when `model`'s embedding can read its quantized head (tied, head quantized, K a whole number of
     the head's blocks: what exporters/embedding.py needs), else why not."""
+    return _head_reads(model, tied=True)
+
+
+def _head_reads(model: nn.Module, tied: bool) -> str | None:
+    """Why the embedding cannot read quantized integers laid out like the head's (None: it can), given whether it
+    must be tied to the head (`shares`) or untied (`quantizes_table`)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, (QuantLinear, FakeQuantLinear)):
         return "the lm_head is not quantized"
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return "the embedding is not tied to the lm_head"
+    if bool(getattr(model.config, "tie_word_embeddings", False)) != tied:
+        return "the embedding is not tied to the lm_head" if tied else "the embedding is tied to the lm_head"
     if head.in_features % head.config.block_size:
         return f"hidden size {head.in_features} is not a multiple of the head's block size {head.config.block_size}"
     return None

@@ -249,7 +249,6 @@ def test_untied_embedding_gets_its_own_8bit_table(tmp_path):
         n.op_type == "Gather" and n.input[1] == "input_ids" for n in nodes)
     assert (own / "model.onnx.data").stat().st_size < (flt / "model.onnx.data").stat().st_size
     ex = read_package_manifest(own)["parity"]["exact"]
-    print("own-table parity", ex)
     assert ex["max_abs_diff"] < 1e-4 * max(1.0, ex.get("logit_scale", 1.0)), ex  # torch embeds from the same integers
     lm = untied()
     quantize_loaded(lm, load_scheme("w4", ["lm_head=8"]).with_target_block_size(32), method="rtn", calibration=0,
