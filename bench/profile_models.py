@@ -9,7 +9,9 @@ not depend on the weights' values, only on their shapes and bit widths. Packages
 out/bench/packages (RTN, no calibration: the method changes accuracy, not speed); the onnxruntime-genai
 builder's int4 is added as a peer when .venv-genai (with onnxruntime-genai and its builder) exists.
 Reports go to docs/results/profile-<model>/ (report.json, report.md, plots). All packages of one model are
-profiled in one interleaved run, so their ratios are fair on a shared machine.
+profiled in one interleaved run, so their ratios are fair on a shared machine. A variant's suffix
+`@genai` runs that package by onnxruntime-genai instead of edge-recover's runtime (the same folder: runtime
+against graph), `+lut` turns on ONNX Runtime's table-lookup 2-bit kernel.
 """
 
 from __future__ import annotations
@@ -146,12 +148,14 @@ def main() -> None:
         entries = []
         for label in variants:
             v, lut = label.removesuffix("+lut"), label.endswith("+lut")  # `+lut`: ORT's table-lookup 2-bit kernel
-            if v == "genai-int4" and not GENAI_PY.exists():
-                print("skipping genai-int4: no .venv-genai", file=sys.stderr)
+            v, on_genai = v.removesuffix("@genai"), v.endswith("@genai")  # `@genai`: run by onnxruntime-genai
+            genai = on_genai or v == "genai-int4"
+            if genai and not GENAI_PY.exists():
+                print(f"skipping {label}: no .venv-genai", file=sys.stderr)
                 continue
             path = build(model, v)
-            entries.append(PackageEntry(str(path), label=label, engine="genai" if v == "genai-int4" else "ort",
-                                        python=str(GENAI_PY) if v == "genai-int4" else sys.executable,
+            entries.append(PackageEntry(str(path), label=label, engine="genai" if genai else "ort",
+                                        python=str(GENAI_PY) if genai else sys.executable,
                                         session_config={"mlas.use_lut_gemm": "1"} if lut else {}))
         if args.build_only:
             continue

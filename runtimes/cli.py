@@ -157,6 +157,30 @@ def register(app: typer.Typer) -> None:
         typer.echo(report.summary())
         typer.echo(f"wrote {output}/report.md, report.json, report.csv, report.jsonl and plots")
 
+    @app.command("profile-ops")
+    def profile_ops(
+        package: Path = typer.Argument(..., help="package folder"),
+        output: Path = typer.Option(..., "-o", "--output", help="folder to create (ops.json, ops.md, ops.png)"),
+        prompt_lengths: str = typer.Option("128,512", help="comma-separated prompt lengths in tokens"),
+        new_tokens: int = typer.Option(32, help="decode steps per prompt length (the first is not counted)"),
+        threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+        session_config: List[str] = typer.Option([], help="ONNX Runtime session config entry KEY=VALUE (repeatable)"),
+        overwrite: bool = typer.Option(False, help="replace an existing folder"),
+    ) -> None:
+        """Where decode time goes: ONNX Runtime's profiler, ms per token per kind of node (MatMulNBits by bit
+        width, attention, norms), at each prompt length."""
+        from edge_recover.atomic import check_new_dir
+
+        from .op_times import op_times, render_markdown, write_op_times
+
+        check_new_dir(output, overwrite)
+        data = op_times(package, _ints(prompt_lengths, "--prompt-lengths"), new_tokens, threads,
+                        session_config=_options(session_config, "--session-config"),
+                        log=lambda s: typer.echo(s, err=True))
+        write_op_times(data, output, overwrite)
+        typer.echo(render_markdown(data))
+        typer.echo(f"wrote {output}/ops.json, ops.md and ops.png")
+
     report_app = typer.Typer(no_args_is_help=True, help="Work with profile reports.")
     app.add_typer(report_app, name="report")
 

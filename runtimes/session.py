@@ -152,14 +152,16 @@ class OrtCausalLM:
                  provider_options: Optional[Mapping[str, str]] = None, fallback: bool = False,
                  io_binding: bool = True, adapter: Optional[str] = None,
                  share_buffer: Optional[bool] = None, session_config: Optional[Mapping[str, str]] = None,
-                 prefill_chunk: Optional[int] = PREFILL_CHUNK, last_logits_only: bool = True) -> None:
+                 prefill_chunk: Optional[int] = PREFILL_CHUNK, last_logits_only: bool = True,
+                 profile_prefix: Optional[str] = None) -> None:
         """`share_buffer`: the shared-buffer KV cache (see the module docstring); None turns it on for the fast
         path on the CPU EP when the graph allows it, False keeps the growing cache, True insists.
         `prefill_chunk`: prompt tokens per step in `prefill` on a shared-buffer cache (None: the whole prompt).
         `last_logits_only` (CPU EP): run the lm_head on each step's last position only (`_last_position_graph`);
         False computes the logits of every position, as the package file does.
         `session_config`: ONNX Runtime session config entries over the provider's own, e.g.
-        {"mlas.use_lut_gemm": "1"} (the table-lookup 2-bit kernel; docs/runtime.md says where it pays)."""
+        {"mlas.use_lut_gemm": "1"} (the table-lookup 2-bit kernel; docs/runtime.md says where it pays).
+        `profile_prefix`: ONNX Runtime's profiler on, its JSON written at `end_profiling()` (runtimes/op_times.py)."""
         import onnxruntime as ort
 
         self.package = package if isinstance(package, Package) else open_package(package)
@@ -168,6 +170,10 @@ class OrtCausalLM:
         self.threads = int(threads or os.cpu_count() or 1)
         self.session_config = {**self.choice.spec.session_config, **(session_config or {})}
         so = session_options(self.threads, self.session_config, sequential=self.choice.spec.sequential)
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
+        self.runs = 0  # session runs so far (op_times matches them to the profiler's model_run events)
         model: str | bytes = str(self.package.model_file)
         self.last_logits_only = bool(last_logits_only and self.choice.spec.key == "cpu")
         if self.last_logits_only:
@@ -284,6 +290,7 @@ class OrtCausalLM:
             for name, value in zip(self._kv_in, cache.values):
                 feeds[name] = value if isinstance(value, np.ndarray) else value.numpy()
             out = self.session.run(None, feeds, self.adapter.run_options if self.adapter else None)
+            self.runs += 1
             return out[0][0, -1].copy(), KVCache(out[1:], cache.length + t)
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -299,6 +306,7 @@ class OrtCausalLM:
         for name in self._kv_out:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
+        self.runs += 1
         outs: list[Any] = binding.get_outputs()
         logits = outs[0].numpy()[0, -1].copy()
         return logits, KVCache(list(outs[1:]), cache.length + t)
@@ -327,8 +335,16 @@ class OrtCausalLM:
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output("present." + name[len("past_key_values."):], value)
         self.session.run_with_iobinding(binding)
+        self.runs += 1
         logits = binding.get_outputs()[0].numpy()[0, -1].copy()
         return logits, KVCache(cache.values, cache.length + t, cache.ort)
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (a session made with `profile_prefix`); the path of its JSON."""
+        path = self.session.end_profiling()
+        if not path:
+            raise EdgeRecoverError("this session was made without `profile_prefix`; its profiler is off")
+        return path
 
     def describe(self) -> str:
         """One line: package, provider, options, threads."""

@@ -54,6 +54,24 @@ def test_profile(work, plain_pkg, sidecar_pkg):
     assert (out / "report.md").is_file() and len(data["packages"]) == 2 and "wrote" in r.stdout
 
 
+def test_profile_ops(work, plain_pkg):
+    """`profile-ops PKG --prompt-lengths ... --new-tokens ... --threads ... --session-config ...`: the decode
+    step's time split by kind, the 2-bit and 4-bit kernels apart, summing to the step's wall time."""
+    out = work / "ops"
+    r = ok("profile-ops", plain_pkg, "--prompt-lengths", "8,24", "--new-tokens", "4", "--threads", "1",
+           "--session-config", "mlas.use_lut_gemm=0", "-o", out)
+    data = json.loads((out / "ops.json").read_text())
+    assert [row["prompt_length"] for row in data["rows"]] == [8, 24] and "wrote" in r.stdout
+    for row in data["rows"]:
+        ms = row["ms_per_token"]
+        assert row["decode_steps"] == 3 and ms["MatMulNBits 2-bit"] > 0 and ms["MatMulNBits 4-bit"] > 0
+        assert ms["GroupQueryAttention"] > 0 and abs(sum(ms.values()) - row["ms_per_token_total"]) < 0.01
+    assert (out / "ops.png").stat().st_size > 0 and "| GroupQueryAttention |" in (out / "ops.md").read_text()
+    one_line_error(cli("profile-ops", plain_pkg, "-o", out), "exists")
+    one_line_error(cli("profile-ops", plain_pkg, "--new-tokens", "1", "-o", work / "ops1"), "new_tokens")
+    assert not (work / "ops1").exists()
+
+
 def _damaged(src, dest, how):
     pkg = shutil.copytree(src, dest)
     data = pkg / "model.onnx.data"
