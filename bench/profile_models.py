@@ -89,7 +89,8 @@ def build(model: str, variant: str, root: Path | None = None, method: str = "rtn
     `b32` / `b64` / `b128`: every layer at that block size instead of the target's 64; `2b128`: only the
     2-bit layers at block 128, the others at the target's 64; `kv16` / `kv8`: a float16 / int8 KV cache;
     `femb`: the tied embedding as a float32 table instead of the quantized head's integers;
-    `unfused`: Optimum's attention, no fusions; `nopack`: q/k/v as three MatMulNBits, not packed). `root`: the folder of packages (default PKGS); `method`: the
+    `unfused`: Optimum's attention, no fusions; `nopack`: q/k/v as three MatMulNBits, not packed; `gqascale`:
+    the attention scale left in GroupQueryAttention, as before exporters/attention_scale.py). `root`: the folder of packages (default PKGS); `method`: the
     quantizer (rtn: speed does not depend on it; mse / gptq for accuracy figures, bench/peers.py)."""
     out = (root or PKGS) / f"{model}-{variant}"
     if out.exists():
@@ -121,7 +122,8 @@ def build(model: str, variant: str, root: Path | None = None, method: str = "rtn
                        verify=False,
                        fuse="unfused" not in opts, block_size=blocks[0] if blocks else None,
                        kv_dtype={"kv16": "float16", "kv8": "int8"}.get(next((o for o in opts if o.startswith("kv")), ""), "float32"),
-                       share_embedding="femb" not in opts, pack_qkv="nopack" not in opts)
+                       share_embedding="femb" not in opts, pack_qkv="nopack" not in opts,
+                       unit_attention_scale="gqascale" not in opts)
         del src
     gc.collect()
     return out

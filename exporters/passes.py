@@ -11,6 +11,7 @@ A target's export is two tuples of passes, each `(state, options) -> state` (`Pa
       fusions         GroupQueryAttention, skip norms; float16 KV inside the attention (cpu; fusions.py)
       embedding       a tied embedding reads the quantized head's integers (embedding.py)
       packed qkv      q/k/v in one MatMulNBits, read packed by GroupQueryAttention (cpu; packed_qkv.py)
+      attention scale GroupQueryAttention at scale 1, its 1/sqrt(d) in the query (cpu; attention_scale.py)
       [static preflight]  qnn only: blocks, shapes, SoC, onnxruntime-qnn (qnn.py)
       check graph     the target's validator (validate.py)
     write (inside `atomic_dir`: the package folder appears complete or not at all)
@@ -60,7 +61,8 @@ class ExportOptions:
     `low_memory` None: when the quantized layers' float weights exceed `LOW_MEMORY_BYTES`; `kv_dtype`
     float32 / float16 / int8 (fused graphs); `share_embedding`: a tied embedding reads the quantized head's
     integers, an untied one (with a quantized head) its own 8-bit table's;
-    `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `adapter` (+ `adapter_mode` sidecar /
+    `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `unit_attention_scale`: GroupQueryAttention at
+    scale 1 with the scale in the query (fused graphs; False keeps it in the node, for A/B runs); `adapter` (+ `adapter_mode` sidecar /
     merge, `adapter_name`, and for merge `merge_method`, `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
     (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
@@ -82,6 +84,7 @@ class ExportOptions:
     kv_dtype: str = "float32"
     share_embedding: bool = True
     pack_qkv: bool = True  # fused graphs: q/k/v in one MatMulNBits (packed_qkv.py)
+    unit_attention_scale: bool = True  # fused graphs: the attention scale in the query (attention_scale.py)
     adapter: "str | Path | None" = None
     adapter_mode: str = "sidecar"
     adapter_name: str | None = None
@@ -320,6 +323,17 @@ def packed_qkv(state: ExportState, options: ExportOptions) -> ExportState:
     return state
 
 
+def attention_scale(state: ExportState, options: ExportOptions) -> ExportState:
+    """Fused graphs: GroupQueryAttention at scale 1, the scale in the query (the copy-free decode scores)."""
+    from .attention_scale import unit_attention_scale
+
+    if options.unit_attention_scale and options.fused(state.target):
+        n = unit_attention_scale(state.graph)
+        if n:
+            state.fusions.append(f"attention scale in the query x{n}")
+    return state
+
+
 def static_preflight(state: ExportState, options: ExportOptions) -> ExportState:
     """qnn: refuse blocks, shapes or a SoC the HTP cannot take; resolve the static shapes' defaults."""
     from .qnn import preflight
@@ -505,6 +519,7 @@ class PassList:
 
 DYNAMIC = PassList(
     build=(quantize, adapter_base, optimum_graph, matmulnbits, lora_sidecar, fusions, embedding, packed_qkv,
+           attention_scale,
            check_graph),
     write=(write_graph, hf_files, kv_dtype, adapters, verify, package),
 )

@@ -15,7 +15,7 @@ from edge_recover.exporters.targets import TARGETS, resolve_target
 from .conftest import make_loaded
 
 DYNAMIC = ["quantize", "adapter_base", "optimum_graph", "matmulnbits", "lora_sidecar", "fusions", "embedding",
-           "packed_qkv", "check_graph", "write_graph", "hf_files", "kv_dtype", "adapters", "verify", "package"]
+           "packed_qkv", "attention_scale", "check_graph", "write_graph", "hf_files", "kv_dtype", "adapters", "verify", "package"]
 
 
 def test_each_target_runs_the_documented_pass_list():
@@ -23,7 +23,7 @@ def test_each_target_runs_the_documented_pass_list():
         names = passes.pass_list(prof).names()
         if prof.static_graphs:  # qnn: the static NPU graph is the same list plus its own two passes
             assert name == "qnn"
-            assert names == DYNAMIC[:8] + ["static_preflight", "check_graph"] + DYNAMIC[9:14] + ["static_graphs", "package"]
+            assert names == DYNAMIC[:9] + ["static_preflight", "check_graph"] + DYNAMIC[10:15] + ["static_graphs", "package"]
         else:
             assert names == DYNAMIC, name
     every = {p for pl in (passes.DYNAMIC, passes.STATIC) for p in pl.build + pl.write}
