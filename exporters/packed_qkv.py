@@ -10,13 +10,21 @@ value empty (onnxruntime-genai's builder emits the same layout):
     x ─► k_proj ─┼─► GroupQueryAttention   =>        rows [0, Nq) [Nq, Nq+Nk) [Nq+Nk, N)   (key, value: "")
     x ─► v_proj ─┘
 
+Where q and k pass through per-head norms first (Qwen3's q_norm / k_norm), one Split after the packed node gives
+the three outputs back under their own names, so the norms and the attention read them as before (the builder
+does the same); the activation is still quantized once and the three dispatches are one:
+
+    x ─► qkv_proj ─► Split ─► q ─► q_norm ─┐
+                           ├► k ─► k_norm ─┼─► GroupQueryAttention
+                           └► v ───────────┘
+
 The integers are the layers' own, unchanged: B [N, blocks, bytes], scales [N * blocks] and zero points
 [N, bytes] are row-major in N, so stacking rows is exact and the node computes each output column as the
 layer's node did (tests: logits equal bit for bit). The manifest keeps one record per layer, with the fused
 node's name and the layer's `rows` in it.
 
-Left as three nodes: layers whose q/k/v outputs feed anything else first (Qwen3's per-head norms, a
-float16-KV Cast, a LoRA side-car), or whose nodes differ in bits, block size, accuracy level or input.
+Left as three nodes: layers whose q/k/v outputs feed anything else first (a float16-KV Cast, a LoRA side-car),
+or whose nodes differ in bits, block size, accuracy level or input.
 """
 
 from __future__ import annotations
@@ -31,17 +39,35 @@ from .rewrite import RewrittenLayer, consumer_index, drop_unused_initializers, n
 _SHARED = ("K", "bits", "block_size", "accuracy_level")
 
 
-def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> list[onnx.NodeProto] | None:
-    """The q, k, v MatMulNBits nodes feeding `gqa` directly and only it, sharing input and attributes; else None."""
+def _source(name: str, producers: dict, consumers: dict) -> tuple[onnx.NodeProto | None, bool]:
+    """(the MatMulNBits whose output reaches `name`, read by nothing else; whether through a per-head norm).
+
+    Directly, or through Qwen3's per-head norm (fusions._head_norm): MatMulNBits ─► Reshape ─► SimplifiedLayer-
+    Normalization ─► Reshape ─► `name`."""
+    node, normed = producers.get(name), False
+    if node is not None and node.op_type == "Reshape":
+        norm = producers.get(node.input[0])
+        first = producers.get(norm.input[0]) if norm is not None and norm.op_type == "SimplifiedLayerNormalization" else None
+        if first is None or first.op_type != "Reshape" or any(
+                len(consumers.get(n.output[0], [])) != 1 for n in (norm, first)):
+            return None, False
+        node, normed = producers.get(first.input[0]), True
+    if node is None or node.op_type != "MatMulNBits" or len(node.input) != 4:
+        return None, False
+    return (node, normed) if len(consumers.get(node.output[0], [])) == 1 else (None, False)
+
+
+def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> tuple[list[onnx.NodeProto] | None, bool]:
+    """(the q, k, v MatMulNBits feeding `gqa` only, sharing input and attributes, or None; whether any reaches
+    it through a per-head norm)."""
     if len(gqa.input) < 3 or not all(gqa.input[:3]):
-        return None
-    nodes = [producers.get(name) for name in gqa.input[:3]]
-    if any(n is None or n.op_type != "MatMulNBits" or len(n.input) != 4 for n in nodes):
-        return None
-    if any(len(consumers.get(n.output[0], [])) != 1 for n in nodes) or len({n.input[0] for n in nodes}) != 1:
-        return None
+        return None, False
+    found = [_source(name, producers, consumers) for name in gqa.input[:3]]
+    nodes = [n for n, _ in found]
+    if any(n is None for n in nodes) or len({n.input[0] for n in nodes}) != 1:
+        return None, False
     shared = [tuple(node_attrs(n).get(k) for k in _SHARED) for n in nodes]
-    return nodes if len(set(shared)) == 1 else None
+    return (nodes if len(set(shared)) == 1 else None), any(normed for _, normed in found)
 
 
 def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer]) -> int:
@@ -62,7 +88,7 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
     dropped: set[str] = set()  # k_proj's and v_proj's nodes
     new_inits: list[onnx.TensorProto] = []
     for gqa in (n for n in g.node if n.op_type == "GroupQueryAttention"):
-        nodes = _packable(gqa, producers, consumers)
+        nodes, normed = _packable(gqa, producers, consumers)
         if nodes is None or any(n.name not in by_node for n in nodes):
             continue
         prefix = nodes[0].name.rsplit("/", 2)[0]  # /model/layers.i/self_attn
@@ -74,9 +100,15 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
         packed = helper.make_node("MatMulNBits", [nodes[0].input[0], *names], [f"{prefix}/qkv_proj/output_0"],
                                   name=f"{prefix}/qkv_proj/MatMulNBits", domain=nodes[0].domain, N=sum(sizes),
                                   **{k: a[k] for k in _SHARED})
-        packed_at[nodes[0].name] = packed
+        packed_at[nodes[0].name] = [packed]
         dropped.update(n.name for n in nodes[1:])
-        gqa.input[0], gqa.input[1], gqa.input[2] = packed.output[0], "", ""
+        if normed:  # the norms read q and k apart: Split gives back the three outputs under their own names
+            new_inits.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{prefix}/qkv_proj/split"))
+            packed_at[nodes[0].name].append(helper.make_node(
+                "Split", [packed.output[0], f"{prefix}/qkv_proj/split"], [n.output[0] for n in nodes],
+                name=f"{prefix}/qkv_proj/Split", axis=-1))
+        else:
+            gqa.input[0], gqa.input[1], gqa.input[2] = packed.output[0], "", ""
         start = 0
         for n, size in zip(nodes, sizes):
             layer = by_node[n.name]
@@ -84,7 +116,7 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
             start += size
     if not packed_at:
         return 0
-    ordered = [packed_at.get(n.name, n) for n in g.node if n.name not in dropped]
+    ordered = [m for n in g.node if n.name not in dropped for m in packed_at.get(n.name, [n])]
     del g.node[:]
     g.node.extend(ordered)
     g.initializer.extend(new_inits)

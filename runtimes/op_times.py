@@ -172,7 +172,7 @@ def render_markdown(data: dict) -> str:
 
 
 def _plot(data: dict, path: Path) -> None:
-    """ops.png: one stacked bar per prompt length, ms per decode token by kind."""
+    """ops.png: one stacked bar per prompt length, ms per decode token by kind (kinds under 1 % as one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,12 +180,18 @@ def _plot(data: dict, path: Path) -> None:
 
     rows = data["rows"]
     kinds = list(dict.fromkeys(k for r in rows for k in r["ms_per_token"]))
+    share = {k: max(r["ms_per_token"].get(k, 0.0) / r["ms_per_token_total"] for r in rows) for k in kinds}
+    small = [k for k in kinds if share[k] < 0.01]  # under 1 % everywhere: one bar segment
+    series = [(k, [r["ms_per_token"].get(k, 0.0) for r in rows]) for k in kinds if k not in small]
+    if small:
+        series.append((f"other ({len(small)} kinds)", [sum(r["ms_per_token"].get(k, 0.0) for k in small) for r in rows]))
+    colors = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = np.arange(len(rows))
     bottom = np.zeros(len(rows))
-    for kind in kinds:
-        v = np.array([r["ms_per_token"].get(kind, 0.0) for r in rows])
-        ax.bar(x, v, 0.6, bottom=bottom, label=kind)
+    for i, (kind, values) in enumerate(series):
+        v = np.array(values)
+        ax.bar(x, v, 0.6, bottom=bottom, label=kind, color=colors[(2 * i) % 20 + (i // 10) % 2])
         bottom += v
     ax.set_xticks(x, [f"{r['prompt_length']} tokens" for r in rows])
     ax.set_ylabel("ms per decode token (under the profiler)")

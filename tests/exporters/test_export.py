@@ -44,7 +44,7 @@ def test_package_per_scheme_and_target(tmp_path, arch, scheme, target):
     assert validate(graph, prof, None) == []
     nodes = _mnb_nodes(graph)
     qlayers = quantized_layers(lm.model)
-    packed = target == "cpu" and arch == "llama"  # fused graphs: q/k/v in one node (Qwen3's head norms keep three)
+    packed = target == "cpu"  # fused graphs: q/k/v in one node (Qwen3: then a Split before its head norms)
     head = int(prof.head is not None)  # cpu: the 8-bit head; the other targets keep it float
     assert len(qlayers) == 2 * 7 + head and len(nodes) == 2 * (5 if packed else 7) + head  # q k v o gate up down
     by_name = {n.name: n for n in graph.graph.node}

@@ -17,13 +17,14 @@ from edge_recover.exporters.verify import empty_past, run_step, session
 from .conftest import make_loaded
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pqkv")
-    lm = make_loaded("llama")
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def pair(request, tmp_path_factory):
+    """(packed, plain) packages of one tiny model: Llama's attention reads the packed node, Qwen3's head norms
+    read it through a Split."""
+    root = tmp_path_factory.mktemp(f"pqkv-{request.param}")
     kw = dict(scheme="w4w2gateup", target="cpu", method="rtn", calibration=0)
-    packed = export_package(lm, root / "packed", **kw)
-    plain = export_package(make_loaded("llama"), root / "plain", pack_qkv=False, **kw)  # `--no-pack-qkv`
+    packed = export_package(make_loaded(request.param), root / "packed", **kw)
+    plain = export_package(make_loaded(request.param), root / "plain", pack_qkv=False, **kw)  # `--no-pack-qkv`
     return packed, plain
 
 
@@ -31,6 +32,9 @@ def test_packed_graph_equals_the_three_node_graph_bit_for_bit(pair):
     packed, plain = pair
     ops = lambda p: [n.op_type for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
     assert ops(packed).count("MatMulNBits") == ops(plain).count("MatMulNBits") - 2 * 2  # 2 layers: 3 nodes -> 1
+    names = [n.name for n in onnx.load(str(plain / "model.onnx"), load_external_data=False).graph.node]
+    normed = any("/q_norm/" in n for n in names)  # Qwen3's per-head norms
+    assert ops(packed).count("Split") == ops(plain).count("Split") + (2 if normed else 0)
     assert "packed QKV MatMulNBits x2" in read_package_manifest(packed)["fusions"]
     ids = np.random.default_rng(0).integers(1, 200, (1, 9))
     outs = []
