@@ -53,10 +53,14 @@ INSTALL = {
                  "llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz` and set "
                  "EDGE_RECOVER_PEERS_LLAMA_SRC=llama_cpp_python-0.3.36/vendor/llama.cpp",
 }
+# where llama.cpp's converter cannot run (an offline machine whose transformers it does not know): the F32 GGUF
+# by llama.cpp's own dequantization of the model's GGUF (SmolLM2: the Q4_1 that edge-recover's fp weights are
+# dequantized from, so the same weights)
+SOURCE_GGUF = os.environ.get("EDGE_RECOVER_PEERS_SOURCE_GGUF")
 QUANTIZE = r"""
 import ctypes, sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype, p.nthread = int(sys.argv[3]), 2
+p.ftype, p.nthread, p.allow_requantize = int(sys.argv[3]), 2, len(sys.argv) > 4
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
 sys.exit(rc)
 """
@@ -75,8 +79,11 @@ def f32_gguf(hf: Path) -> Path:
         src = Path(LLAMA_SRC)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        subprocess.run(["nice", CONVERT_PY, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(tmp),
-                        "--outtype", "f32"], check=True, env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+        if SOURCE_GGUF:  # LLAMA_FTYPE_ALL_F32 = 0, requantizing allowed
+            subprocess.run(["nice", LLAMA_PY, "-c", QUANTIZE, SOURCE_GGUF, str(tmp), "0", "requantize"], check=True)
+        else:
+            subprocess.run(["nice", CONVERT_PY, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(tmp),
+                            "--outtype", "f32"], check=True, env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
         tmp.rename(out)
     return out
 
