@@ -32,6 +32,10 @@ run)  # after `. bench/gpu/env.sh` (PYTHONPATH=/tmp/site, the cache, the GGUF) a
     --target /tmp/site-genai /tmp/carry/whl/onnx_ir-*.whl /tmp/carry/whl/onnxscript-*.whl /tmp/carry/whl/ml_dtypes-*.whl
   printf '#!/bin/sh\nPYTHONPATH=/tmp/site-genai exec %s "$@"\n' "$(command -v python3)" > /tmp/genai-python
   chmod +x /tmp/genai-python && export EDGE_RECOVER_BENCH_GENAI_PYTHON=/tmp/genai-python
+  # the profiler's workers run `python -I` (blind to PYTHONPATH): edge-recover and llama_cpp in that Python's own site
+  PYTHONPATH= python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade . \
+    /tmp/carry/whl/diskcache-*.whl >/dev/null
+  cp -r /tmp/carry/llama/llama_cpp "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/
   hf="$EDGE_RECOVER_CACHE/smollm2-135m"
   if [ ! -f "$hf/config.json" ]; then  # what `edge-recover fetch smollm2` makes, from the carried GGUF (no PyPI here)
     python3 -c "import sys; from edge_recover.models import load_model; lm = load_model(sys.argv[1]); \
