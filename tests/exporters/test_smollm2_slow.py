@@ -24,8 +24,10 @@ def test_smollm2_package_perplexity_matches_torch(tmp_path):
     ppl_torch = evaluate(lm.model, windows, progress=False).perplexity
     ppl_ort, tokens = ort_perplexity(pkg / "model.onnx", windows.numpy())
     assert tokens == 4 * 255
-    # the shipped graph (accuracy_level 4: int8 activations) drifts by noise: measured -0.13 % (8 windows), +0.59 % (4)
-    assert abs(ppl_ort / ppl_torch - 1) < 0.01, (ppl_ort, ppl_torch)
+    # the shipped graph (accuracy_level 4: int8 activations) drifts by noise, and the noise depends on the CPU's int8
+    # kernels: measured -0.13 % (8 windows) and +0.59 % (4) on an AMD EPYC, +1.17 % (4) on an Intel Xeon; the exact
+    # graph below is the tight check
+    assert abs(ppl_ort / ppl_torch - 1) < 0.02, (ppl_ort, ppl_torch)
     (tmp_path / "exact").mkdir()
     ppl_exact, _ = ort_perplexity(with_accuracy_level(pkg / "model.onnx", 0, tmp_path / "exact"), windows.numpy())
     assert abs(ppl_exact / ppl_torch - 1) < 1e-4, (ppl_exact, ppl_torch)  # fp32 dequantization: the same function
