@@ -22,20 +22,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .fusions import match_head_norm
 from .rewrite import consumer_index, producer_index
 
 
 def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
     return next((a for a in node.attribute if a.name == name), None)
-
-
-def _norm_weight(query: str, producers: dict) -> str | None:
-    """The weight input of the per-head norm that makes `query` (Reshape <- SimplifiedLayerNormalization), if any."""
-    reshape = producers.get(query)
-    if reshape is None or reshape.op_type != "Reshape":
-        return None
-    norm = producers.get(reshape.input[0])
-    return norm.input[1] if norm is not None and norm.op_type == "SimplifiedLayerNormalization" else None
 
 
 def unit_attention_scale(graph_model: onnx.ModelProto) -> int:
@@ -57,7 +49,8 @@ def unit_attention_scale(graph_model: onnx.ModelProto) -> int:
         if s in (0.0, 1.0):  # 1 already, or 0 / absent (1/sqrt(head_dim), which our fusion never writes): as is
             continue
         query = node.input[0]
-        weight = _norm_weight(query, producers)
+        matched = match_head_norm(query, producers)
+        weight = matched[0].input[1] if matched else None
         if weight not in inits or len(consumers.get(weight, [])) != 1 or len(consumers.get(query, [])) != 1:
             continue  # no per-head norm of its own before the attention: the scale stays in the node
         w = numpy_helper.to_array(inits[weight])

@@ -136,6 +136,15 @@ def _head_norm(x: str, weight: str, heads: int, dim: int, eps: float, prefix: st
     return nodes, inits, f"{prefix}/output_0"
 
 
+def match_head_norm(name: str, producers: dict) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """(the SimplifiedLayerNormalization, its first Reshape) when `name` is the output of a per-head norm as
+    `_head_norm` builds it (x ─► Reshape ─► SimplifiedLayerNormalization ─► Reshape ─► `name`), else None."""
+    last = producers.get(name)
+    norm = producers.get(last.input[0]) if last is not None and last.op_type == "Reshape" else None
+    first = producers.get(norm.input[0]) if norm is not None and norm.op_type == "SimplifiedLayerNormalization" else None
+    return (norm, first) if first is not None and first.op_type == "Reshape" else None
+
+
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 GRAPH_KV_DTYPES = ("float32", "float16")  # what fuse_attention builds; int8 follows calibration (kv_cache.py)
 

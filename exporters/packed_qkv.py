@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .fusions import match_head_norm
 from .rewrite import RewrittenLayer, consumer_index, drop_unused_initializers, node_attrs, producer_index
 
 # the attributes the three nodes must share (N differs: it is summed)
@@ -46,12 +47,10 @@ def _source(name: str, producers: dict, consumers: dict) -> tuple[onnx.NodeProto
     Normalization ─► Reshape ─► `name`."""
     node, normed = producers.get(name), False
     if node is not None and node.op_type == "Reshape":
-        norm = producers.get(node.input[0])
-        first = producers.get(norm.input[0]) if norm is not None and norm.op_type == "SimplifiedLayerNormalization" else None
-        if first is None or first.op_type != "Reshape" or any(
-                len(consumers.get(n.output[0], [])) != 1 for n in (norm, first)):
+        matched = match_head_norm(name, producers)
+        if matched is None or any(len(consumers.get(n.output[0], [])) != 1 for n in matched):
             return None, False
-        node, normed = producers.get(first.input[0]), True
+        node, normed = producers.get(matched[1].input[0]), True
     if node is None or node.op_type != "MatMulNBits" or len(node.input) != 4:
         return None, False
     return (node, normed) if len(consumers.get(node.output[0], [])) == 1 else (None, False)

@@ -235,9 +235,9 @@ class OrtCausalLM:
         self.prefill_chunk = prefill_chunk
         self._shared_binding: Optional[tuple] = None  # (buffers + adapter ids, IOBinding, OrtValues, adapter): _step_shared
         self._logits_buf: Optional[np.ndarray] = None  # shared path + last-position head: logits written in place
-        logits_type = next(o for o in self.session.get_outputs() if o.name == "logits")
-        if self.share_buffer and self.last_logits_only and logits_type.type == "tensor(float)" and \
-                isinstance(logits_type.shape[-1], int):
+        logits_type = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if self.share_buffer and self.last_logits_only and logits_type is not None and \
+                logits_type.type == "tensor(float)" and isinstance(logits_type.shape[-1], int):
             self._logits_buf = np.zeros((1, 1, logits_type.shape[-1]), np.float32)
             self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits_buf)  # shares the buffer's memory
         self.adapter = None
@@ -357,10 +357,9 @@ class OrtCausalLM:
             binding.bind_output("logits", "cpu")  # again: a bound output keeps its first run's shape (stays output 0)
         self.session.run_with_iobinding(binding)
         self.runs += 1
-        if self._logits_buf is not None:  # read in place: no wrapper per output (61 on SmolLM2) per step
-            return self._logits_buf[0, -1].copy(), KVCache(cache.values, cache.length + t, cache.ort)
-        logits = binding.get_outputs()[0].numpy()[0, -1].copy()
-        return logits, KVCache(cache.values, cache.length + t, cache.ort)
+        # the bound buffer is read in place: no wrapper per output (61 on SmolLM2) per step
+        out = self._logits_buf if self._logits_buf is not None else binding.get_outputs()[0].numpy()
+        return out[0, -1].copy(), KVCache(cache.values, cache.length + t, cache.ort)
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (a session made with `profile_prefix`); the path of its JSON."""
