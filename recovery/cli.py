@@ -34,6 +34,9 @@ def recover_cmd(
     samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
     seq_len: int = typer.Option(256, help="tokens per synthetic sequence"),
     gen_batch_size: int = typer.Option(512, help="sequences the teacher samples at once"),
+    chat_share: float = typer.Option(0.0, help="share of the teacher's rows that start from its chat template's user "
+                                               "turn (self-instruct: it writes a request and answers it); 0: every row "
+                                               "starts from a random token"),
     rank: int = typer.Option(32, help="lora: LoRA rank"),
     alpha: Optional[float] = typer.Option(None, help="lora: LoRA alpha (default: 2 x rank)"),
     targets: str = typer.Option("low-bit", help="lora: `low-bit` (the layers at the scheme's lowest bit width: gate/up "
@@ -87,7 +90,7 @@ def recover_cmd(
                         block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
                         latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
-                        gen_batch_size=gen_batch_size)
+                        gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
     require(not (block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; quantize it "
                                             "with that block size, or leave `--quantized` out")

@@ -14,7 +14,10 @@ Diversity strategy (what keeps 10k samples from collapsing onto a few favourite 
 - every row gets its own sampling temperature, drawn uniformly from `temperatures` (default 0.8-1.2):
   cooler rows are fluent, likely text (what the model is used for), warmer rows visit the tail of the
   distribution, where the 2-bit student is most wrong;
-- top-p 0.95 cuts the garbage tail that pure sampling at temperature > 1 would otherwise drift into.
+- top-p 0.95 cuts the garbage tail that pure sampling at temperature > 1 would otherwise drift into;
+- `chat_share` of the rows (0 by default) start instead from the chat template's opening of a user turn
+  (self-instruct, as Magpie does): an instruct model then writes a request of the kind it was tuned on and,
+  since a row does not stop at the end of a turn, its own answer to it. No prompt list, still no labels.
 An EOS does not end a row: the teacher simply starts a new piece of text after it, as it would in use.
 
 The result is saved as one safetensors file (`input_ids` int32 [N, T], `temperature` f32 [N]) whose header
@@ -55,8 +58,10 @@ class SampleSettings:
     temperature_min: float = 0.8
     temperature_max: float = 1.2
     batch_size: int = 512
+    chat_share: float = 0.0  # rows that start from the chat template's user-turn opening (chat_prefix)
 
     def __post_init__(self) -> None:
+        require(0.0 <= self.chat_share <= 1.0, f"`chat_share` must be in [0, 1], got {self.chat_share!r}; try 0.5")
         require(isinstance(self.samples, int) and self.samples > 0,
                 f"`samples` must be a positive integer, got {self.samples!r}; try 10000 (GPU) or 64 (a quick CPU run)")
         require(isinstance(self.seq_len, int) and self.seq_len >= 8,
@@ -158,6 +163,15 @@ def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: s
     first = pool[torch.randint(len(pool), (settings.samples,), generator=cpu_gen)]
     temps = settings.temperature_min + (settings.temperature_max - settings.temperature_min) * torch.rand(
         settings.samples, generator=cpu_gen)
+    prefix, forced = first.view(-1, 1), None
+    if settings.chat_share > 0:  # drawn after the first tokens and temperatures: chat_share 0 keeps old data sets
+        opening = torch.tensor(chat_prefix(tokenizer), dtype=torch.long)
+        require(len(opening) < settings.seq_len, f"the chat template's opening is {len(opening)} tokens, not shorter "
+                                                 f"than `seq_len` {settings.seq_len}; raise `--seq-len`")
+        chat = torch.rand(settings.samples, generator=cpu_gen) < settings.chat_share
+        prefix = torch.where(chat[:, None], opening[None, :], first[:, None].expand(-1, len(opening)))
+        forced = chat[:, None].expand(-1, len(opening)).clone()
+        forced[:, 0] = True
     out = torch.zeros(settings.samples, settings.seq_len, dtype=torch.long)
     mine = [b for b in range(math.ceil(settings.samples / settings.batch_size)) if b % world == rank]
     bar = None
@@ -170,12 +184,28 @@ def generate_dataset(model, tokenizer, settings: SampleSettings, teacher_hash: s
         start, end = b * settings.batch_size, min((b + 1) * settings.batch_size, settings.samples)
         gen = torch.Generator(device=device).manual_seed(batch_seed(settings.seed, b))
         with autocast:
-            out[start:end] = sample_rows(model, first[start:end], settings.seq_len, temps[start:end], settings.top_p, gen)
+            out[start:end] = sample_rows(model, prefix[start:end], settings.seq_len, temps[start:end], settings.top_p, gen,
+                                         forced=None if forced is None else forced[start:end])
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return SyntheticDataset(out, temps, settings, teacher_hash, seconds=time.perf_counter() - t0)
+
+
+def chat_prefix(tokenizer) -> list[int]:
+    """Token ids of the chat template up to where a user's message begins (system turn included, if any).
+
+    Example:
+        >>> chat_prefix(qwen_tokenizer)  # doctest: +SKIP
+        [151644, 8948, 198, ..., 151644, 872, 198]   # <|im_start|>system ... <|im_start|>user\n
+    """
+    marker = "\u2063EDGE-RECOVER\u2063"
+    require(getattr(tokenizer, "chat_template", None), "the model's tokenizer has no chat template, so `--chat-share` "
+                                                       "has nothing to start from; leave it at 0")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    require(marker in text, "the chat template drops the user's message; leave `--chat-share` at 0")
+    return tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"]
 
 
 def batch_seed(seed: int, batch: int) -> int:

@@ -143,6 +143,7 @@ class RecoverConfig:
     log_every: int = 10
     gen_batch_size: int = 512
     eval_batch_size: int = 16
+    chat_share: float = 0.0  # teacher rows started from the chat template's user turn (recovery/data.py)
 
     def __post_init__(self) -> None:
         require(self.mode in MODES, f"`--mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -202,7 +203,7 @@ class RecoverConfig:
     def sample_settings(self) -> SampleSettings:
         return SampleSettings(samples=self.samples, seq_len=self.seq_len, seed=self.seed, top_p=self.top_p,
                               temperature_min=self.temperature_min, temperature_max=self.temperature_max,
-                              batch_size=self.gen_batch_size)
+                              batch_size=self.gen_batch_size, chat_share=self.chat_share)
 
     def trajectory(self) -> dict:
         """The settings a resumed run must share with the run it continues."""

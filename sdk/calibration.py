@@ -43,24 +43,32 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator)
 
 @torch.no_grad()
 def sample_rows(model, first: torch.Tensor, seq_len: int, temperature: "torch.Tensor | float" = 1.0,
-                top_p: float = 0.95, generator: torch.Generator | None = None) -> torch.Tensor:
+                top_p: float = 0.95, generator: torch.Generator | None = None,
+                forced: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher sampler: `model` continues each first token [B] to `seq_len` tokens; returns [B, seq_len].
 
     A plain KV-cache loop (one forward per new token for the whole batch, no `generate()`), top-p sampling
     at a per-row `temperature` ([B] or one float), no stop at EOS: every row is exactly `seq_len` long and
     the batch never shrinks. Runs on the model's device; wrap it in autocast for bf16 on a GPU.
+    `first` may also be a prefix [B, P] with `forced` [B, P] (bool): position t < P of a row takes the
+    prefix token where `forced` is set and the sampled one elsewhere (column 0 is always taken), so rows of
+    one batch can start from prompts of different lengths and still step together.
 
     Example:
         >>> rows = sample_rows(model, torch.tensor([17, 42]), seq_len=32)  # doctest: +SKIP
     """
     device = next(model.parameters()).device
-    ids = first.view(-1, 1).to(device)
+    prefix = first.view(first.shape[0], -1).to(device)
+    forced = forced.to(device) if forced is not None else torch.zeros_like(prefix, dtype=torch.bool)
+    ids = prefix[:, :1]
     inv_t = (1.0 / torch.as_tensor(temperature, dtype=torch.float32)).reshape(-1, 1).to(device)
     generator = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
     rows = [ids]
     step = model(input_ids=ids, use_cache=True)
-    for _ in range(seq_len - 1):
+    for t in range(1, seq_len):
         nxt = sample_top_p(step.logits[:, -1].float() * inv_t, top_p, generator).view(-1, 1)
+        if t < prefix.shape[1]:
+            nxt = torch.where(forced[:, t:t + 1], prefix[:, t:t + 1], nxt)
         rows.append(nxt)
         step = model(input_ids=nxt, past_key_values=step.past_key_values, use_cache=True)
     return torch.cat(rows, dim=1).cpu()

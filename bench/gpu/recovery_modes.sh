@@ -17,7 +17,7 @@ start)
   for spec in "$@"; do
     tag=${spec%%:*}; rest=${spec#*:}; variant=${rest%% *}; opts=${rest#"$variant"}
     # the first run of each teacher dataset (its --model, --samples and --seq-len) samples it, later ones wait for its file
-    key="$(echo "$opts" | grep -o -e '--samples [0-9]*' -e '--seq-len [0-9]*' -e '--model [^ ]*' | tr -d ' -' | tr '\n/' __)"
+    key="$(echo "$opts" | grep -o -e '--samples [0-9]*' -e '--seq-len [0-9]*' -e '--model [^ ]*' -e '--chat-share [0-9.]*' | tr -d ' -' | tr '\n/' __)"
     wait_env=""
     if [ "$variant" != w4 ]; then
       case "$sampled" in *" $key "*) wait_env="BENCH_WAIT_FOR_DATASET=1" ;; *) sampled="$sampled$key " ;; esac

@@ -45,3 +45,42 @@ def test_dataset_round_trip_and_refusals(tiny_model, tmp_path):
 def test_bad_sample_settings(kwargs):
     with pytest.raises(EdgeRecoverError):
         SampleSettings(**kwargs)
+
+
+def _with_chat_template(lm):
+    lm.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                  "{% endfor %}")
+    return lm
+
+
+def test_chat_share_zero_keeps_old_data_and_one_starts_every_row_at_the_user_turn(tiny_model):
+    """chat_share 0 samples exactly what the sampler always did; at 1 every row opens with the template's user
+    turn and goes on with the teacher's own sample; a mix forces the opening on about that share of rows."""
+    from edge_recover.recovery.data import chat_prefix
+
+    lm = _with_chat_template(load_model(tiny_model))
+    base = SampleSettings(samples=6, seq_len=16, seed=3, batch_size=4)
+    plain = generate_dataset(lm.model, lm.tokenizer, base, lm.source_hash, progress=False)
+    again = generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=6, seq_len=16, seed=3, batch_size=4,
+                                                                    chat_share=0.0), lm.source_hash, progress=False)
+    assert torch.equal(plain.input_ids, again.input_ids)
+    opening = torch.tensor(chat_prefix(lm.tokenizer))
+    assert lm.tokenizer.decode(opening) == "<|im_start|>user\n"
+    chat = generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=6, seq_len=24, seed=3, batch_size=4,
+                                                                   chat_share=1.0), lm.source_hash, progress=False)
+    assert torch.equal(chat.input_ids[:, :len(opening)], opening.expand(6, -1))
+    assert chat.input_ids[:, len(opening):].unique().numel() > 3  # the rest is sampled, not copied
+    mixed = generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=64, seq_len=20, seed=1, batch_size=16,
+                                                                    chat_share=0.5), lm.source_hash, progress=False)
+    opened = (mixed.input_ids[:, :len(opening)] == opening).all(dim=1).float().mean().item()
+    assert 0.3 < opened < 0.7
+
+
+def test_chat_share_needs_a_chat_template(tiny_model):
+    lm = load_model(tiny_model)
+    lm.tokenizer.chat_template = None
+    with pytest.raises(EdgeRecoverError, match="no chat template"):
+        generate_dataset(lm.model, lm.tokenizer, SampleSettings(samples=4, seq_len=24, chat_share=0.5), lm.source_hash,
+                         progress=False)
+    with pytest.raises(EdgeRecoverError, match="chat_share"):
+        SampleSettings(chat_share=1.5)
