@@ -270,9 +270,10 @@ def fetch_model(name: str) -> Path:
 def fetch(name: str) -> Path:
     """Fetch a named asset: a model (`smollm2`, `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`), `shakespeare`
     or `bigbench` (task files, edge_recover.tasks)."""
+    from .humaneval import fetch_humaneval
     from .tasks import fetch_bigbench
 
-    others = {"shakespeare": fetch_shakespeare, "bigbench": fetch_bigbench}
+    others = {"shakespeare": fetch_shakespeare, "bigbench": fetch_bigbench, "humaneval": fetch_humaneval}
     if name in model_names():
         return fetch_model(name)
     if name not in others:
