@@ -27,9 +27,12 @@ Then each residual Add and the RMS norm after it become one SkipSimplifiedLayerN
 (`fuse_skip_norms`, anchored on `/model/layers.i/{input,post_attention}_layernorm/` and `/model/norm/`):
 ONNX Runtime fuses the norms itself but not the Add before them.
 
-Refused (left unfused, the reason recorded): sliding-window attention, attention biases, partial rotary,
-layouts where an anchor is missing. GroupQueryAttention takes positions from `seqlens_k` (the count of
-ones in `attention_mask`), which is right for left-aligned batches without padding: what the runtime feeds.
+Projection biases (Qwen2's q/k/v, a Llama's `attention_bias`) need nothing: each is an Add after its projection
+node, which attention reads through (`_projected`), and o_proj's stays after o_proj.
+
+Refused (left unfused, the reason recorded): sliding-window attention, partial rotary, layouts where an anchor
+is missing. GroupQueryAttention takes positions from `seqlens_k` (the count of ones in `attention_mask`), which
+is right for left-aligned batches without padding: what the runtime feeds.
 """
 
 from __future__ import annotations
@@ -61,8 +64,6 @@ def fusion_plan(model) -> tuple[bool, str]:
         return False, f"architecture {cfg.model_type!r} has no fused-attention mapping (fused: {', '.join(FUSED_ARCHS)})"
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return False, "sliding-window attention is not mapped to GroupQueryAttention"
-    if getattr(cfg, "attention_bias", False):
-        return False, "attention projections with bias are not mapped"
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         return False, "partial rotary embeddings are not mapped"
     return True, ""
@@ -100,7 +101,7 @@ def _proj(by_name: dict, layer: int, proj: str) -> onnx.NodeProto:
 
 
 def _projected(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
-    """The projection's result as attention reads it: past any Add chain after it (a LoRA sidecar's
+    """The projection's result as attention reads it: past any Add chain after it (its bias, a LoRA sidecar's
     `base + B(A(x))`), up to the first node that is not a lone Add."""
     name = node.output[0]
     while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type == "Add":

@@ -1,4 +1,7 @@
-"""Tiny random Llama and Qwen3 models (hidden 64, 2 layers) with a real BPE tokenizer, made in-test."""
+"""Tiny random Llama, Qwen3 and Qwen2 models (hidden 64, 2 layers) with a real BPE tokenizer, made in-test.
+
+`qwen2` has Qwen2.5's q/k/v biases, `llama-bias` a Llama with `attention_bias` (o_proj's too); both drawn at random
+(zero biases would not show a dropped one)."""
 
 from __future__ import annotations
 
@@ -26,13 +29,17 @@ def make_tokenizer():
 
 
 def make_config(arch: str):
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
                   bos_token_id=0, eos_token_id=1)
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch == "llama-bias":
+        return LlamaConfig(attention_bias=True, **common)
+    if arch == "qwen2":
+        return Qwen2Config(rope_theta=1e6, **common)
     return Qwen3Config(head_dim=16, **common)
 
 
@@ -44,6 +51,10 @@ def make_loaded(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
     return LoadedModel(model, make_tokenizer(), f"random-{arch}", "sha256:random")
 
 

@@ -38,8 +38,10 @@ def _ops(pkg) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "llama-bias"])
 def test_fused_graph_matches_unfused(tmp_path, arch):
+    """Biased projections (Qwen2's q/k/v, a Llama's with `attention_bias`, o_proj included) fuse too: the bias
+    Adds stay between the projections and the attention."""
     plain = export_package(make_loaded(arch), tmp_path / "plain", scheme="w4w2gateup", target="cpu", method="rtn",
                            calibration=0, fuse=False, verify=False)
     fused = export_package(make_loaded(arch), tmp_path / "fused", scheme="w4w2gateup", target="cpu", method="rtn",
