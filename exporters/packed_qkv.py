@@ -18,6 +18,12 @@ does the same); the activation is still quantized once and the three dispatches 
                            ├► k ─► k_norm ─┼─► GroupQueryAttention
                            └► v ───────────┘
 
+Where each projection has a bias (Qwen2's q/k/v: an Add of a constant [N] after its node), the three Adds become
+one Add of the three biases stacked in the same order, after the packed node; under a Split the Adds stay, each
+reading its own output:
+
+    x ─► qkv_proj ─► Add(bias_q | bias_k | bias_v) ─► GroupQueryAttention
+
 The integers are the layers' own, unchanged: B [N, blocks, bytes], scales [N * blocks] and zero points
 [N, bytes] are row-major in N, so stacking rows is exact and the node computes each output column as the
 layer's node did (tests: logits equal bit for bit). The manifest keeps one record per layer, with the fused
@@ -40,33 +46,47 @@ from .rewrite import RewrittenLayer, consumer_index, drop_unused_initializers, n
 _SHARED = ("K", "bits", "block_size", "accuracy_level")
 
 
-def _source(name: str, producers: dict, consumers: dict) -> tuple[onnx.NodeProto | None, bool]:
-    """(the MatMulNBits whose output reaches `name`, read by nothing else; whether through a per-head norm).
+def _source(name: str, producers: dict, consumers: dict,
+            inits: dict) -> tuple[onnx.NodeProto | None, bool, onnx.NodeProto | None]:
+    """(the MatMulNBits whose output reaches `name`, read by nothing else; whether through a per-head norm; the
+    Add of its bias, or None).
 
     Directly, or through Qwen3's per-head norm (fusions._head_norm): MatMulNBits ─► Reshape ─► SimplifiedLayer-
-    Normalization ─► Reshape ─► `name`."""
-    node, normed = producers.get(name), False
+    Normalization ─► Reshape ─► `name`; either way perhaps through the Add of a bias first."""
+    node, normed, bias = producers.get(name), False, None
     if node is not None and node.op_type == "Reshape":
         matched = match_head_norm(name, producers)
         if matched is None or any(len(consumers.get(n.output[0], [])) != 1 for n in matched):
-            return None, False
+            return None, False, None
         node, normed = producers.get(matched[1].input[0]), True
+    if node is not None and node.op_type == "Add" and len(consumers.get(node.output[0], [])) == 1:
+        others = [i for i in node.input if i not in inits]
+        if len(others) == 1 and len(node.input) == 2:  # x + a constant
+            bias, node = node, producers.get(others[0])
     if node is None or node.op_type != "MatMulNBits" or len(node.input) != 4:
-        return None, False
-    return (node, normed) if len(consumers.get(node.output[0], [])) == 1 else (None, False)
+        return None, False, None
+    if bias is not None and list(inits[_bias(bias, inits)].dims) != [node_attrs(node)["N"]]:
+        return None, False, None
+    return (node, normed, bias) if len(consumers.get(node.output[0], [])) == 1 else (None, False, None)
 
 
-def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict) -> tuple[list[onnx.NodeProto] | None, bool]:
+def _bias(add: onnx.NodeProto, inits: dict) -> str:
+    """The initializer input of a bias Add."""
+    return next(i for i in add.input if i in inits)
+
+
+def _packable(gqa: onnx.NodeProto, producers: dict, consumers: dict,
+              inits: dict) -> tuple[list[onnx.NodeProto] | None, bool, list[onnx.NodeProto]]:
     """(the q, k, v MatMulNBits feeding `gqa` only, sharing input and attributes, or None; whether any reaches
-    it through a per-head norm)."""
+    it through a per-head norm; their bias Adds, all three or none)."""
     if len(gqa.input) < 3 or not all(gqa.input[:3]):
-        return None, False
-    found = [_source(name, producers, consumers) for name in gqa.input[:3]]
-    nodes = [n for n, _ in found]
-    if any(n is None for n in nodes) or len({n.input[0] for n in nodes}) != 1:
-        return None, False
+        return None, False, []
+    found = [_source(name, producers, consumers, inits) for name in gqa.input[:3]]
+    nodes, biases = [n for n, _, _ in found], [b for _, _, b in found if b is not None]
+    if any(n is None for n in nodes) or len({n.input[0] for n in nodes}) != 1 or len(biases) not in (0, 3):
+        return None, False, []
     shared = [tuple(node_attrs(n).get(k) for k in _SHARED) for n in nodes]
-    return (nodes if len(set(shared)) == 1 else None), any(normed for _, normed in found)
+    return (nodes if len(set(shared)) == 1 else None), any(normed for _, normed, _ in found), biases
 
 
 def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer]) -> int:
@@ -84,10 +104,10 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
     by_node = {r.node: r for r in rewritten.values()}
     inits = {t.name: t for t in g.initializer}
     packed_at: dict[str, onnx.NodeProto] = {}  # q_proj's node name -> the packed node that takes its place
-    dropped: set[str] = set()  # k_proj's and v_proj's nodes
+    dropped: set[str] = set()  # k_proj's and v_proj's nodes (and the bias Adds that one Add replaces)
     new_inits: list[onnx.TensorProto] = []
     for gqa in (n for n in g.node if n.op_type == "GroupQueryAttention"):
-        nodes, normed = _packable(gqa, producers, consumers)
+        nodes, normed, biases = _packable(gqa, producers, consumers, inits)
         if nodes is None or any(n.name not in by_node for n in nodes):
             continue
         prefix = nodes[0].name.rsplit("/", 2)[0]  # /model/layers.i/self_attn
@@ -106,6 +126,14 @@ def pack_qkv(graph_model: onnx.ModelProto, rewritten: dict[str, RewrittenLayer])
             packed_at[nodes[0].name].append(helper.make_node(
                 "Split", [packed.output[0], f"{prefix}/qkv_proj/split"], [n.output[0] for n in nodes],
                 name=f"{prefix}/qkv_proj/Split", axis=-1))
+        elif biases:  # one Add of the stacked biases in place of the three
+            stacked = np.concatenate([numpy_helper.to_array(inits[_bias(b, inits)]) for b in biases])
+            new_inits.append(numpy_helper.from_array(stacked, f"{prefix}/qkv_proj.bias"))
+            add = helper.make_node("Add", [packed.output[0], f"{prefix}/qkv_proj.bias"],
+                                   [f"{prefix}/qkv_proj/Add_output_0"], name=f"{prefix}/qkv_proj/Add")
+            packed_at[nodes[0].name].append(add)
+            dropped.update(b.name for b in biases)
+            gqa.input[0], gqa.input[1], gqa.input[2] = add.output[0], "", ""
         else:
             gqa.input[0], gqa.input[1], gqa.input[2] = packed.output[0], "", ""
         start = 0

@@ -17,10 +17,10 @@ from edge_recover.exporters.verify import empty_past, run_step, session
 from .conftest import make_loaded
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen2"])
 def pair(request, tmp_path_factory):
     """(packed, plain) packages of one tiny model: Llama's attention reads the packed node, Qwen3's head norms
-    read it through a Split."""
+    read it through a Split, Qwen2's through one Add of the three biases."""
     root = tmp_path_factory.mktemp(f"pqkv-{request.param}")
     kw = dict(scheme="w4w2gateup", target="cpu", method="rtn", calibration=0)
     packed = export_package(make_loaded(request.param), root / "packed", **kw)
@@ -35,6 +35,8 @@ def test_packed_graph_equals_the_three_node_graph_bit_for_bit(pair):
     names = [n.name for n in onnx.load(str(plain / "model.onnx"), load_external_data=False).graph.node]
     normed = any("/q_norm/" in n for n in names)  # Qwen3's per-head norms
     assert ops(packed).count("Split") == ops(plain).count("Split") + (2 if normed else 0)
+    biased = any(n.endswith("/self_attn/k_proj/Add") for n in names)  # Qwen2's biases: 3 Adds -> 1 per layer
+    assert ops(packed).count("Add") == ops(plain).count("Add") - (2 * 2 if biased else 0)
     assert "packed QKV MatMulNBits x2" in read_package_manifest(packed)["fusions"]
     ids = np.random.default_rng(0).integers(1, 200, (1, 9))
     outs = []
