@@ -23,3 +23,12 @@ def tiny_qwen3_dir(tmp_path_factory):
     from tests.fixtures.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """Qwen2 (Qwen2.5 layout: q/k/v biases, RoPE theta 1e6), untied as Qwen2.5-Coder's GGUFs load; intermediate
+    128 so that every target's blocks (up to 64, the qnn target's) divide down_proj's K."""
+    from tests.fixtures.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", tie=False, intermediate=128)
