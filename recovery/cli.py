@@ -142,17 +142,34 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     tasks: Optional[str] = typer.Option(None, help="score multiple-choice tasks instead of perplexity: names, JSON "
-                                                   "files or `default`, comma-separated (docs/eval.md)"),
-    limit: Optional[int] = typer.Option(None, help="--tasks: at most this many examples per task (a fixed subset)"),
+                                                   "files or `default`, comma-separated; or the code task "
+                                                   "`humaneval` (pass@1, docs/eval.md)"),
+    limit: Optional[int] = typer.Option(None, help="--tasks: at most this many examples per task (a fixed subset; "
+                                                   "humaneval: the first N problems)"),
     package: Optional[Path] = typer.Option(None, help="--tasks: score this package through ONNX Runtime instead"),
     provider: str = typer.Option("cpu", help="--package: execution provider (cpu, dml, qnn, openvino, ...)"),
     report: Optional[Path] = typer.Option(None, help="--tasks: write report.json, report.md, accuracy.png to this new folder"),
+    max_new_tokens: int = typer.Option(384, help="--tasks humaneval: most new tokens per answer (greedy)"),
+    timeout: float = typer.Option(10.0, help="--tasks humaneval: wall-clock seconds for each answer's tests in the "
+                                             "sandbox (docs/eval.md)"),
 ) -> None:
     """Perplexity, cross-entropy, KL and top-1 agreement vs the teacher; with an adapter, the recovery share.
-    With `--tasks`: multiple-choice accuracy per task (fp, quantized, recovered; or one `--package`)."""
+    With `--tasks`: multiple-choice accuracy per task (fp, quantized, recovered; or one `--package`);
+    `--tasks humaneval`: pass@1 of greedy answers, each run against its tests in a sandboxed child process."""
     from edge_recover.errors import require
     from edge_recover.scheme import load_scheme
 
+    from .code_eval_cli import eval_code_cmd, has_code_task
+
+    if has_code_task(tasks):
+        from edge_recover.humaneval import CodeEvalOptions
+        from edge_recover.sandbox import SandboxLimits
+
+        eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit,
+                      scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
+                      method=method, device=device, report=report, json_out=json_out, echo=typer.echo,
+                      options=CodeEvalOptions(max_new_tokens, SandboxLimits(timeout_s=timeout)))
+        return
     if tasks is not None or package is not None:
         from .task_eval_cli import eval_tasks_cmd
 

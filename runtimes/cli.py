@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
     from edge_recover.tasks_score import register_backend
 
     register_backend("package", "edge_recover.runtimes.task_eval:PackageLoglikelihood")  # `eval --package`
+    register_backend("package-code", "edge_recover.runtimes.code_eval:PackageCodeGenerator")  # `--tasks humaneval`
 
     @app.command()
     def run(

