@@ -69,15 +69,28 @@ def check_architecture(config) -> None:
         )
 
 
-def fix_tokenizer(tokenizer) -> None:
+def _gguf_token_id(path: Path, which: str) -> int | None:
+    """The GGUF file's own `tokenizer.ggml.{which}_token_id`, or None where it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(f"tokenizer.ggml.{which}_token_id")
+    return int(field.parts[field.data[0]][0]) if field is not None and field.data else None
+
+
+def fix_tokenizer(tokenizer, eos_id: int | None = None) -> None:
     """Repair what the GGUF conversion gets wrong: a BOS prepended to every text, a wrong EOS and a
-    decoder chain that other runtimes (onnxruntime-genai) do not read as byte-level."""
+    decoder chain that other runtimes (onnxruntime-genai) do not read as byte-level.
+
+    `eos_id` is the GGUF file's own end-of-sequence id: transformers takes Qwen2.5-Instruct's EOS as
+    `<|endoftext|>` where the file says `<|im_end|>`, so chat generation would not stop at the end of a turn."""
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
     if str(getattr(tokenizer, "vocab_file", None) or "").endswith(".gguf"):
         tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF file as tokenizer.model
     vocab = tokenizer.get_vocab()
-    if tokenizer.eos_token == tokenizer.bos_token and "<|im_end|>" in vocab:
+    if eos_id is not None and 0 <= eos_id < len(vocab) and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    elif tokenizer.eos_token == tokenizer.bos_token and "<|im_end|>" in vocab:
         tokenizer.eos_token = "<|im_end|>"
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and "ByteLevel" in str(backend.pre_tokenizer):
@@ -108,7 +121,7 @@ def _load_hf(path: Path, gguf_file: str | None = None, dtype=None):
         raise EdgeRecoverError(f"cannot load model weights from {str(path)!r}: {str(exc).splitlines()[0][:200]}; "
                                "is the file complete?") from None
     if gguf_file:
-        fix_tokenizer(tokenizer)
+        fix_tokenizer(tokenizer, _gguf_token_id(path / gguf_file, "eos"))
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = None
     model.eval()
