@@ -44,6 +44,10 @@ def register(app: typer.Typer) -> None:
         prefill_window: Optional[int] = typer.Option(None, help="qnn: prompt tokens per static prefill step (default 64)"),
         soc: Optional[str] = typer.Option(None, help="qnn: Snapdragon SoC to verify and compile EPContext binaries "
                                                      "for, e.g. SM8650 (8 Gen 3, default), SM8750 (8 Elite), SC8380XP (X Elite)"),
+        htp_tolerance: Optional[str] = typer.Option(None, metavar="TOP1[,REL]",
+                                                    help="qnn: the HTP-vs-CPU-EP parity gate on real text, per graph: "
+                                                         "top-1 agreement >= TOP1 and max abs diff <= REL x the logit "
+                                                         "scale (default 0.9,0.15; docs/npu.md)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
         adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder of `edge-recover recover` to put in the package"),
         adapter_mode: str = typer.Option("sidecar", help="sidecar (LoRA nodes + .onnx_adapter files, swappable) or "
@@ -63,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
         prof = resolve_target(target, vendor)
         check_new_dir(output, overwrite)
-        static = _static_options(prof, context_length, prefill_window, soc)
+        static = _static_options(prof, context_length, prefill_window, soc, htp_tolerance)
         options = ExportOptions(
             target=target, vendor=vendor, scheme=scheme, rules=tuple(rule), method=method, calibration=calibration,
             block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv,
@@ -135,13 +139,14 @@ def register(app: typer.Typer) -> None:
             typer.echo("no adapters")
 
 
-def _static_options(prof, context_length: Optional[int], window: Optional[int], soc: Optional[str]):
-    """The qnn target's static shapes from the CLI flags (None: the model's defaults); the flags are refused
-    for targets without static graphs."""
+def _static_options(prof, context_length: Optional[int], window: Optional[int], soc: Optional[str],
+                    tolerance: Optional[str] = None):
+    """The qnn target's static shapes and parity gate from the CLI flags (None: the model's defaults); the
+    flags are refused for targets without static graphs."""
     from edge_recover.errors import require
 
-    given = [f for f, v in (("--context-length", context_length), ("--prefill-window", window), ("--soc", soc))
-             if v is not None]
+    given = [f for f, v in (("--context-length", context_length), ("--prefill-window", window), ("--soc", soc),
+                            ("--htp-tolerance", tolerance)) if v is not None]
     if not prof.static_graphs:
         require(not given, f"{', '.join(given)} apply to static NPU graphs (`--target qnn` or `--target npu "
                            f"--vendor qualcomm`), not target {prof.name!r}; drop them")
@@ -150,10 +155,11 @@ def _static_options(prof, context_length: Optional[int], window: Optional[int], 
         return None
     from edge_recover.qnn import resolve_soc
 
-    from .static_graph import StaticOptions
+    from .static_graph import HtpTolerance, StaticOptions
 
-    soc_name = resolve_soc(soc).name  # an unknown SoC is refused here, before the model loads
-    return StaticOptions(context_length=context_length or 0, window=window or 0, soc=soc_name)
+    soc_name = resolve_soc(soc).name  # an unknown SoC or a bad tolerance is refused here, before the model loads
+    tol = HtpTolerance.parse(tolerance) if tolerance is not None else HtpTolerance()
+    return StaticOptions(context_length=context_length or 0, window=window or 0, soc=soc_name, tolerance=tol)
 
 
 def _describe_npu(m: dict) -> list[str]:
@@ -171,7 +177,13 @@ def _describe_npu(m: dict) -> list[str]:
             lines.append(f"  {role}: {g['graph_nodes']} nodes, compiled in {g['compile_seconds']:.1f} s, one step "
                          f"{g['emulator_step_seconds']:.2f} s (emulator time, not NPU speed); vs the CPU EP max abs "
                          f"diff {p['max_abs_diff']:.3g} (logits up to {p['logit_scale']:.3g}), top-1 "
-                         f"{p['top1_agreement']:.0%}")
+                         f"{p['top1_agreement']:.0%}"
+                         + (f" over {p['positions']} real position(s)" if "positions" in p else ""))
+        gate = v.get("parity_gate")
+        if gate:
+            lines.append(f"  parity gate on real text ({gate['tokens']} tokens): " + (
+                f"passed (top-1 >= {gate['min_top1']:.0%}, max abs diff <= {gate['max_rel_diff']:g} x the logit scale)"
+                if gate.get("passed") else gate.get("note", "not applied")))
         for role, ctx in (v.get("contexts") or {}).items():
             lines.append(f"  {role} EPContext: {ctx['file']} + {', '.join(ctx['binaries'])} "
                          f"({ctx['binary_bytes'] / 1e6:.1f} MB), reloads in {ctx['load_seconds']:.2f} s")

@@ -20,7 +20,8 @@ A target's export is two tuples of passes, each `(state, options) -> state` (`Pa
       kv dtype        int8: per-channel scales calibrated on the float32-KV graph (kv_cache.py)
       adapters        adapters/NAME.onnx_adapter and the manifest's adapter records
       verify          ORT CPU logits vs torch; the exact graph gates (verify.py)
-      [static graphs] qnn only: prefill/decode static graphs (static_graph.STATIC_PASSES), verified on the HTP
+      [static graphs] qnn only: prefill/decode static graphs (static_graph.STATIC_PASSES), verified on the HTP;
+                      HTP vs CPU EP logits on real text gate the export (qnn.py)
       package         manifest.json, last: it records the size and sha256 of every file above
 
 `pass_list(target)` picks the list: every target shares the dynamic passes; a target with `static_graphs`
@@ -35,7 +36,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -448,11 +449,13 @@ def _reference(state: ExportState):
 
 
 def static_graphs(state: ExportState, options: ExportOptions) -> ExportState:
-    """qnn: the static prefill/decode graphs (static_graph.STATIC_PASSES), verified on the HTP, EPContext."""
-    from .qnn import export_static
+    """qnn: the static prefill/decode graphs (static_graph.STATIC_PASSES), verified on the HTP, EPContext;
+    the HTP-vs-CPU-EP parity on real text gates the export (`static.tolerance`) unless `verify` is off."""
+    from .qnn import export_static, parity_tokens
 
-    state.sections["static"] = {"static": export_static(state.folder, state.static,
-                                                        int(state.lm.model.config.vocab_size))}
+    opts = state.static if options.verify else replace(state.static, tolerance=None)
+    tokens = parity_tokens(state.lm.tokenizer, opts.window)
+    state.sections["static"] = {"static": export_static(state.folder, opts, tokens)}
     return state
 
 

@@ -4,8 +4,10 @@
       └─ static_graph: prefill.onnx (window W) and decode.onnx (one token), weights shared in model.onnx.data
       └─ on the HTP (onnxruntime-qnn, CPU fallback disabled): each graph compiles whole, or the export fails
          naming the nodes QNN refused; one profiled run counts kernels per execution provider
-      └─ parity on the HTP vs the same static graph on the CPU EP: a prefill window of real tokens, then a
-         decode step over the cache that window filled
+      └─ parity on the HTP vs the same static graph on the CPU EP, on real text (`PARITY_TEXT`, tokenized by
+         the model's tokenizer): a prefill window, then a decode step over the cache that window filled,
+         compared on the real (unpadded) positions only; the gate (`HtpTolerance`: top-1 agreement and max abs
+         diff relative to the logit scale, per graph) fails the export in one line, the package unwritten
       └─ EPContext (`ep.context_enable`): prefill_ctx.onnx / decode_ctx.onnx + their QNN context binaries,
          compiled for `--soc`; reloaded once to check that they load without the ONNX graph
     -> the manifest's "static" section: what was verified, on what, and how well
@@ -22,17 +24,34 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_recover.errors import require
+from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.qnn import QNN_EP, open_htp_session, placement, resolve_soc
 
-from .static_graph import GRAPH_FILES, StaticOptions, static_graph, write_static_graphs
+from .static_graph import GRAPH_FILES, HtpTolerance, StaticOptions, static_graph, write_static_graphs
 
-__all__ = ["check_layers", "preflight", "export_static", "default_static", "CONTEXT_FILES", "MAX_CONTEXT"]
+__all__ = ["check_layers", "preflight", "export_static", "default_static", "parity_tokens", "check_parity",
+           "PARITY_TEXT", "CONTEXT_FILES", "MAX_CONTEXT"]
 
 CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}
 # The longest context the export accepts for the HTP: Qualcomm's published on-device LLM contexts go to
 # 4,096 tokens; longer ones are not refused by QNN itself but have not been tried here.
 MAX_CONTEXT = 4096
+
+# The text the HTP parity gate runs: plain English prose, shipped here so that the export needs no network,
+# no cache and no user input (held-out corpora such as `fetch.eval_text` need one of them). Random token ids
+# are no substitute: they drive a real model's residual stream far outside what text does (SmolLM2's
+# prefill window of random ids was 15.8 off at logit scale 29.5 where text is 1.5 off, docs/npu.md).
+# About 190 tokens for GPT-2-style tokenizers: the default window (64) and a decode step fit with room.
+PARITY_TEXT = (
+    "The river rises in the hills to the north of the town and runs south through farmland for most of its "
+    "length. In spring, when the snow melts, the water comes up quickly and the low fields along its banks are "
+    "often flooded for a week or two. The farmers who work there have learned to plant late and to keep their "
+    "animals on higher ground until the level falls again. A stone bridge, built more than two hundred years "
+    "ago, still carries the main road across the river, although heavy lorries now have to use the newer "
+    "crossing a mile downstream. On summer evenings people walk along the path beside the water, and children "
+    "fish from the old wooden jetty near the mill. The mill itself stopped working long ago, but its wheel has "
+    "been repaired, and on market days it turns once more for the visitors who come to see how flour was made."
+)
 
 
 def check_layers(rewritten: dict, target_name: str) -> None:
@@ -65,14 +84,57 @@ def _logits_index(session) -> int:
     return [o.name for o in session.get_outputs()].index("logits")
 
 
-def _compare(a: np.ndarray, b: np.ndarray) -> dict:
-    return {"max_abs_diff": float(np.abs(a - b).max()), "logit_scale": float(np.abs(a).max()),
-            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+def _compare(cpu: np.ndarray, htp: np.ndarray) -> dict:
+    """HTP vs CPU EP logits [positions, V] (real positions only): the figures the parity gate reads."""
+    diff, scale = float(np.abs(cpu - htp).max()), float(np.abs(cpu).max())
+    return {"positions": int(cpu.shape[0]), "max_abs_diff": diff, "logit_scale": scale,
+            "rel_max_abs_diff": diff / max(scale, 1e-12),
+            "top1_agreement": float((cpu.argmax(-1) == htp.argmax(-1)).mean())}
 
 
-def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda s: None) -> dict:
+def parity_tokens(tokenizer, window: int, text: str = PARITY_TEXT) -> np.ndarray:
+    """The token ids the parity check runs: `text` as the runtime encodes a prompt (no special tokens), at
+    most `window` for the prefill window and one more for the decode step.
+
+    Example:
+        >>> parity_tokens(AutoTokenizer.from_pretrained("out/hf"), 16).shape  # doctest: +SKIP
+        (17,)
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:window + 1]
+    require(len(ids) >= 2, f"internal: the parity text tokenizes to {len(ids)} token(s); need 2 or more")
+    return np.asarray(ids, np.int64)
+
+
+def check_parity(parity: dict[str, dict], tol: HtpTolerance) -> None:
+    """Fail (one line naming each graph off, its figures, the tolerance and the fix) unless every graph's HTP
+    logits are within `tol` of the CPU EP's.
+
+    Example:
+        >>> check_parity({"decode": {"positions": 1, "top1_agreement": 1.0, "max_abs_diff": 0.3,
+        ...               "logit_scale": 20.0, "rel_max_abs_diff": 0.015}}, HtpTolerance())
+    """
+    off = [(role, p) for role, p in parity.items()
+           if p["top1_agreement"] < tol.min_top1 or p["rel_max_abs_diff"] > tol.max_rel_diff]
+    if not off:
+        return
+    figures = "; ".join(f"{role} graph: top-1 agreement {p['top1_agreement'] * 100:.1f} % over {p['positions']} "
+                        f"real position(s), max abs diff {p['max_abs_diff']:.3g} = {p['rel_max_abs_diff']:.3g} x "
+                        f"the logit scale {p['logit_scale']:.3g}" for role, p in off)
+    raise EdgeRecoverError(
+        f"the QNN HTP's logits disagree with the CPU EP's on the same static graph ({figures}); tolerance: top-1 "
+        f">= {tol.min_top1 * 100:g} %, max abs diff <= {tol.max_rel_diff:g} x the logit scale "
+        f"(`--htp-tolerance {tol.flag()}`); nothing was written. Unless the tolerance was set too tight, the HTP's "
+        f"fp16 numerics are the problem for this model (docs/npu.md, 'The parity gate'); to keep the package "
+        f"anyway, relax `--htp-tolerance TOP1,REL` or pass --no-verify")
+
+
+def export_static(folder: Path, opts: StaticOptions, tokens, log=lambda s: None) -> dict:
     """Write the static graphs (and, with `opts.compile_contexts`, EPContext models) into the package
-    `folder` and verify them on the QNN HTP; returns the manifest's "static" section."""
+    `folder` and verify them on the QNN HTP; returns the manifest's "static" section.
+
+    `tokens` (`parity_tokens`): real text, at most `opts.window` of it for the prefill window (padded when
+    shorter) and the next token for the decode step. With `opts.tolerance` set, HTP logits outside it on
+    either graph raise `EdgeRecoverError` before the EPContext models are checked."""
     import onnxruntime as ort
 
     import onnxruntime_qnn
@@ -87,8 +149,9 @@ def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda
     del graphs
     build_s = time.time() - t0
     c = opts.context_length
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, size=opts.window)
+    tokens = np.asarray(tokens, np.int64)
+    n = min(opts.window, len(tokens) - 1)  # real positions of the prefill window; tokens[n] is the decode step's
+    require(n >= 1, "internal: the parity check needs 2 or more tokens")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the runtime: no fusions
     cpu = {r: ort.InferenceSession(str(folder / f), so, providers=["CPUExecutionProvider"])
@@ -112,7 +175,7 @@ def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda
             compile_s = time.time() - ts
             log(f"{role}: compiled on the HTP in {compile_s:.1f} s (emulator)")
             verified["graphs"][role] = {"compile_seconds": round(compile_s, 2)}
-        pre = _feeds(cpu["prefill"], c, opts.window, tokens)
+        pre = _feeds(cpu["prefill"], c, opts.window, tokens[:n])
         ts = time.time()
         place, htp = {}, {}
         place["prefill"], out = placement(sessions["prefill"], pre)
@@ -121,25 +184,36 @@ def export_static(folder: Path, opts: StaticOptions, vocab_size: int, log=lambda
         ref_pre = cpu["prefill"].run(None, pre)
         names = [o.name for o in cpu["prefill"].get_outputs()]
         past = {}
-        for name, value in zip(names, ref_pre):  # the window's entries into cache slots [0, W)
+        for name, value in zip(names, ref_pre):  # the window's real entries into cache slots [0, n)
             if name.startswith("present."):
                 buf = np.zeros((1, value.shape[1], c, value.shape[3]), np.float32)
-                buf[:, :, :opts.window] = value[:, :, c:c + opts.window]
+                buf[:, :, :n] = value[:, :, c:c + n]
                 past["past_key_values." + name[len("present."):]] = buf
-        dec = _feeds(cpu["decode"], c, 1, tokens[-1:], past, filled=opts.window, start=opts.window)
+        dec = _feeds(cpu["decode"], c, 1, tokens[n:n + 1], past, filled=n, start=n)
         ts = time.time()
         place["decode"], out = placement(sessions["decode"], dec)
         htp["decode"] = out[_logits_index(sessions["decode"])][0]
         step_s["decode"] = time.time() - ts
-        ref = {"prefill": ref_pre[0][0], "decode": cpu["decode"].run(["logits"], dec)[0][0]}
+        ref = {"prefill": ref_pre[_logits_index(cpu["prefill"])][0],
+               "decode": cpu["decode"].run(["logits"], dec)[0][0]}
+        real = {"prefill": slice(0, n), "decode": slice(0, 1)}  # the padded tail of the window is not compared
+        parity = {role: _compare(ref[role][real[role]], htp[role][real[role]]) for role in windows}
         for role in windows:
             share = place[role]["npu_share"]
             require(share == 1.0, f"internal: {role} graph ran {1 - share:.0%} of its kernels outside QNN "
                                   f"({place[role]['kernels']})")
             verified["graphs"][role].update(place[role], nodes_on_npu=nodes[role], graph_nodes=nodes[role],
                                             emulator_step_seconds=round(step_s[role], 3),
-                                            parity_vs_cpu=_compare(ref[role], htp[role]))
+                                            parity_vs_cpu=parity[role])
         verified["nodes_on_npu_pct"] = 100.0
+        tol = opts.tolerance
+        verified["parity_gate"] = {
+            "text": "PARITY_TEXT (exporters/qnn.py; English prose)", "tokens": n + 1,
+            "real_positions": {"prefill": n, "decode": 1},
+            **({"min_top1": tol.min_top1, "max_rel_diff": tol.max_rel_diff, "passed": True} if tol else
+               {"passed": None, "note": "not applied (--no-verify): figures recorded only"})}
+        if tol is not None:
+            check_parity(parity, tol)
         if opts.compile_contexts:
             del sessions
             verified["contexts"] = _check_contexts(folder, soc, {"prefill": pre, "decode": dec}, htp)
