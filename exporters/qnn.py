@@ -41,7 +41,8 @@ MAX_CONTEXT = 4096
 # no cache and no user input (held-out corpora such as `fetch.eval_text` need one of them). Random token ids
 # are no substitute: they drive a real model's residual stream far outside what text does (SmolLM2's
 # prefill window of random ids was 15.8 off at logit scale 29.5 where text is 1.5 off, docs/npu.md).
-# About 190 tokens for GPT-2-style tokenizers: the default window (64) and a decode step fit with room.
+# 156 words (roughly 170-190 tokens for a GPT-2-style BPE, estimated): the default window (64) and a decode
+# step fit with room; a longer window is padded after the text (and only the real positions are compared).
 PARITY_TEXT = (
     "The river rises in the hills to the north of the town and runs south through farmland for most of its "
     "length. In spring, when the snow melts, the water comes up quickly and the low fields along its banks are "
