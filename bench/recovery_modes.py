@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-ap-rows", type=int, default=1024)
     ap.add_argument("--block-ap-lr", type=float, default=1e-2)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
+    ap.add_argument("--latent-start", default="nearest", choices=["nearest", "centre"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="low-bit")
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
                         block_ap_rows=args.block_ap_rows, block_ap_lr=args.block_ap_lr,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20,
-                        chat_share=args.chat_share)
+                        chat_share=args.chat_share, latent_start=args.latent_start)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
     base_ckpt = work / f"base-{tag}"  # the integers the adapter or the qat run started from

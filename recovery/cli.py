@@ -58,6 +58,9 @@ def recover_cmd(
     block_ap_rows: int = typer.Option(1024, help="qat: teacher samples the block-wise reconstruction fits on"),
     block_ap_lr: float = typer.Option(1e-2, help="qat: peak learning rate of the latents in the block-wise reconstruction"),
     latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
+    latent_start: str = typer.Option("nearest", help="qat: where a latent starts when the teacher weight does not round "
+                                                      "to its start integer (GPTQ): `nearest` point of the code's "
+                                                      "interval to the teacher weight, or the code's `centre`"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
@@ -88,7 +91,7 @@ def recover_cmd(
                         epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
                         train_head=train_head, lr_head=lr_head, block_ap_steps=block_ap_steps,
                         block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
-                        latent_units=latent_units, temperature=temperature, seed=seed, batch_size=batch_size,
+                        latent_units=latent_units, latent_start=latent_start, temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")

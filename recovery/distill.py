@@ -123,6 +123,7 @@ class RecoverConfig:
     block_ap_rows: int = 1024  # qat: teacher samples block reconstruction fits on
     block_ap_lr: float = 1e-2  # qat: its peak LR of the latents (log-scales and norms at --lr-scale / --lr-norm)
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
+    latent_start: str = "nearest"  # qat: latents of integers the teacher does not round to (recovery/qat.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0
@@ -152,6 +153,8 @@ class RecoverConfig:
                 object.__setattr__(self, name, qat if self.mode == "qat" else lora)
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
+        require(self.latent_start in ("nearest", "centre"),
+                f"`--latent-start` must be nearest or centre, got {self.latent_start!r}")
         require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
         require(self.block_ap_steps >= 0 and self.block_ap_rows > 0 and self.block_ap_lr > 0,
                 f"`--block-ap-steps` must be >= 0 and `--block-ap-rows`, `--block-ap-lr` positive, got "
@@ -326,7 +329,7 @@ def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
     require(not cfg.train_head or bool(head_parameters(base)), _TRAIN_HEAD_QUANTIZED)  # a --quantized one's
     base = base.to(dev)
     start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units,
-                             train_head=cfg.train_head)
+                             train_head=cfg.train_head, start=cfg.latent_start)
     return base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head), start.to_json()
 
 

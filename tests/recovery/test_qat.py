@@ -78,6 +78,38 @@ def test_fake_quant_from_integers_not_made_by_rounding():
     assert torch.equal(fq.to_quantized().codes, q.codes) and torch.equal(fq.zero_points, q.zero_points)
 
 
+@pytest.mark.parametrize("units", ["weight", "step"])
+def test_nearest_start_keeps_the_codes_and_puts_each_latent_nearest_the_teacher(units):
+    """GPTQ-style integers (some weights rounded to a neighbouring code): the nearest start reproduces every code,
+    leaves a latent at the teacher weight where it lies in its code's interval and at the interval's edge next
+    to the teacher elsewhere, so it is never farther from the teacher than the centre start."""
+    from edge_recover.recovery.qat import make_qat_student, nearest_latent
+
+    torch.manual_seed(2)
+    w = torch.randn(16, 64)
+    q = QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn"))
+    q.codes[0, :8] = torch.clamp(q.codes[0, :8].int() + 1, max=3).to(q.codes.dtype)  # pushed across a boundary
+    q.codes[1, :8] = torch.clamp(q.codes[1, :8].int() - 1, min=0).to(q.codes.dtype)
+    near = nearest_latent(q, w)
+    fq = FakeQuantLinear.from_quant_linear(q, latent=near, units=units)
+    assert torch.equal(fq.to_quantized().codes, q.codes)
+    centre = FakeQuantLinear.from_quant_linear(q).latent
+    assert bool(((near - w).abs() <= (centre - w).abs() + 1e-6).all())
+    inside = (near == w)
+    assert inside.float().mean() > 0.8 and not bool(inside[0, :8].all())  # moved codes: latents at an edge
+    teacher, student = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False)), torch.nn.Sequential(q)
+    teacher[0].weight.data.copy_(w)
+    start = make_qat_student(student, teacher, units=units, start="nearest")
+    assert start.to_json()["latent_nearest_to_teacher"] == 1 and start.from_dequantized == 0
+    assert torch.equal(student[0].to_quantized().codes, q.codes)
+    student2 = torch.nn.Sequential(QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn")))
+    student2[0].codes.copy_(q.codes)
+    assert make_qat_student(student2, teacher, units=units, start="centre").from_dequantized == 1
+    with pytest.raises(EdgeRecoverError, match="latent-start"):
+        make_qat_student(torch.nn.Sequential(QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn"))),
+                         teacher, start="middle")
+
+
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("qat")
