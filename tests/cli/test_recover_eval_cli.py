@@ -46,3 +46,22 @@ def test_eval_scheme_with_adapter(hf, adapter_hf, text_file, work):
     r = ok("eval", hf, "--scheme", scheme, "--adapter", adapter_hf, "--text", text_file, "--seq-len", "32",
            "--max-windows", "1", "--device", "cpu")
     assert "recovered" in r.stdout and "quantized" in r.stdout
+
+
+def test_recover_chat_share_and_latent_start(hf, work):
+    """`recover --chat-share 0.5 --latent-start centre` (docs/recovery.md): half the teacher's rows open with the
+    chat template's user turn; GPTQ integers the teacher does not round to start at their codes' centres (the
+    default, `nearest`, is the test of recovery/qat.py); a bad value is one line."""
+    from edge_recover.recovery.data import load_dataset
+
+    out = work / "rec-chat"
+    ok("recover", hf, "-o", out, "--chat-share", "0.5", "--latent-start", "centre", "--method", "gptq",
+       "--calibration", "4", "--samples", "16", "--seq-len", "32", "--epochs", "1", "--batch-size", "8",
+       "--device", "cpu")
+    report = json.loads((out / "recovery_report.json").read_text())
+    assert report["start"]["latent_nearest_to_teacher"] == 0 and report["start"]["latent_from_dequantized"] > 0
+    ds = load_dataset(work / "rec-chat.work" / "dataset.safetensors")
+    assert ds.settings.chat_share == 0.5
+    one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--latent-start", "middle", "--device", "cpu"),
+                   "--latent-start")
+    one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--chat-share", "2", "--device", "cpu"), "chat_share")
