@@ -1,0 +1,88 @@
+"""The family table (sdk/layouts.py): each layout names modules its tiny model has, and every allow-list
+(loading, fused attention, genai_config) reads that one table."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from edge_recover.errors import EdgeRecoverError
+from edge_recover.layouts import LAYOUTS, Attention, Layout, layout_for, register, role_pattern, supported, unregister
+from tests.fixtures.tiny_models import make_tiny_model
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def test_registered_families():
+    assert supported() == FAMILIES
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_layout_matches_tiny_model(arch):
+    model, _ = make_tiny_model(arch, layers=1)
+    layout = layout_for(model.config)
+    assert layout.model_type == model.config.model_type == arch
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # every linear layer of the decoder is one the layout names, and each named one is a Linear
+    linears = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    assert linears == set(layout.linear_names(0)) | {layout.head}
+    at, base = layout.attention, f"{layout.layer(0)}.{layout.attention.module}"
+    for role in ("q", "k", "v", "o"):
+        has_bias = modules[f"{base}.{getattr(at, role)}"].bias is not None
+        assert has_bias == (role in at.biases), (arch, role)
+    for norm in (at.q_norm, at.k_norm):
+        if norm is not None:
+            assert f"{base}.{norm}.weight" in params
+    assert (at.q_norm is None) == (arch != "qwen3")
+    for name in (f"{layout.layer(0)}.{layout.input_norm}", f"{layout.layer(0)}.{layout.post_attention_norm}",
+                 layout.final_norm, layout.embedding, layout.head):
+        assert name in modules, (arch, name)
+    assert isinstance(modules[layout.embedding], torch.nn.Embedding)
+    assert layout.tied(model.config) == (params[f"{layout.head}.weight"] is params[f"{layout.embedding}.weight"])
+    assert sum(layout.qkv_split(model.config)) == sum(
+        modules[f"{base}.{getattr(at, r)}"].out_features for r in ("q", "k", "v"))
+    assert layout.norm == "rms" and layout.genai_type == arch and layout.fused_attention
+
+
+def test_role_pattern():
+    assert role_pattern("gate", "up") == r"mlp\.(gate_proj|up_proj)$"
+    assert role_pattern("down") == r"mlp\.(down_proj)$"
+    with pytest.raises(EdgeRecoverError, match="`roles`"):
+        role_pattern("q")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert", None])
+def test_unregistered_refused_in_one_line(model_type):
+    with pytest.raises(EdgeRecoverError) as exc:
+        layout_for(SimpleNamespace(model_type=model_type, architectures=["XForCausalLM"]))
+    msg = str(exc.value)
+    assert "\n" not in msg and f"unsupported architecture {model_type!r} (XForCausalLM)" in msg
+    assert "edge-recover supports llama, mistral, qwen2, qwen3" in msg and "register a layout" in msg
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3", "gemma3_text"])
+def test_gemma_refused_for_its_norm(model_type):
+    with pytest.raises(EdgeRecoverError, match=re.escape("RMSNorm scales by 1 + weight")) as exc:
+        layout_for(SimpleNamespace(model_type=model_type))
+    assert "\n" not in str(exc.value) and "llama, mistral, qwen2, qwen3" in str(exc.value)
+
+
+def test_fused_qkv_layout():
+    fused = Layout("fusedlm", genai_type="llama", attention=Attention(qkv="qkv_proj"))
+    assert fused.linear_names(2)[:2] == ("model.layers.2.self_attn.qkv_proj", "model.layers.2.self_attn.o_proj")
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    assert fused.qkv_split(cfg) == (64, 32, 32)
+
+
+def test_register_and_unregister_restore_the_table():
+    before = dict(LAYOUTS)
+    register(Layout("throwaway", genai_type="llama"))
+    try:
+        assert "throwaway" in supported() and layout_for(SimpleNamespace(model_type="throwaway")).genai_type == "llama"
+    finally:
+        unregister("throwaway")
+    assert LAYOUTS == before
