@@ -43,13 +43,23 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_recover.contract import kv_share_buffer  # noqa: F401  (the package contract's; importable here too)
 from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.layouts import LAYOUTS, supported
 
 from .rewrite import consumer_index, producer_index
 
 MS = "com.microsoft"
-FUSED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 _SEQLENS = "/model/attn_mask/seqlens_k"
 _TOTAL = "/model/attn_mask/total_seq_len"
+
+
+def fused_archs() -> tuple[str, ...]:
+    """The model types whose layout says fused attention applies (sdk/layouts.py `fused_attention`).
+
+    Example:
+        >>> fused_archs()  # doctest: +SKIP
+        ('llama', 'mistral', 'qwen2', 'qwen3')
+    """
+    return tuple(t for t in supported() if LAYOUTS[t].fused_attention)
 
 
 def fusion_plan(model) -> tuple[bool, str]:
@@ -60,8 +70,9 @@ def fusion_plan(model) -> tuple[bool, str]:
         (True, '')
     """
     cfg = model.config
-    if cfg.model_type not in FUSED_ARCHS:
-        return False, f"architecture {cfg.model_type!r} has no fused-attention mapping (fused: {', '.join(FUSED_ARCHS)})"
+    layout = LAYOUTS.get(cfg.model_type)
+    if layout is None or not layout.fused_attention:
+        return False, f"architecture {cfg.model_type!r} has no fused-attention mapping (fused: {', '.join(fused_archs())})"
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return False, "sliding-window attention is not mapped to GroupQueryAttention"
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:

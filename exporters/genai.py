@@ -12,8 +12,7 @@ onnxruntime-genai binds them without a builder of its own.
 
 from __future__ import annotations
 
-# onnxruntime-genai model types that run a plain decoder-only graph; others fall back to "llama".
-_GENAI_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+from edge_recover.layouts import layout_for
 
 
 def _token_id(value, fallback: int) -> int:
@@ -27,6 +26,8 @@ def genai_config(config, tokenizer=None, provider: str | None = None, context_le
     """The genai_config.json dict for a Hugging Face `config` exported by Optimum.
 
     `share_buffer`: the graph writes every `present.*` with GroupQueryAttention (fusions.kv_share_buffer).
+    The `type` onnxruntime-genai reads is the family's layout's `genai_type` (sdk/layouts.py); a config of no
+    registered family is refused as loading refuses it.
 
     Example:
         >>> genai_config(model.config)["model"]["decoder"]["inputs"]["past_key_names"]  # doctest: +SKIP
@@ -73,7 +74,7 @@ def genai_config(config, tokenizer=None, provider: str | None = None, context_le
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": config.model_type if config.model_type in _GENAI_TYPES else "llama",
+            "type": layout_for(config).genai_type,
             "vocab_size": int(config.vocab_size),
         },
         "search": {

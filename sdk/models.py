@@ -15,13 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgeRecoverError, require
+from .layouts import layout_for
 
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
 QUANTIZED_MARKER = "edge_recover_quantized.json"
 
 
@@ -60,13 +55,13 @@ def weights_hash(model) -> str:
 
 
 def check_architecture(config) -> None:
-    """Refuse an architecture by name unless its layers follow the Llama naming the schemes rely on."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise EdgeRecoverError(
-            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or ['?'])}); "
-            f"edge-recover supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """Refuse a Hugging Face `config` whose `model_type` has no layout in the family table (sdk/layouts.py).
+
+    Example:
+        >>> check_architecture(AutoConfig.from_pretrained("gpt2"))  # doctest: +SKIP
+        EdgeRecoverError: unsupported architecture 'gpt2' (GPT2LMHeadModel); edge-recover supports llama, ...
+    """
+    layout_for(config)
 
 
 def _gguf_token_id(path: Path, which: str) -> int | None:

@@ -78,11 +78,64 @@ def test_fused_qkv_layout():
     assert fused.qkv_split(cfg) == (64, 32, 32)
 
 
-def test_register_and_unregister_restore_the_table():
+def test_every_allow_list_reads_the_table():
+    """Registering a throwaway family makes loading, fused attention and genai_config accept it; unregistering
+    it refuses it everywhere again."""
+    from edge_recover.exporters.fusions import fused_archs, fusion_plan
+    from edge_recover.exporters.genai import genai_config
+    from edge_recover.models import check_architecture
+
+    model, _ = make_tiny_model("llama", layers=1)
+    cfg = model.config
     before = dict(LAYOUTS)
-    register(Layout("throwaway", genai_type="llama"))
+    assert fused_archs() == FAMILIES
+    for family in FAMILIES:
+        cfg.model_type = family
+        check_architecture(cfg)
+        assert fusion_plan(model) == (True, "") and genai_config(cfg)["model"]["type"] == family
+    cfg.model_type = "throwaway"
+    with pytest.raises(EdgeRecoverError, match="unsupported architecture 'throwaway'"):
+        check_architecture(cfg)
+    assert not fusion_plan(model)[0] and "fused: llama, mistral, qwen2, qwen3" in fusion_plan(model)[1]
+    register(Layout("throwaway", genai_type="phi3", fused_attention=False))
     try:
-        assert "throwaway" in supported() and layout_for(SimpleNamespace(model_type="throwaway")).genai_type == "llama"
+        check_architecture(cfg)
+        assert genai_config(cfg)["model"]["type"] == "phi3"
+        assert fused_archs() == FAMILIES and not fusion_plan(model)[0]
+        register(Layout("throwaway", genai_type="llama"))
+        assert fusion_plan(model) == (True, "") and "throwaway" in fused_archs()
     finally:
         unregister("throwaway")
     assert LAYOUTS == before
+    with pytest.raises(EdgeRecoverError, match="unsupported architecture 'throwaway'"):
+        genai_config(cfg)
+
+
+def _save_foreign(path, arch: str):
+    """A tiny GPT-2 or Gemma 2 saved with transformers from a config: families with no layout."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config
+
+    from tests.fixtures.tiny_models import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = (GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, n_positions=32) if arch == "gpt2" else
+           Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch, needle", [
+    ("gpt2", "unsupported architecture 'gpt2' (GPT2LMHeadModel); edge-recover supports llama, mistral, qwen2, qwen3"),
+    ("gemma2", "unsupported architecture 'gemma2' (Gemma2ForCausalLM): Gemma's RMSNorm scales by 1 + weight"),
+])
+def test_cli_refuses_unregistered_family(tmp_path, arch, needle):
+    from tests.fixtures.cli import run_cli
+
+    model = _save_foreign(tmp_path / arch, arch)
+    code, out, err = run_cli("quantize", model, "-o", tmp_path / "out", cwd=tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert "llama, mistral, qwen2, qwen3" in lines[0] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
