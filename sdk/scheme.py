@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Union
 
 from .errors import EdgeRecoverError, require
+from .layouts import role_pattern
 
 SCHEME_FORMAT_VERSION = 1
 VALID_BITS = (2, 4, 8)
@@ -270,7 +271,11 @@ class Scheme:
 
 
 _KEEP_HEAD = Rule(r"(^|\.)lm_head$", KEEP, head_stand_in=True)  # float unless a target says otherwise
-_GATE_UP = r"mlp\.(gate_proj|up_proj)$"
+# The MLP's gate and up projections of every registered family (sdk/layouts.py), as a regex: today
+# `mlp\.(gate_proj|up_proj)$`. Built once at import from the built-in families, so a named scheme's JSON
+# (and a package's manifest) says the same pattern on every machine; a family registered later with other
+# names needs its own `--rule`.
+_GATE_UP = role_pattern("gate", "up")
 
 
 def _stand_in(bits: int) -> QuantConfig:

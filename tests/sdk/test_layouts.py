@@ -48,8 +48,20 @@ def test_layout_matches_tiny_model(arch):
     assert layout.norm == "rms" and layout.genai_type == arch and layout.fused_attention
 
 
-def test_role_pattern():
-    assert role_pattern("gate", "up") == r"mlp\.(gate_proj|up_proj)$"
+def test_role_pattern_is_the_schemes_gate_up_rule():
+    from edge_recover.scheme import named_scheme
+
+    pattern = role_pattern("gate", "up")
+    assert pattern == r"mlp\.(gate_proj|up_proj)$"  # the pattern w4w2gateup packages have always recorded
+    rules = named_scheme("w4w2gateup").rules
+    assert [r.pattern for r in rules if r.config != "keep"] == [pattern]
+    for arch in FAMILIES:
+        layout = LAYOUTS[arch]
+        gate, up, down, q = (f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.gate}",
+                             f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.up}",
+                             f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.down}", layout.linear_names(0)[0])
+        scheme = named_scheme("w4w2gateup")
+        assert [scheme.resolve(n).bits for n in (gate, up, down, q)] == [2, 2, 4, 4], arch
     assert role_pattern("down") == r"mlp\.(down_proj)$"
     with pytest.raises(EdgeRecoverError, match="`roles`"):
         role_pattern("q")
@@ -139,3 +151,4 @@ def test_cli_refuses_unregistered_family(tmp_path, arch, needle):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert "llama, mistral, qwen2, qwen3" in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
+
