@@ -152,3 +152,11 @@ def test_cli_refuses_unregistered_family(tmp_path, arch, needle):
     assert "llama, mistral, qwen2, qwen3" in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
 
+
+def test_readme_lists_the_registered_families():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = re.search(r"causal LM \(([^:;]+): the families in sdk/layouts\.py", readme)
+    assert listed, "README's first paragraph should list the families of sdk/layouts.py"
+    assert tuple(name.strip().lower() for name in listed.group(1).split(",")) == supported()
