@@ -449,8 +449,7 @@ def _reference(state: ExportState):
 
 
 def static_graphs(state: ExportState, options: ExportOptions) -> ExportState:
-    """qnn: the static prefill/decode graphs (static_graph.STATIC_PASSES), verified on the HTP, EPContext;
-    the HTP-vs-CPU-EP parity on real text gates the export (`static.tolerance`) unless `verify` is off."""
+    """qnn: static prefill/decode graphs, verified on the HTP (parity on real text gates it), EPContext."""
     from .qnn import export_static, parity_tokens
 
     opts = state.static if options.verify else replace(state.static, tolerance=None)
