@@ -82,16 +82,14 @@ def _layer_study(pkg: Path, ids: list[int], variants: dict, soc: str, role: str 
     cache = cpu.empty_cache()
     _, cache = cpu.prefill(np.asarray([ids[:-1]]), cache)
     c, w = st["context_length"], st["window"]
-    feeds = {"input_ids": np.asarray([[ids[-1]]]), "position_ids": np.asarray([[len(ids) - 1]]),
-             "attention_mask": np.concatenate([cache.mask, [1]])[None].astype(np.int64), **cache.values}
+    from edge_recover.contract import static_window
+
+    step_ids, step_pos = static_window([ids[-1]], len(ids) - 1, 1)  # sdk/contract.py: slot = position
+    feeds = {"input_ids": step_ids, "position_ids": step_pos, **cache.values}
     if role == "prefill":
         n = min(w, len(ids))
-        feeds = {"input_ids": np.zeros((1, w), np.int64), "position_ids": np.full((1, w), n - 1, np.int64),
-                 "attention_mask": np.zeros((1, c + w), np.int64),
-                 **{k: np.zeros_like(v) for k, v in cache.values.items()}}
-        feeds["input_ids"][0, :n] = ids[:n]
-        feeds["position_ids"][0, :n] = np.arange(n)
-        feeds["attention_mask"][0, c:c + n] = 1
+        win_ids, win_pos = static_window(ids[:n], 0, w)  # padded at the front
+        feeds = {"input_ids": win_ids, "position_ids": win_pos, **{k: np.zeros_like(v) for k, v in cache.values.items()}}
     out = {}
     for name, numerics in variants.items():
         opts = StaticOptions(c, w, soc=soc, numerics=tuple(numerics))
@@ -112,7 +110,7 @@ def _layer_study(pkg: Path, ids: list[int], variants: dict, soc: str, role: str 
             run_s = time.time() - t
         rows = []
         if role == "prefill":  # the real rows only
-            ref, got = [a[:, :n] for a in ref], [b[:, :n] for b in got]
+            ref, got = [a[:, w - n:] for a in ref], [b[:, w - n:] for b in got]
         for p, a, b in zip(["logits", *probes], ref, got):
             rows.append({"tensor": p, "cpu_absmax": float(np.abs(a).max()),
                          "max_abs_diff": float(np.nan_to_num(np.abs(a - b), nan=np.inf).max()),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_recover.contract import STATIC_CACHE, static_window
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.qnn import QNN_EP, open_htp_session, placement, resolve_soc
 
@@ -65,16 +66,11 @@ def check_layers(rewritten: dict, target_name: str) -> None:
                              f"{k} (e.g. 32) or another `--target`")
 
 
-def _feeds(session, c: int, w: int, tokens: np.ndarray, past: dict | None = None,
-           filled: int = 0, start: int = 0) -> dict:
-    """Inputs of a static step: `tokens` at positions start.., cache slots [0, filled) valid."""
-    n = len(tokens)
-    feeds = {"input_ids": np.zeros((1, w), np.int64), "position_ids": np.full((1, w), start + n - 1, np.int64),
-             "attention_mask": np.zeros((1, c + w), np.int64)}
-    feeds["input_ids"][0, :n] = tokens
-    feeds["position_ids"][0, :n] = np.arange(start, start + n)
-    feeds["attention_mask"][0, :filled] = 1
-    feeds["attention_mask"][0, c:c + n] = 1
+def _feeds(session, c: int, w: int, tokens: np.ndarray, past: dict | None = None, start: int = 0) -> dict:
+    """Inputs of a static step (sdk/contract.py's `static_window`): `tokens` at positions start.., padded
+    at the front; `past` the cache buffers (zeros when None)."""
+    ids, pos = static_window(tokens, start, w)
+    feeds = {"input_ids": ids, "position_ids": pos}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             feeds[i.name] = past[i.name] if past else np.zeros(i.shape, np.float32)
@@ -157,7 +153,7 @@ def export_static(folder: Path, opts: StaticOptions, tokens, log=lambda s: None)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the runtime: no fusions
     cpu = {r: ort.InferenceSession(str(folder / f), so, providers=["CPUExecutionProvider"])
            for r, f in GRAPH_FILES.items()}
-    section = {"context_length": c, "window": opts.window, "mask_value": opts.mask_value,
+    section = {"context_length": c, "window": opts.window, "mask_value": opts.mask_value, "cache": STATIC_CACHE,
                "graphs": {r: {"file": f, "window": windows[r], "nodes": nodes[r]} for r, f in GRAPH_FILES.items()},
                "data_file": "model.onnx.data", "weights_shared": sharing, "build_seconds": round(build_s, 2)}
     verified = {"provider": QNN_EP, "backend": "QNN HTP (libQnnHtp.so; on x86 Qualcomm's emulator of the NPU)",
@@ -184,20 +180,16 @@ def export_static(folder: Path, opts: StaticOptions, tokens, log=lambda s: None)
         step_s = {"prefill": time.time() - ts}
         ref_pre = cpu["prefill"].run(None, pre)
         names = [o.name for o in cpu["prefill"].get_outputs()]
-        past = {}
-        for name, value in zip(names, ref_pre):  # the window's real entries into cache slots [0, n)
-            if name.startswith("present."):
-                buf = np.zeros((1, value.shape[1], c, value.shape[3]), np.float32)
-                buf[:, :, :n] = value[:, :, c:c + n]
-                past["past_key_values." + name[len("present."):]] = buf
-        dec = _feeds(cpu["decode"], c, 1, tokens[n:n + 1], past, filled=n, start=n)
+        past = {"past_key_values." + name[len("present."):]: value  # the cache the window filled (slots [0, n))
+                for name, value in zip(names, ref_pre) if name.startswith("present.")}
+        dec = _feeds(cpu["decode"], c, 1, tokens[n:n + 1], past, start=n)
         ts = time.time()
         place["decode"], out = placement(sessions["decode"], dec)
         htp["decode"] = out[_logits_index(sessions["decode"])][0]
         step_s["decode"] = time.time() - ts
         ref = {"prefill": ref_pre[_logits_index(cpu["prefill"])][0],
                "decode": cpu["decode"].run(["logits"], dec)[0][0]}
-        real = {"prefill": slice(0, n), "decode": slice(0, 1)}  # the padded tail of the window is not compared
+        real = {"prefill": slice(opts.window - n, opts.window), "decode": slice(0, 1)}  # padding not compared
         parity = {role: _compare(ref[role][real[role]], htp[role][real[role]]) for role in windows}
         for role in windows:
             share = place[role]["npu_share"]

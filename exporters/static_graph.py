@@ -221,6 +221,102 @@ def fix_shapes(graph, opts: StaticOptions, window: int):
     return graph
 
 
+# ─── pass 2b: a positional cache (slot = position; sdk/contract.py, "the static graphs' cache contract") ──
+#
+#   position_ids [1, W] ─► valid_i = pos_i < pos_i+1 (last: 1) ─┐   (front padding repeats position 0)
+#   position_ids ─► ReduceMin = p0 ─► slot j < p0 ──────────────┴─► Concat ─► attention_mask [1, C + W]
+#   present_full [1, kv, C + W, d] ─► Slice [C, C + W) = new [1, kv, W, d]
+#   S[i, j] = (pos_i == j) and valid_i  [W, C] ─► MatMul(Sᵀ, new) ─► Where(any_i S[i, j], ·, past) ─► present
+#
+# The graph keeps its C + W keys inside (past slots, then the window); outside, it takes no attention_mask and
+# returns the C-slot buffer with the window's real entries written at their positions, as onnxruntime-genai
+# binds one static buffer for past and present. Sᵀ holds 0/1: the MatMul copies the entries exactly.
+def positional_cache(graph, opts: StaticOptions, window: int):
+    """Drop the `attention_mask` input (computed from `position_ids`) and return present = past with the
+    window's real entries at slot = position, [1, kv, C, d]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = graph.graph
+    c, w, p = opts.context_length, window, "/model/static_cache/"
+    mask_in = next(i for i in g.input if i.name == "attention_mask")
+    g.input.remove(mask_in)
+    kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values."))
+    consts = {"slots": np.arange(c, dtype=np.int64)[None], "col": np.asarray([w, 1], np.int64),
+              "s0": np.asarray([0], np.int64), "s1": np.asarray([1], np.int64), "w": np.asarray([w], np.int64),
+              "one": np.ones((1, 1), np.bool_), "start": np.asarray([c], np.int64), "end": np.asarray([c + w], np.int64),
+              "ax2": np.asarray([2], np.int64), "ax1": np.asarray([1], np.int64), "wshape": np.asarray([1, 1, c, 1], np.int64)}
+    for k, v in consts.items():
+        g.initializer.append(numpy_helper.from_array(v, p + k))
+    n = lambda op, ins, outs, **kw: helper.make_node(op, [x if x.startswith(("position_ids", "past_key", "/")) or x == ""
+                                                          else p + x for x in ins], [p + o for o in outs],
+                                                     name=p + outs[0], **kw)
+    nodes = []
+    if w > 1:
+        nodes = [helper.make_node("Slice", ["position_ids", p + "s0", p + "wm1", p + "ax1"], [p + "cur"], name=p + "cur"),
+                 helper.make_node("Slice", ["position_ids", p + "s1", p + "w", p + "ax1"], [p + "nxt"], name=p + "nxt"),
+                 n("Less", ["cur", "nxt"], ["earlier"]),
+                 n("Concat", ["earlier", "one"], ["valid"], axis=1)]
+        g.initializer.append(numpy_helper.from_array(np.asarray([w - 1], np.int64), p + "wm1"))
+    else:
+        nodes += [n("Identity", ["one"], ["valid"])]
+    nodes += [helper.make_node("ReduceMin", ["position_ids", p + "ax1"], [p + "p0"], name=p + "p0", keepdims=1),
+              n("Less", ["slots", "p0"], ["seen"]),
+              n("Concat", ["seen", "valid"], ["mask_bool"], axis=1),
+              helper.make_node("Cast", [p + "mask_bool"], ["attention_mask"], name=p + "attention_mask",
+                               to=TensorProto.INT64),
+              helper.make_node("Reshape", ["position_ids", p + "col"], [p + "pos_col"], name=p + "pos_col"),
+              n("Equal", ["pos_col", "slots"], ["at"]),                      # [W, C]
+              n("Reshape", ["valid", "col"], ["valid_col"]),
+              n("And", ["at", "valid_col"], ["write"]),
+              n("Cast", ["write"], ["write_f"], to=kv_type),
+              n("Transpose", ["write_f"], ["write_t"], perm=[1, 0]),          # [C, W]
+              n("ReduceMax", ["write_f", "s0"], ["written_f"], keepdims=0),    # [C]
+              n("Reshape", ["written_f", "wshape"], ["written_r"]),
+              n("Cast", ["written_r"], ["written"], to=TensorProto.BOOL)]
+    producer = {o: node for node in g.node for o in node.output}
+    for out in g.output:
+        if not out.name.startswith("present."):
+            continue
+        name, full = out.name, out.name + "/full"
+        node = producer[name]
+        node.output[list(node.output).index(name)] = full
+        for other in g.node:  # a reader of present inside the graph (none in Optimum's) reads the full tensor
+            for k, i in enumerate(other.input):
+                if i == name:
+                    other.input[k] = full
+        past = "past_key_values." + name[len("present."):]
+        tag = name[len("present."):]
+        nodes += [helper.make_node("Slice", [full, p + "start", p + "end", p + "ax2"], [p + f"new.{tag}"],
+                                   name=p + f"new.{tag}"),
+                  helper.make_node("MatMul", [p + "write_t", p + f"new.{tag}"], [p + f"scattered.{tag}"],
+                                   name=p + f"scattered.{tag}"),
+                  helper.make_node("Where", [p + "written", p + f"scattered.{tag}", past], [name], name=p + name)]
+        dims = out.type.tensor_type.shape.dim
+        dims[2].dim_value = c
+    g.node.extend(nodes)
+    _toposort(graph)
+    return graph
+
+
+def _toposort(graph) -> None:
+    """Order the nodes so that each comes after the producers of its inputs."""
+    g = graph.graph
+    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending, order = list(g.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        require(len(rest) < len(pending), "internal: the static graph has a cycle or a missing input")
+        pending = rest
+    del g.node[:]
+    g.node.extend(order)
+
+
 # ─── pass 3: constant folding ─────────────────────────────────────────────────────────────────────────
 #
 #   Shape ─► Gather ─► Add ─► Range ─► ... ─► Where(mask)    ─►   one constant causal-mask tensor
@@ -346,6 +442,7 @@ NUMERICS = ("rotary tables", "finite mask", "scale-safe RMS norm")  # the passes
 STATIC_PASSES: tuple[tuple[str, Pass, bool], ...] = (
     ("rotary tables", rotary_tables, False),
     ("fixed shapes", fix_shapes, True),
+    ("positional cache", positional_cache, True),
     ("constant folding", fold_constants, False),
     ("finite mask", finite_mask, False),
     ("scale-safe RMS norm", safe_rms_norm, False),

@@ -3,16 +3,15 @@
 A package with a "static" manifest section holds two fixed-shape graphs (exporters/static_graph.py):
 prefill.onnx takes W tokens, decode.onnx one, both over a KV cache of C slots:
 
-    input_ids [1, W]  position_ids [1, W]  attention_mask [1, C + W]  past.{i} [1, kv, C, d]
-    -> logits [1, W, V], present.{i} [1, kv, C + W, d]  (present = concat(past, the W new entries))
+    input_ids [1, W]  position_ids [1, W]  past.{i} [1, kv, C, d]
+    -> logits [1, W, V], present.{i} [1, kv, C, d]  (past with the real new entries at slot = position)
 
-`StaticCausalLM` keeps the cache as C-slot numpy buffers per layer and a mask of the filled slots. A step
-runs the graph over the whole buffer and copies only the new tokens' entries (present's tail) into the next
-free slots, in place; slot order does not matter (rotary is applied with explicit positions, attention is
-order-invariant over keys). A prompt goes in windows of W tokens; the last, partial window is padded after
-the real tokens with mask 0 (the padding's entries are never copied), a single remaining token takes the
-decode graph. When the C slots are full, generation stops ("context"); a prompt longer than C - 1 tokens is
-refused before any step.
+The contract is sdk/contract.py's (`static_window`, `static_chunks`), the one onnxruntime-genai's decoder
+pipeline follows too (exporters/genai.py). `StaticCausalLM` keeps the cache as C-slot numpy buffers per layer;
+a step feeds them as past and keeps present as the new buffers. A prompt goes through the prefill graph in
+windows of W tokens, the first window padded at its front (padding at position 0, never written, masked);
+generated tokens go through the decode graph. When the C slots are full, generation stops ("context"); a
+prompt longer than C - 1 tokens is refused before any step.
 
 Providers: `qnn` opens the package's EPContext models (compiled for the SoC in the manifest; no compile at
 load) or, without them, compiles the portable graphs; in both cases with the CPU fallback disabled, so
@@ -28,6 +27,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from edge_recover.contract import STATIC_CACHE, static_chunks, static_window
 from edge_recover.errors import EdgeRecoverError
 
 from .package import Package, open_package
@@ -71,6 +71,9 @@ class StaticCausalLM:
             raise EdgeRecoverError(f"package {str(self.package.path)!r} has no static graphs; export it with "
                                    f"`--target qnn` (or `--target npu --vendor qualcomm`)")
         st = self.package.manifest["static"]
+        if st.get("cache") != STATIC_CACHE:
+            raise EdgeRecoverError(f"package {str(self.package.path)!r} holds static graphs of an older cache layout "
+                                   f"(present = concat(past, new)); re-export it with this edge-recover")
         self.static = st
         self.threads = int(threads or os.cpu_count() or 1)
         key = provider.lower().strip()
@@ -145,29 +148,22 @@ class StaticCausalLM:
                            np.zeros(self._c, np.int64), 0)
 
     def _run(self, role: str, tokens: np.ndarray, cache: StaticCache) -> np.ndarray:
-        """One graph run over `tokens` (at most the role's window) after `cache`; writes the new entries
-        into the cache in place; returns logits [n, vocab] of the real tokens."""
+        """One graph run over `tokens` (at most the role's window) after `cache` (the contract of
+        `edge_recover.contract.static_window`: front padding at position 0); the graph returns the cache with
+        the new entries at slot = position, which becomes `cache`; returns logits [n, vocab] of the real tokens."""
         w, c, n = self._w[role], self._c, int(tokens.shape[0])
         if cache.length + n > c:
             raise EdgeRecoverError(f"{cache.length + n} tokens exceed the package's static context of {c}; "
                                    f"shorten the prompt or lower `max_new_tokens`, or re-export with a larger "
                                    f"`--context-length`")
-        ids = np.zeros((1, w), np.int64)
-        ids[0, :n] = tokens
-        pos = np.full((1, w), cache.length + n - 1, np.int64)  # padding repeats the last real position
-        pos[0, :n] = np.arange(cache.length, cache.length + n)
-        mask = np.zeros((1, c + w), np.int64)
-        mask[0, :c] = cache.mask
-        mask[0, c:c + n] = 1
-        feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask, **cache.values}
+        ids, pos = static_window(tokens, cache.length, w)
         names = ["logits", *self._present.values()]
-        out = self.sessions[role].run(names, feeds)
-        slots = slice(cache.length, cache.length + n)
-        for (past, buf), new in zip(cache.values.items(), out[1:]):
-            buf[:, :, slots] = new[:, :, c:c + n]   # present's tail: this step's real entries
-        cache.mask[slots] = 1
+        out = self.sessions[role].run(names, {"input_ids": ids, "position_ids": pos, **cache.values})
+        for past, present in zip(list(cache.values), out[1:]):
+            cache.values[past] = present  # the whole buffer, this step's entries written at their positions
+        cache.mask[cache.length:cache.length + n] = 1
         cache.length += n
-        return out[0][0, :n]
+        return out[0][0, w - n:]
 
     def step(self, input_ids: np.ndarray, cache: StaticCache) -> tuple[np.ndarray, StaticCache]:
         """One token ([1, 1]) through the decode graph; the last logits and the (same, updated) cache."""
@@ -177,19 +173,18 @@ class StaticCausalLM:
         return self._run("decode", ids, cache)[-1].copy(), cache
 
     def prefill(self, input_ids: np.ndarray, cache: StaticCache, all_logits: bool = False):
-        """A prompt ([1, n]) in windows of W tokens (a single leftover token through the decode graph).
-        Returns the last position's logits (or, with `all_logits`, [n, vocab]) and the cache."""
+        """A prompt ([1, n]) through the prefill graph in windows of W, the first one padded at its front
+        (`static_chunks`: as onnxruntime-genai feeds it). Returns the last position's logits (or, with
+        `all_logits`, [n, vocab]) and the cache."""
         ids = np.asarray(input_ids).reshape(-1)
         if cache.length + ids.shape[0] > self._c:
             raise EdgeRecoverError(f"a prompt of {ids.shape[0]} tokens after {cache.length} does not fit the "
                                    f"package's static context of {self._c} tokens; shorten the prompt or "
                                    f"re-export with a larger `--context-length`")
-        w, parts = self._w["prefill"], []
-        start = 0
-        while start < ids.shape[0]:
-            chunk = ids[start:start + w]
-            parts.append(self._run("decode" if chunk.shape[0] == 1 else "prefill", chunk, cache))
-            start += chunk.shape[0]
+        parts, start = [], 0
+        for size in static_chunks(int(ids.shape[0]), self._w["prefill"]):
+            parts.append(self._run("prefill", ids[start:start + size], cache))
+            start += size
         logits = np.concatenate(parts, axis=0)
         return (logits if all_logits else logits[-1].copy()), cache
 

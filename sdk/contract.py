@@ -37,7 +37,8 @@ from .versions import PACKAGE_FORMAT_VERSION
 
 __all__ = ["PACKAGE_KIND", "PACKAGE_FORMAT_VERSION", "MODEL_FILE", "DATA_FILE", "MANIFEST", "CONFIG_FILE",
            "KV_DTYPES", "file_sha256", "file_table", "write_manifest", "read_manifest", "check_files",
-           "check_graph", "check_external_data", "kv_share_buffer", "ProviderKernels", "PROVIDER_KERNELS"]
+           "check_graph", "check_external_data", "kv_share_buffer", "ProviderKernels", "PROVIDER_KERNELS",
+           "STATIC_CACHE", "static_chunks", "static_window"]
 
 PACKAGE_KIND = "edge-recover-package"
 MODEL_FILE = "model.onnx"
@@ -264,3 +265,58 @@ def kv_share_buffer(graph) -> bool:
     by_gqa = {o for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"
               for o in n.output[1:3]}
     return bool(presents) and presents <= by_gqa
+
+
+# ─── the static (NPU) graphs' cache contract ──────────────────────────────────────────────────────────
+#
+# One contract for the fixed-shape prefill (W tokens) and decode (1 token) graphs of a qnn package, which both
+# edge-recover's runtime (runtimes/static_session.py) and onnxruntime-genai's decoder pipeline
+# (exporters/genai.py, `static_pipeline_config`) drive:
+#
+#     input_ids [1, W]  position_ids [1, W]  past_key_values.{i}.key/value [1, kv, C, d]
+#     -> logits [1, W, V]  present.{i}.key/value [1, kv, C, d]
+#
+# The cache slot of a token is its position: the graph writes the window's real entries at slot = position
+# and returns the whole buffer (so past and present may be one buffer); keys at slots >= the window's first
+# position are masked, the window orders itself causally. A prompt goes in windows of W; only the FIRST
+# window is padded, at its front, and the padding takes the window's first real position (0 for a prompt on
+# an empty cache: what onnxruntime-genai 0.18 feeds with `sliding_window.alignment` "right"; the first real
+# position after a cache of L tokens). A token is padding when the next token's position is not larger:
+#
+#     n = 6, W = 4:   input_ids [pad pad t0 t1] [t2 t3 t4 t5]   position_ids [0 0 0 1] [2 3 4 5]
+#
+# The padding's entries are never written, and its keys are masked. Packages of this contract say
+# `"cache": STATIC_CACHE` in their manifest's "static" section.
+STATIC_CACHE = "positional"
+
+
+def static_chunks(n: int, window: int) -> list[int]:
+    """How many real tokens each prefill window of an `n`-token prompt holds: the first window the
+    remainder (padded at its front), the others full.
+
+    Example:
+        >>> static_chunks(6, 4)
+        [2, 4]
+    """
+    first = n % window or window
+    return ([first] if n else []) + [window] * ((n - first) // window if n else 0)
+
+
+def static_window(tokens, start: int, window: int, pad_id: int = 0):
+    """`(input_ids, position_ids)` [1, window] int64 of `tokens` (at most `window`) at positions `start..`,
+    padded at the front with `pad_id` at position `start` (the contract above).
+
+    Example:
+        >>> static_window([7, 8], 0, 4)[1].tolist()
+        [[0, 0, 0, 1]]
+    """
+    import numpy as np
+
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    n = int(tokens.shape[0])
+    require(1 <= n <= window, f"internal: a static window of {window} takes 1..{window} tokens, got {n}")
+    ids = np.full((1, window), pad_id, np.int64)
+    pos = np.full((1, window), start, np.int64)
+    ids[0, window - n:] = tokens
+    pos[0, window - n:] = np.arange(start, start + n)
+    return ids, pos
