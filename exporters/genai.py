@@ -84,3 +84,49 @@ def genai_config(config, tokenizer=None, provider: str | None = None, context_le
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+
+
+# The qnn package's static graphs as onnxruntime-genai's decoder pipeline (0.18):
+#
+#   prompt ─► windows of W (the first padded at its front, `sliding_window.alignment` "right") ─► prefill stage
+#   each generated token ───────────────────────────────────────────────────────────────────────► decode stage
+#   both stages: input_ids, position_ids, past_key_values.* [1, kv, C, d] ─► logits, present.* [1, kv, C, d]
+#
+# `slide_key_value_cache` is off: 0.18's sliding cache takes uint8 caches only ("Expected input data type to be
+# uint8_t for WindowedKeyValueCache"); the graphs keep the cache in place (slot = position, sdk/contract.py),
+# and `past_present_share_buffer` binds one C-slot buffer per tensor as past and present.
+def static_pipeline_config(config: dict, static: dict, files: dict[str, str],
+                           provider_options: dict | None = None) -> dict:
+    """`config` (from `genai_config`) as a decoder pipeline over the static graphs `files` ({"prefill": ...,
+    "decode": ...}); `provider_options` ({"qnn": {...}}) go into each stage's session options.
+
+    Example:
+        >>> static_pipeline_config(cfg, manifest["static"], {"prefill": "prefill_ctx.onnx",  # doctest: +SKIP
+        ...                        "decode": "decode_ctx.onnx"})["model"]["type"]
+        'decoder-pipeline'
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    model, dec = out["model"], out["model"]["decoder"]
+    c, w = int(static["context_length"]), int(static["window"])
+    layers = int(dec["num_hidden_layers"])
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    session = {"log_id": "onnxruntime-genai",
+               "provider_options": [dict(provider_options)] if provider_options else []}
+    stages = []
+    for role, on_prompt in (("prefill", True), ("decode", False)):
+        stages.append({role: {"filename": files[role], "inputs": ["input_ids", "position_ids", *past],
+                              "outputs": ["logits", *present], "session_options": copy.deepcopy(session),
+                              "run_on_prompt": on_prompt, "run_on_token_gen": not on_prompt}})
+    dec.pop("filename", None)
+    dec["session_options"] = copy.deepcopy(session)
+    dec["inputs"].pop("attention_mask", None)
+    dec["sliding_window"] = {"window_size": w, "pad_value": 0, "alignment": "right",
+                             "slide_key_value_cache": False, "slide_inputs": True}
+    dec["pipeline"] = stages
+    model["type"] = "decoder-pipeline"
+    model["context_length"] = c
+    out["search"].update(max_length=c, past_present_share_buffer=True)
+    return out

@@ -454,8 +454,28 @@ def static_graphs(state: ExportState, options: ExportOptions) -> ExportState:
 
     opts = state.static if options.verify else replace(state.static, tolerance=None)
     tokens = parity_tokens(state.lm.tokenizer, opts.window)
-    state.sections["static"] = {"static": export_static(state.folder, opts, tokens)}
+    section = export_static(state.folder, opts, tokens)
+    state.sections["static"] = {"static": section}
+    _static_genai_config(state.folder, section, opts)
     return state
+
+
+def _static_genai_config(folder, section: dict, opts) -> None:
+    """genai_config.json as onnxruntime-genai's decoder pipeline over the EPContext models (the portable graphs
+    when none were compiled), with the QNN HTP provider options of the package's SoC on each stage."""
+    from edge_recover.qnn import resolve_soc
+
+    from .genai import static_pipeline_config
+    from .qnn import CONTEXT_FILES
+    from .static_graph import GRAPH_FILES
+
+    soc = resolve_soc(opts.soc)
+    files = CONTEXT_FILES if opts.compile_contexts else GRAPH_FILES
+    qnn = {"qnn": {"backend_path": "libQnnHtp.so", "enable_htp_fp16_precision": "1", "htp_performance_mode": "burst",
+                   "soc_model": str(soc.soc_model), "htp_arch": str(soc.htp_arch)}}
+    path = Path(folder) / "genai_config.json"
+    config = static_pipeline_config(json.loads(path.read_text()), section, files, qnn)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def package(state: ExportState, options: ExportOptions) -> ExportState:
