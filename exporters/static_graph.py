@@ -5,21 +5,23 @@ sequence and past lengths are symbols, and Shape -> Gather -> Range chains build
 positions at run time); with every dimension fixed, ONNX Runtime's basic optimizer folds those chains into
 constants and what is left is operators the HTP takes (FACTS.md, "The NPU target on this machine").
 
-The KV cache becomes C fixed slots. Both graphs take the whole cache as the past (past length = C) and return
-present = concat(past, new) of length C + W; the runtime copies the W new entries from present's tail into
-free slots of its buffer and marks them in attention_mask. Attention over keys is order-invariant once rotary
-has been applied with explicit position_ids, so slot order does not matter; unfilled slots are masked 0; the
-graph's own causal mask (built for past length C) orders the new tokens among themselves:
+The KV cache becomes C fixed slots, slot = position (sdk/contract.py, the contract edge-recover's runtime and
+onnxruntime-genai's decoder pipeline both follow). Both graphs take the whole cache as the past and return it
+with the window's real entries written at their positions; the attention mask is computed inside from
+position_ids (slots before the window's first position, and the window's real tokens; the first prompt
+window's front padding sits at position 0 and is neither written nor attended), and the graph's own causal
+mask orders the window:
 
-    input_ids [1, W]  position_ids [1, W]  attention_mask [1, C + W]  past.{i}.key/value [1, kv, C, d]
+    input_ids [1, W]  position_ids [1, W]  past.{i}.key/value [1, kv, C, d]
         └──────────────────────── the model, every shape fixed ───────────────────────┘
-    logits [1, W, V]                                                present.{i}.key/value [1, kv, C + W, d]
+    logits [1, W, V]                                                present.{i}.key/value [1, kv, C, d]
 
 Two such graphs, W = `window` (prefill) and W = 1 (decode), reference ONE external data file: the package's
 model.onnx.data, whose weights they share with identical offsets (`write_static_graphs`).
 
 The passes, each `(graph, options) -> graph` with its picture above it, in the order `STATIC_PASSES` runs them:
-rotary tables (cos/sin looked up, not computed in fp16 from large angles), fixed shapes, constant folding,
+rotary tables (cos/sin looked up, not computed in fp16 from large angles), fixed shapes, the positional
+cache (present = past with the new entries at slot = position), constant folding,
 a finite attention-mask value (fp16 has no -3.4e38), an RMS norm that squares x / max|x| (x² overflows fp16).
 """
 
