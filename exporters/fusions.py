@@ -15,9 +15,14 @@ rotary inside (`do_rotary=1`), the op onnxruntime-genai's builder emits:
     cos_cache, sin_cache (the model's own rotary module) ─────────┴─► GroupQueryAttention ─► o_proj
                                                                           └─► present.i.key / .value
 
-Anchors are names, not op patterns: the projection nodes `/model/layers.i/self_attn/{q,k,v,o}_proj/...`
-(MatMulNBits or MatMul), the graph inputs/outputs `past_key_values.i.*` / `present.i.*`, and the torch
-module's norm weights and rotary tables; everything Optimum had between them is dead code and is removed.
+A family whose layout fuses q | k | v into one projection (Phi-3's `qkv_proj`, sdk/layouts.py) hands it over
+packed, as packed_qkv.py hands over the other families' stacked q/k/v:
+
+    qkv_proj ─► GroupQueryAttention (query: the packed rows; key, value: "")
+
+Anchors are names, not op patterns: the projection nodes `/model/layers.i/self_attn/{q,k,v,o}_proj/...` (the
+layout's names: `qkv_proj`, `o_proj` for Phi-3; MatMulNBits or MatMul), the graph inputs/outputs
+`past_key_values.i.*` / `present.i.*`, and the torch module's norm weights and rotary tables; everything Optimum had between them is dead code and is removed.
 Inputs and outputs keep their names and layouts ([batch, kv_heads, seq, head_dim]), so the graph runs with
 a cache that grows by concatenation, as Optimum's does, and also with one buffer bound as both past and
 present (`kv_share_buffer`: runtimes/session.py's default for fused graphs, onnxruntime-genai's
@@ -30,9 +35,10 @@ ONNX Runtime fuses the norms itself but not the Add before them.
 Projection biases (Qwen2's q/k/v, a Llama's `attention_bias`) need nothing: each is an Add after its projection
 node, which attention reads through (`_projected`), and o_proj's stays after o_proj.
 
-Refused (left unfused, the reason recorded): sliding-window attention, partial rotary, layouts where an anchor
-is missing. GroupQueryAttention takes positions from `seqlens_k` (the count of ones in `attention_mask`), which
-is right for left-aligned batches without padding: what the runtime feeds.
+Refused (left unfused, the reason recorded): sliding-window attention, partial rotary, LongRoPE (its tables
+change with the sequence length), layouts where an anchor is missing. GroupQueryAttention takes positions from
+`seqlens_k` (the count of ones in `attention_mask`), which is right for left-aligned batches without padding:
+what the runtime feeds.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ def fusion_plan(model) -> tuple[bool, str]:
         return False, "sliding-window attention is not mapped to GroupQueryAttention"
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         return False, "partial rotary embeddings are not mapped"
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "longrope":  # Phi-3's 128k variants
+        return False, "LongRoPE switches its rotary tables with the sequence length, which one cos/sin cache cannot"
+    if layout.attention.qkv and (layout.attention.q_norm or layout.attention.k_norm):
+        return False, "per-head q/k norms after a fused qkv projection are not mapped"
     return True, ""
 
 
@@ -190,16 +201,21 @@ def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32
              numpy_helper.from_array(np.array(1, np.int64), "/model/attn_mask/one")]
     new_before: dict[str, list[onnx.NodeProto]] = {}  # o_proj node name -> nodes to insert before it
     layers = model.model.layers
+    at = LAYOUTS[cfg.model_type].attention
     for i, layer in enumerate(layers):
         attn = layer.self_attn
-        q, k, v, o = (_proj(by_name, i, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if at.qkv:  # one fused projection (Phi-3): GroupQueryAttention reads it packed, key and value ""
+            q, o = _proj(by_name, i, at.qkv), _proj(by_name, i, at.o)
+        else:
+            q, k, v, o = (_proj(by_name, i, p) for p in (at.q, at.k, at.v, at.o))
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok_, ov_ = f"present.{i}.key", f"present.{i}.value"
         if not {ok_, ov_} <= outputs:
             raise EdgeRecoverError(f"fusion: graph outputs {ok_}/{ov_} missing; export with fuse=False")
         prefix = f"/model/layers.{i}/self_attn"
         nodes: list[onnx.NodeProto] = []
-        q_in, k_in, v_in = (_projected(p, consumers) for p in (q, k, v))
+        q_in, k_in, v_in = ((_projected(q, consumers), "", "") if at.qkv else
+                            (_projected(p, consumers) for p in (q, k, v)))
         for which, norm_mod in (("q", getattr(attn, "q_norm", None)), ("k", getattr(attn, "k_norm", None))):
             if norm_mod is None:
                 continue
@@ -224,9 +240,10 @@ def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32
         gqa_out = attn_out
         if half:
             casts = [helper.make_node("Cast", [x], [f"{prefix}/{w}_f16/output_0"], name=f"{prefix}/{w}_f16/Cast",
-                                      to=TensorProto.FLOAT16) for w, x in (("q", q_in), ("k", k_in), ("v", v_in))]
+                                      to=TensorProto.FLOAT16)
+                     for w, x in (("q", q_in), ("k", k_in), ("v", v_in)) if x]  # packed qkv: one Cast
             nodes += casts
-            q_in, k_in, v_in = (c.output[0] for c in casts)
+            q_in, k_in, v_in = [c.output[0] for c in casts] + ["", ""][:3 - len(casts)]
             gqa_out = f"{prefix}/GroupQueryAttention/output_0_f16"
         nodes.append(helper.make_node(
             "GroupQueryAttention",

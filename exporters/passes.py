@@ -208,8 +208,8 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
     # as `load_scheme`: a rule's own BLOCK stays, one without takes --block-size, else the target's
     sch = sch.with_rules(parse_rule(r, blocks) for r in options.rules).with_target_block_size(target.preferred_block_size)
     target.check_scheme(sch)  # refused before minutes of quantizing, not after
-    quantize_loaded(lm, sch, method=options.method, calibration=options.calibration, progress=False)
-    return sch.to_json(), options.method
+    report = quantize_loaded(lm, sch, method=options.method, calibration=options.calibration, progress=False)
+    return report.scheme, options.method  # the scheme as applied: a fused family's gate/up rule spelled its way
 
 
 def adapter_base(state: ExportState, options: ExportOptions) -> ExportState:

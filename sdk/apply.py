@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import EdgeRecoverError, require
+from .layouts import LAYOUTS
 from .qlinear import QuantLinear
 from .quantizer import quantize_weight, sqnr_db
 from .scheme import KEEP, QuantConfig, Scheme
@@ -83,6 +84,8 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
     """
     layers = linear_layers(model)
     require(bool(layers), "the model has no nn.Linear layers to quantize")
+    # a named scheme's gate/up rule as this family names the layers (Phi-3: the fused gate_up_proj)
+    scheme = scheme.for_layout(LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None)))
     scheme.check_matches(layers)
     if method == "gptq":  # refused before minutes of work, naming the layer (not after, deep in the quantizer)
         missing = [n for n, m in layers.items() if scheme.resolve(n) != KEEP and not isinstance(m, QuantLinear)

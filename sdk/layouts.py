@@ -7,14 +7,15 @@ per-head norms and biases the attention has, how the embedding and the head are 
 (exporters/fusions.py) applies. Every stage that asks "is this model supported?" asks `layout_for(config)`:
 
     HF config.json ──► layout_for(config) ──► Layout ──┬─► sdk/models.check_architecture (load, checkpoint, export)
-                                                       ├─► exporters/fusions.fusion_plan (fused_attention)
+                                                       ├─► exporters/fusions (fused_attention; q/k/v/o or qkv, o)
                                                        ├─► exporters/genai.genai_config  (genai_type)
                                                        └─► sdk/scheme's named schemes   (role_pattern: gate/up)
 
 A new family needs one `register(Layout(...))` entry below and a tiny-model fixture
-(tests/fixtures/tiny_models.py) whose modules tests/sdk/test_layouts.py checks against the layout. The
-module-name roles are read by the named schemes; other graph passes (packed_qkv, attention_scale, rotation,
-blockap, static_graph) still spell the Llama names and list them as what a layout must keep.
+(tests/fixtures/tiny_models.py) whose modules tests/sdk/test_layouts.py checks against the layout: Phi-3's entry
+(fused qkv and gate_up) is the worked example (docs/design.md, "Model families"). The module-name roles are read
+by the named schemes (`Scheme.for_layout`) and the fused attention; rotation still spells the Llama names and
+refuses other layouts in one line.
 
 Trade-off: a layout is a flat record of names, not a builder. A family whose math differs (Gemma's RMSNorm
 scales by 1 + weight) cannot be described by renaming alone, so it is refused with the reason until the
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Literal
 
 from .errors import EdgeRecoverError, require
 
@@ -40,8 +41,8 @@ NormKind = Literal["rms", "rms_one_plus"]
 class Attention:
     """Attention's module names inside one decoder layer (`{layers}.{i}.{module}.{q}` etc.).
 
-    `qkv` names one fused projection instead of q/k/v (rows q | k | v, split by `Layout.qkv_split`); no registered
-    family uses it yet. `biases` lists the projections (roles q/k/v/o) that always carry a bias; a config flag
+    `qkv` names one fused projection instead of q/k/v (rows q | k | v, split by `Layout.qkv_split`; Phi-3's
+    qkv_proj, which GroupQueryAttention reads packed). `biases` lists the projections (roles q/k/v/o) that always carry a bias; a config flag
     such as Llama's `attention_bias` may add more. `q_norm` / `k_norm` name per-head RMS norms (Qwen3).
     """
 
@@ -167,27 +168,45 @@ def layout_for(config) -> Layout:
                            "(sdk/layouts.py, docs/design.md 'Model families')")
 
 
-def role_pattern(*roles: str) -> str:
-    """A regex (for a scheme rule) matching the MLP projections `roles` ('gate', 'up', 'down') of every
-    registered family, e.g. `mlp\\.(gate_proj|up_proj)$`: the names come from the table, not from the scheme.
+def role_pattern(*roles: str, layouts: "Iterable[Layout] | None" = None) -> str:
+    """A regex (for a scheme rule) matching the MLP projections `roles` ('gate', 'up', 'down') of `layouts`
+    (default: every registered family), e.g. `mlp\\.(gate_proj|up_proj)$`: the names come from the table, not from
+    the scheme. A fused gate | up projection (Phi-3's `gate_up_proj`) is one layer with one bit width: it
+    matches when both 'gate' and 'up' are asked for, never for one of them alone.
 
     Example:
-        >>> role_pattern("gate", "up")
+        >>> role_pattern("gate", "up", layouts=[LAYOUTS["llama"]])
         'mlp\\\\.(gate_proj|up_proj)$'
+        >>> role_pattern("gate", "up", layouts=[LAYOUTS["phi3"]])
+        'mlp\\\\.(gate_up_proj)$'
     """
     require(roles and set(roles) <= {"gate", "up", "down", "gate_up"},
             f"`roles` must name MLP projections (gate, up, down, gate_up), got {roles!r}")
+    layouts = list(LAYOUTS.values() if layouts is None else layouts)
     modules: list[str] = []
     names: list[str] = []
-    for layout in LAYOUTS.values():
-        mlp = layout.mlp
-        if mlp.module not in modules:
-            modules.append(mlp.module)
-        for name in (getattr(mlp, role) for role in roles):
-            if name is not None and name not in names:
-                names.append(name)
+    for layout in layouts:
+        new = role_names(layout, roles)
+        if new and layout.mlp.module not in modules:
+            modules.append(layout.mlp.module)
+        names += [n for n in new if n not in names]
+    require(names, f"no layer of {', '.join(lay.model_type for lay in layouts)} has the MLP roles {roles!r}")
     module = re.escape(modules[0]) if len(modules) == 1 else "(" + "|".join(map(re.escape, modules)) + ")"
     return f"{module}\\.({'|'.join(map(re.escape, names))})$"
+
+
+def role_names(layout: Layout, roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The local names of `layout`'s MLP layers that hold exactly the roles `roles` (gate / up / down / gate_up):
+    a fused gate_up for ('gate', 'up') or 'gate_up', nothing of it for 'gate' or 'up' alone.
+
+    Example:
+        >>> role_names(LAYOUTS["phi3"], ("gate", "up", "down"))
+        ('gate_up_proj', 'down_proj')
+    """
+    mlp = layout.mlp
+    fused = (mlp.gate_up,) if mlp.gate_up and ({"gate", "up"} <= set(roles) or "gate_up" in roles) else ()
+    split = tuple(getattr(mlp, r) for r in roles if r != "gate_up" and not (mlp.gate_up and r in ("gate", "up")))
+    return fused + split
 
 
 # The families and what the code does with them today. Qwen2's q/k/v carry biases (o does not); Qwen3 adds

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Union
 
 from .errors import EdgeRecoverError, require
-from .layouts import role_pattern
+from .layouts import LAYOUTS, Layout, role_names, role_pattern
 
 SCHEME_FORMAT_VERSION = 1
 VALID_BITS = (2, 4, 8)
@@ -129,6 +129,9 @@ class Rule:
     # a named scheme's head rule, which a target's head replaces (`Scheme.with_target_head`); not in the JSON
     # or `==`, like `QuantConfig.block_stand_in`
     head_stand_in: bool = field(default=False, compare=False, repr=False)
+    # a named scheme's rule built from the family table's MLP roles (("gate", "up") for w4w2gateup), which
+    # `Scheme.for_layout` spells as a family names them; not in the JSON or `==`
+    roles: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, str):
@@ -223,6 +226,22 @@ class Scheme:
         extra = tuple(extra)
         return replace(self, name=self.name + ("+custom" if extra else ""), rules=extra + self.rules)
 
+    def for_layout(self, layout: Layout | None) -> "Scheme":
+        """The scheme with each rule built from MLP roles (a named scheme's gate/up) spelled as `layout`'s family
+        names them: Phi-3's one fused `mlp\\.(gate_up_proj)$` for `mlp\\.(gate_proj|up_proj)$`. A family that
+        names them so (Llama, Mistral, Qwen2, Qwen3) gets the scheme back unchanged, so its JSON and a package's
+        manifest stay byte for byte what they were; `None` (no registered family) too.
+
+        Example:
+            >>> named_scheme("w4w2gateup").for_layout(LAYOUTS["phi3"]).resolve("model.layers.0.mlp.gate_up_proj").bits
+            2
+        """
+        if layout is None:
+            return self
+        rules = tuple(replace(r, pattern=role_pattern(*r.roles, layouts=[layout]))
+                      if r.roles and role_names(layout, r.roles) else r for r in self.rules)
+        return self if [r.pattern for r in rules] == [r.pattern for r in self.rules] else replace(self, rules=rules)
+
     def check_matches(self, layer_names: Iterable[str]) -> None:
         """Refuse a rule that matches no layer: it is almost always a typo."""
         names = list(layer_names)
@@ -271,11 +290,12 @@ class Scheme:
 
 
 _KEEP_HEAD = Rule(r"(^|\.)lm_head$", KEEP, head_stand_in=True)  # float unless a target says otherwise
-# The MLP's gate and up projections of every registered family (sdk/layouts.py), as a regex: today
-# `mlp\.(gate_proj|up_proj)$`. Built once at import from the built-in families, so a named scheme's JSON
-# (and a package's manifest) says the same pattern on every machine; a family registered later with other
-# names needs its own `--rule`.
-_GATE_UP = role_pattern("gate", "up")
+# The MLP's gate and up projections of the built-in families that keep them apart (sdk/layouts.py), as a regex:
+# `mlp\.(gate_proj|up_proj)$`. Built once at import, so a named scheme's JSON (and a package's manifest) says the
+# same pattern on every machine. A family that fuses them (Phi-3's gate_up_proj) gets its own spelling when a
+# model of it is quantized (`Scheme.for_layout`, called by apply.quantize_model); one registered later with other
+# names does too.
+_GATE_UP = role_pattern("gate", "up", layouts=[lay for lay in LAYOUTS.values() if not lay.mlp.gate_up])
 
 
 def _stand_in(bits: int) -> QuantConfig:
@@ -294,7 +314,7 @@ NAMED_SCHEMES: dict[str, Scheme] = {
     "w8": Scheme("w8", _stand_in(8), (_KEEP_HEAD,)),
     "w4": Scheme("w4", _stand_in(4), (_KEEP_HEAD,)),
     "w2": Scheme("w2", _stand_in(2), (_KEEP_HEAD,)),
-    "w4w2gateup": Scheme("w4w2gateup", _stand_in(4), (_KEEP_HEAD, Rule(_GATE_UP, _stand_in(2)))),
+    "w4w2gateup": Scheme("w4w2gateup", _stand_in(4), (_KEEP_HEAD, Rule(_GATE_UP, _stand_in(2), roles=("gate", "up")))),
 }
 
 
