@@ -215,3 +215,6 @@ register(Layout("llama", genai_type="llama"))
 register(Layout("mistral", genai_type="mistral"))
 register(Layout("qwen2", genai_type="qwen2", attention=Attention(biases=("q", "k", "v"))))
 register(Layout("qwen3", genai_type="qwen3", attention=Attention(q_norm="q_norm", k_norm="k_norm")))
+# Phi-3 (Phi3ForCausalLM; Phi-3.5-mini and Phi-4-mini too): q | k | v rows in one qkv_proj, gate | up rows in one
+# gate_up_proj; no biases; the head untied in Phi-3, tied in Phi-4-mini, by the same `tie_word_embeddings`.
+register(Layout("phi3", genai_type="phi3", attention=Attention(qkv="qkv_proj"), mlp=Mlp(gate_up="gate_up_proj")))

@@ -32,3 +32,11 @@ def tiny_qwen2_dir(tmp_path_factory):
     from tests.fixtures.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", tie=False, intermediate=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory):
+    """Phi-3 (fused qkv_proj and gate_up_proj, no biases), untied as Phi-3-mini; intermediate 128 as Qwen2's."""
+    from tests.fixtures.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "phi3", "phi3", tie=False, intermediate=128)

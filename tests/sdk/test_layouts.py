@@ -13,7 +13,8 @@ from edge_recover.errors import EdgeRecoverError
 from edge_recover.layouts import LAYOUTS, Attention, Layout, layout_for, register, role_pattern, supported, unregister
 from tests.fixtures.tiny_models import make_tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
+NAMES = "llama, mistral, phi3, qwen2, qwen3"
 
 
 def test_registered_families():
@@ -31,9 +32,11 @@ def test_layout_matches_tiny_model(arch):
     linears = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
     assert linears == set(layout.linear_names(0)) | {layout.head}
     at, base = layout.attention, f"{layout.layer(0)}.{layout.attention.module}"
-    for role in ("q", "k", "v", "o"):
-        has_bias = modules[f"{base}.{getattr(at, role)}"].bias is not None
+    for proj in at.projections():
+        role = next(r for r in ("q", "k", "v", "o", "qkv") if getattr(at, r) == proj)
+        has_bias = modules[f"{base}.{proj}"].bias is not None
         assert has_bias == (role in at.biases), (arch, role)
+    assert (at.qkv is not None) == (layout.mlp.gate_up is not None) == (arch == "phi3")
     for norm in (at.q_norm, at.k_norm):
         if norm is not None:
             assert f"{base}.{norm}.weight" in params
@@ -44,25 +47,41 @@ def test_layout_matches_tiny_model(arch):
     assert isinstance(modules[layout.embedding], torch.nn.Embedding)
     assert layout.tied(model.config) == (params[f"{layout.head}.weight"] is params[f"{layout.embedding}.weight"])
     assert sum(layout.qkv_split(model.config)) == sum(
-        modules[f"{base}.{getattr(at, r)}"].out_features for r in ("q", "k", "v"))
+        modules[f"{base}.{p}"].out_features for p in at.projections()[:-1])  # qkv, or q, k and v
     assert layout.norm == "rms" and layout.genai_type == arch and layout.fused_attention
 
 
+SPLIT_MLP = ("llama", "mistral", "qwen2", "qwen3")  # gate and up apart: the rule's spelling since before Phi-3
+
+
 def test_role_pattern_is_the_schemes_gate_up_rule():
+    """w4w2gateup's rule is the same regex as before Phi-3 was registered, byte for byte, and applied to the
+    four split-MLP families unchanged (their scheme JSON and manifests do not change); Phi-3 gets its own
+    spelling, the one fused gate_up at 2 bits."""
     from edge_recover.scheme import named_scheme
 
-    pattern = role_pattern("gate", "up")
-    assert pattern == r"mlp\.(gate_proj|up_proj)$"  # the pattern w4w2gateup packages have always recorded
-    rules = named_scheme("w4w2gateup").rules
-    assert [r.pattern for r in rules if r.config != "keep"] == [pattern]
-    for arch in FAMILIES:
+    before = r"mlp\.(gate_proj|up_proj)$"  # the pattern w4w2gateup packages have always recorded
+    assert role_pattern("gate", "up", layouts=[LAYOUTS[a] for a in SPLIT_MLP]) == before
+    assert role_pattern("gate", "up") == r"mlp\.(gate_proj|up_proj|gate_up_proj)$"  # every family's
+    scheme = named_scheme("w4w2gateup")
+    assert [r.pattern for r in scheme.rules if r.config != "keep"] == [before]
+    for arch in SPLIT_MLP:
         layout = LAYOUTS[arch]
+        assert role_pattern("gate", "up", layouts=[layout]) == before
+        applied = scheme.for_layout(layout)
+        assert applied is scheme and applied.to_json() == scheme.to_json(), arch
         gate, up, down, q = (f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.gate}",
                              f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.up}",
                              f"{layout.layer(0)}.{layout.mlp.module}.{layout.mlp.down}", layout.linear_names(0)[0])
-        scheme = named_scheme("w4w2gateup")
-        assert [scheme.resolve(n).bits for n in (gate, up, down, q)] == [2, 2, 4, 4], arch
+        assert [applied.resolve(n).bits for n in (gate, up, down, q)] == [2, 2, 4, 4], arch
+    phi3 = scheme.for_layout(LAYOUTS["phi3"])
+    assert [r.pattern for r in phi3.rules if r.config != "keep"] == [r"mlp\.(gate_up_proj)$"]
+    assert [phi3.resolve(n).bits for n in LAYOUTS["phi3"].linear_names(0)] == [4, 4, 2, 4]  # qkv, o, gate_up, down
+    assert scheme.for_layout(None) is scheme
     assert role_pattern("down") == r"mlp\.(down_proj)$"
+    assert role_pattern("gate", layouts=[LAYOUTS["llama"], LAYOUTS["phi3"]]) == r"mlp\.(gate_proj)$"  # not half a fused layer
+    with pytest.raises(EdgeRecoverError, match="no layer of phi3"):
+        role_pattern("up", layouts=[LAYOUTS["phi3"]])
     with pytest.raises(EdgeRecoverError, match="`roles`"):
         role_pattern("q")
 
@@ -73,14 +92,14 @@ def test_unregistered_refused_in_one_line(model_type):
         layout_for(SimpleNamespace(model_type=model_type, architectures=["XForCausalLM"]))
     msg = str(exc.value)
     assert "\n" not in msg and f"unsupported architecture {model_type!r} (XForCausalLM)" in msg
-    assert "edge-recover supports llama, mistral, qwen2, qwen3" in msg and "register a layout" in msg
+    assert f"edge-recover supports {NAMES}" in msg and "register a layout" in msg
 
 
 @pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3", "gemma3_text"])
 def test_gemma_refused_for_its_norm(model_type):
     with pytest.raises(EdgeRecoverError, match=re.escape("RMSNorm scales by 1 + weight")) as exc:
         layout_for(SimpleNamespace(model_type=model_type))
-    assert "\n" not in str(exc.value) and "llama, mistral, qwen2, qwen3" in str(exc.value)
+    assert "\n" not in str(exc.value) and NAMES in str(exc.value)
 
 
 def test_fused_qkv_layout():
@@ -108,7 +127,7 @@ def test_every_allow_list_reads_the_table():
     cfg.model_type = "throwaway"
     with pytest.raises(EdgeRecoverError, match="unsupported architecture 'throwaway'"):
         check_architecture(cfg)
-    assert not fusion_plan(model)[0] and "fused: llama, mistral, qwen2, qwen3" in fusion_plan(model)[1]
+    assert not fusion_plan(model)[0] and f"fused: {NAMES}" in fusion_plan(model)[1]
     register(Layout("throwaway", genai_type="phi3", fused_attention=False))
     try:
         check_architecture(cfg)
@@ -139,7 +158,7 @@ def _save_foreign(path, arch: str):
 
 
 @pytest.mark.parametrize("arch, needle", [
-    ("gpt2", "unsupported architecture 'gpt2' (GPT2LMHeadModel); edge-recover supports llama, mistral, qwen2, qwen3"),
+    ("gpt2", f"unsupported architecture 'gpt2' (GPT2LMHeadModel); edge-recover supports {NAMES}"),
     ("gemma2", "unsupported architecture 'gemma2' (Gemma2ForCausalLM): Gemma's RMSNorm scales by 1 + weight"),
 ])
 def test_cli_refuses_unregistered_family(tmp_path, arch, needle):
@@ -149,7 +168,7 @@ def test_cli_refuses_unregistered_family(tmp_path, arch, needle):
     code, out, err = run_cli("quantize", model, "-o", tmp_path / "out", cwd=tmp_path)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
-    assert "llama, mistral, qwen2, qwen3" in lines[0] and "Traceback" not in err
+    assert NAMES in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
 
 
