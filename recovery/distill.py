@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from edge_recover.apply import quantized_layers
 from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.layouts import LAYOUTS
 from edge_recover.scheme import CPU_HEAD, BlockSizes, Scheme, named_scheme
 from edge_recover.shared_head import share_quantized_head
 
@@ -281,7 +282,7 @@ def _student_base(lm, scheme, cfg: RecoverConfig, quantized, save_quantized_to, 
     if quantized is not None:
         base, qmanifest, scheme = load_student_checkpoint(quantized, lm, scheme)
         return base, scheme, qmanifest["method"], None
-    scheme = scheme or default_scheme()
+    scheme = (scheme or default_scheme()).for_layout(LAYOUTS.get(lm.model.config.model_type))  # as quantize records it
     base, qreport = quantize_student(lm, scheme, cfg.method, calibration=cfg.calibration, seed=cfg.seed,
                                      progress=progress, device=device)
     if save_quantized_to is not None and not (resume and Path(save_quantized_to).exists()):

@@ -190,3 +190,13 @@ def test_longrope_keeps_optimums_attention():
     assert plan(None) == (True, "")
     fused, why = plan({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})
     assert not fused and "LongRoPE" in why
+
+
+def test_recover_without_quantized_records_the_fused_rule(tiny_phi3_dir, work):
+    """`recover MODEL` quantizes as `quantize` does: the checkpoint's scheme names the fused gate_up_proj."""
+    out = work / "rec-own"
+    ok("recover", tiny_phi3_dir, "--mode", "qat", "--method", "rtn", "-o", out, "--samples", "16", "--seq-len", "16",
+       "--epochs", "1", "--batch-size", "8", "--device", "cpu")
+    manifest = json.loads((out / "edge_recover_quantized.json").read_text())
+    rules = json.dumps(manifest["scheme"])
+    assert "gate_up_proj" in rules and "gate_proj|up_proj" not in rules, rules
