@@ -124,7 +124,7 @@ class RecoverConfig:
     block_ap_rows: int = 1024  # qat: teacher samples block reconstruction fits on
     block_ap_lr: float = 1e-2  # qat: its peak LR of the latents (log-scales and norms at --lr-scale / --lr-norm)
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
-    latent_start: str = "nearest"  # qat: latents of integers the teacher does not round to (recovery/qat.py)
+    latent_start: str = "centre"  # qat: latents of integers the teacher does not round to (recovery/qat.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0

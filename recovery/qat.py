@@ -18,11 +18,12 @@ Each group has its own learning rate (latents move in weight units, log-scales i
 
 The latent starts at the teacher's float weight where that reproduces the start integers (RTN: it does, and
 the latent then keeps each weight's position inside its rounding step). Where it does not (GPTQ integers:
-error feedback moves some weights to a neighbouring code), `start="nearest"` (the default) puts each latent at
-the point of its code's interval nearest to the teacher weight: the teacher itself where it lies inside, else
-just inside the edge GPTQ pushed it across, so a short run can undo a rounding that does not pay, and the
-codes still start exactly as given. `start="centre"` puts every latent at its code's centre, half a step from
-any rounding boundary (what earlier studies ran: 0 % of codes moved in the CPU demo's 62 steps).
+error feedback moves some weights to a neighbouring code), `start="centre"` (the default) puts every latent at
+its code's centre, half a step from any rounding boundary. `start="nearest"` puts it at the point of its code's
+interval nearest to the teacher weight: the teacher itself where it lies inside, else just inside the edge GPTQ
+pushed it across; the codes still start exactly as given. Measured on the CPU demo's recipe (SmolLM2, 62 steps):
+nearest moves 5.9 % of the codes where centre moves none, and ends far worse (held-out KL 1.29 against 0.81,
+package perplexity 108.7 against 66.5): the codes it flips back are GPTQ's error compensation.
 `qat_start` reports which start each layer got.
 """
 
@@ -114,7 +115,7 @@ FROZEN_BITS = 8
 
 
 def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight",
-                     train_head: bool = False, start: str = "nearest") -> QatStart:
+                     train_head: bool = False, start: str = "centre") -> QatStart:
     """Turn every `QuantLinear` of `base` (in place) into a `FakeQuantLinear` that starts at its integers.
 
     `start` places the latents of integers the teacher weight does not round to (module docstring).
