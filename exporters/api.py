@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from edge_recover.atomic import atomic_dir, check_new_dir
 from edge_recover.contract import (DATA_FILE, MANIFEST, MODEL_FILE, PACKAGE_FORMAT_VERSION, PACKAGE_KIND,  # noqa: F401
                                    read_manifest)
@@ -56,12 +58,22 @@ def export(model: "str | Path | LoadedModel", output: str | Path, options: Expor
     state = ExportState(lm=_load(model, options.base), target=prof, plan=plan,
                         caller_model=isinstance(model, LoadedModel), started=t0)
     passes = pass_list(prof)
-    for step in passes.build:
-        state = step(state, options)
-    with atomic_dir(out, options.overwrite) as tmp:
-        state.folder = tmp
-        for step in passes.write:
+    # which pass runs, on a terminal (a real model's quantize and verify passes take minutes; tqdm stays silent
+    # when stderr is not a terminal, so logs and the CLI's one-line errors are unchanged)
+    bar = tqdm(total=len(passes.build) + len(passes.write), desc="export", unit="pass", leave=False, disable=None)
+    try:
+        for step in passes.build:
+            bar.set_postfix_str(step.__name__)
             state = step(state, options)
+            bar.update(1)
+        with atomic_dir(out, options.overwrite) as tmp:
+            state.folder = tmp
+            for step in passes.write:
+                bar.set_postfix_str(step.__name__)
+                state = step(state, options)
+                bar.update(1)
+    finally:
+        bar.close()
     return out
 
 

@@ -104,3 +104,35 @@ def test_bad_rule_and_rule_on_a_checkpoint_are_refused(work, hf, q_gptq):
     one_line_error(cli("export", hf, "--rule", "lm_head=3", "-o", work / "never"), "--rule")
     one_line_error(cli("export", q_gptq, "--rule", "lm_head=8", "-o", work / "never"), "quantize it with that rule")
     assert not (work / "never").exists()
+
+
+def test_export_shows_its_passes_on_a_terminal(hf, work):
+    """On a terminal `export` shows which pass runs (a real model's quantize and verify passes take minutes);
+    off a terminal (logs, these tests' other runs) it writes no bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    out = work / "pkg-tty"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a 120-column terminal, then the CLI
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.execv(sys.executable, [sys.executable, "-m", "edge_recover", "export", str(hf), "--scheme", "w4",
+                                  "-o", str(out), "--overwrite"])
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.waitpid(pid, 0)
+    text = seen.decode(errors="replace")
+    assert "export:" in text and "verify" in text and f"wrote {out}" in text, text[-2000:]
+    plain = ok("export", hf, "--scheme", "w4", "-o", work / "pkg-notty", "--overwrite")
+    assert "export:" not in plain.stderr
