@@ -23,6 +23,8 @@ from edge_recover.errors import require
 from edge_recover.humaneval import (CodeEvalOptions, CodePrompt, CodeTask, Completion, Problem, code_prompt,
                                     score_code_tasks)
 
+from .task_eval import _device  # one rule for `--device auto`, shared with the multiple-choice path
+
 __all__ = ["TorchCodeGenerator", "evaluate_code"]
 
 
@@ -84,12 +86,6 @@ class TorchCodeGenerator:
         else:
             stop = "max_new_tokens" if budget == max_new_tokens else "context"
         return Completion(prompt, self.tokenizer.decode(new, skip_special_tokens=True), len(new), stop)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def evaluate_code(model: str | Path, tasks: Sequence[CodeTask], scheme=None, *, quantized: str | Path | None = None,
