@@ -13,7 +13,6 @@ model with the adapter switched off).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ from edge_recover.errors import require
 from edge_recover.humaneval import (CodeEvalOptions, CodePrompt, CodeTask, Completion, Problem, code_prompt,
                                     score_code_tasks)
 
-from .task_eval import _device  # one rule for `--device auto`, shared with the multiple-choice path
+from .task_eval import score_torch_models  # fp / quantized / recovered, as the multiple-choice path scores them
 
 __all__ = ["TorchCodeGenerator", "evaluate_code"]
 
@@ -101,25 +100,11 @@ def evaluate_code(model: str | Path, tasks: Sequence[CodeTask], scheme=None, *, 
     """
     from edge_recover.code_report import code_model_row, code_report
 
-    from .evaluation import load_student, load_teacher
-
-    names = {"fp": "fp", "quantized": "quantized", "recovered": "recovered", **(labels or {})}
-    lm, recipe = load_teacher(model, adapter, method, calibration, seed)
-    dev = _device(device)
-    rows: list[dict] = []
-    if fp:
-        gen = TorchCodeGenerator(lm.model.to(dev), lm.tokenizer, dev)
-        rows.append(code_model_row(names["fp"], f"{lm.source} (full precision)",
-                                   score_code_tasks(tasks, gen, options, progress, names["fp"])))
-    student, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
-    student = student.to(dev)
-    gen = TorchCodeGenerator(student, lm.tokenizer, dev, max_length=lm.model.config.max_position_embeddings)
-    off = student.disable_adapter() if adapter else contextlib.nullcontext()
-    with off:
-        rows.append(code_model_row(names["quantized"], what, score_code_tasks(tasks, gen, options, progress,
-                                                                              names["quantized"])))
-    if adapter:
-        rows.append(code_model_row(names["recovered"], f"{what} + adapter {adapter}",
-                                   score_code_tasks(tasks, gen, options, progress, names["recovered"])))
+    rows, _, gen = score_torch_models(
+        model, scheme, lambda m, tok, dev, n: TorchCodeGenerator(m, tok, dev, max_length=n),
+        lambda scorer, name: score_code_tasks(tasks, scorer, options, progress, name), quantized=quantized,
+        adapter=adapter, method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress,
+        labels=labels)
+    rows = [code_model_row(*row) for row in rows]
     prompt_style = "chat template" if gen.chat else "raw completion (no chat template)"
     return code_report(tasks, rows, options, settings={"backend": "torch", "prompt": prompt_style})

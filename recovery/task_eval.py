@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -85,6 +85,32 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def score_torch_models(model: str | Path, scheme, make: Callable, score: Callable, *, quantized=None, adapter=None,
+                       method: str | None = None, calibration: int = 32, seed: int = 0, device: str = "auto",
+                       fp: bool = True, progress: bool = True, labels: Optional[dict] = None):
+    """The teacher `model` (if `fp`), its quantized student and (with `adapter`) the recovered one, each scored:
+    `make(model, tokenizer, device, max_length)` builds a scorer, `score(scorer, name)` runs it. Returns
+    ([(name, description, result)], names, the student's scorer); the multiple-choice and the code paths share it.
+    """
+    from .evaluation import load_student, load_teacher
+
+    names = {"fp": "fp", "quantized": "quantized", "recovered": "recovered", **(labels or {})}
+    lm, recipe = load_teacher(model, adapter, method, calibration, seed)
+    dev = _device(device)
+    rows: list[tuple] = []
+    if fp:
+        teacher = make(lm.model.to(dev), lm.tokenizer, dev, None)
+        rows.append((names["fp"], f"{lm.source} (full precision)", score(teacher, names["fp"])))
+    student, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
+    student = student.to(dev)
+    scorer = make(student, lm.tokenizer, dev, lm.model.config.max_position_embeddings)
+    with student.disable_adapter() if adapter else contextlib.nullcontext():
+        rows.append((names["quantized"], what, score(scorer, names["quantized"])))
+    if adapter:
+        rows.append((names["recovered"], f"{what} + adapter {adapter}", score(scorer, names["recovered"])))
+    return rows, names, scorer
+
+
 def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, quantized: str | Path | None = None,
                    adapter: str | Path | None = None, method: str | None = None, calibration: int = 32,
                    seed: int = 0, device: str = "auto", fp: bool = True, progress: bool = True,
@@ -98,23 +124,10 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, qua
         >>> rep = evaluate_tasks("smollm2", resolve_tasks("default"), quantized="out/q", adapter="out/a")  # doctest: +SKIP
         >>> rep["recovery"][0]["reach"]  # doctest: +SKIP
     """
-    from .evaluation import load_student, load_teacher
-
-    names = {"fp": "fp", "quantized": "quantized", "recovered": "recovered", **(labels or {})}
-    lm, recipe = load_teacher(model, adapter, method, calibration, seed)
-    dev = _device(device)
-    models: list[dict] = []
-    if fp:
-        teacher = TorchLoglikelihood(lm.model.to(dev), lm.tokenizer, dev)
-        models.append(model_row(names["fp"], f"{lm.source} (full precision)", score_tasks(tasks, teacher, progress, names["fp"])))
-    student, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
-    student = student.to(dev)
-    ll = TorchLoglikelihood(student, lm.tokenizer, dev, max_length=lm.model.config.max_position_embeddings)
-    off = student.disable_adapter() if adapter else contextlib.nullcontext()
-    with off:
-        models.append(model_row(names["quantized"], what, score_tasks(tasks, ll, progress, names["quantized"])))
-    if adapter:
-        models.append(model_row(names["recovered"], f"{what} + adapter {adapter}",
-                           score_tasks(tasks, ll, progress, names["recovered"])))
+    rows, names, _ = score_torch_models(
+        model, scheme, lambda m, tok, dev, n: TorchLoglikelihood(m, tok, dev, max_length=n),
+        lambda scorer, name: score_tasks(tasks, scorer, progress, name), quantized=quantized, adapter=adapter,
+        method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress, labels=labels)
+    models = [model_row(*row) for row in rows]
     return task_report(tasks, models, recoveries=[(names["fp"], names["quantized"], names["recovered"])]
                        if (fp and adapter) else [])
