@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-ap-rows", type=int, default=1024)
     ap.add_argument("--block-ap-lr", type=float, default=1e-2)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
-    ap.add_argument("--latent-start", default="centre", choices=["nearest", "centre"])
+    ap.add_argument("--latent-start", default="centre", choices=["nearest", "centre", "teacher"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="low-bit")

@@ -59,9 +59,10 @@ def recover_cmd(
     block_ap_lr: float = typer.Option(1e-2, help="qat: peak learning rate of the latents in the block-wise reconstruction"),
     latent_units: str = typer.Option("step", help="qat: latent in quantization `step` units or in `weight` units"),
     latent_start: str = typer.Option("centre", help="qat: where a latent starts when the teacher weight does not round "
-                                                     "to its start integer (GPTQ): the code's `centre`, or the `nearest` "
+                                                     "to its start integer (GPTQ): the code's `centre`, the `nearest` "
                                                      "point of its interval to the teacher weight (moves more codes, "
-                                                     "ends worse: docs/recovery.md)"),
+                                                     "ends worse: docs/recovery.md), or `teacher`: weight by weight, the "
+                                                     "teacher's value where it rounds to the code, else the centre"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),

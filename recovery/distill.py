@@ -154,8 +154,8 @@ class RecoverConfig:
                 object.__setattr__(self, name, qat if self.mode == "qat" else lora)
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
-        require(self.latent_start in ("nearest", "centre"),
-                f"`--latent-start` must be nearest or centre, got {self.latent_start!r}")
+        require(self.latent_start in ("nearest", "centre", "teacher"),
+                f"`--latent-start` must be nearest, centre or teacher, got {self.latent_start!r}")
         require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
         require(self.block_ap_steps >= 0 and self.block_ap_rows > 0 and self.block_ap_lr > 0,
                 f"`--block-ap-steps` must be >= 0 and `--block-ap-rows`, `--block-ap-lr` positive, got "

@@ -49,17 +49,18 @@ def test_eval_scheme_with_adapter(hf, adapter_hf, text_file, work):
 
 
 def test_recover_chat_share_and_latent_start(hf, work):
-    """`recover --chat-share 0.5 --latent-start centre` (docs/recovery.md): half the teacher's rows open with the
-    chat template's user turn; GPTQ integers the teacher does not round to start at their codes' centres (the
-    default, `nearest`, is the test of recovery/qat.py); a bad value is one line."""
+    """`recover --chat-share 0.5 --latent-start teacher` (docs/recovery.md): half the teacher's rows open with the
+    chat template's user turn; GPTQ integers the teacher does not round to start at their codes' centres, the
+    others at the teacher weight (the default `centre` runs in every other recover test); a bad value is one line."""
     from edge_recover.recovery.data import load_dataset
 
     out = work / "rec-chat"
-    ok("recover", hf, "-o", out, "--chat-share", "0.5", "--latent-start", "centre", "--method", "gptq",
+    ok("recover", hf, "-o", out, "--chat-share", "0.5", "--latent-start", "teacher", "--method", "gptq",
        "--calibration", "4", "--samples", "16", "--seq-len", "32", "--epochs", "1", "--batch-size", "8",
        "--device", "cpu")
     report = json.loads((out / "recovery_report.json").read_text())
-    assert report["start"]["latent_nearest_to_teacher"] == 0 and report["start"]["latent_from_dequantized"] > 0
+    assert report["start"]["latent_nearest_to_teacher"] == 0 and report["start"]["latent_from_dequantized"] == 0
+    assert report["start"]["latent_mixed"] > 0 and 0.2 < report["start"]["latent_teacher_share"] < 1
     ds = load_dataset(work / "rec-chat.work" / "dataset.safetensors")
     assert ds.settings.chat_share == 0.5
     one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--latent-start", "middle", "--device", "cpu"),

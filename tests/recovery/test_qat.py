@@ -110,6 +110,33 @@ def test_nearest_start_keeps_the_codes_and_puts_each_latent_nearest_the_teacher(
                          teacher, start="middle")
 
 
+@pytest.mark.parametrize("units", ["weight", "step"])
+def test_teacher_start_decides_weight_by_weight(units):
+    """`start="teacher"`: a few codes the teacher does not round to (float noise of an RTN start, or GPTQ's moves)
+    start at their code's centre, every other latent at the teacher weight; the codes start exactly as given.
+    `centre` on the same layer puts every latent at a centre (the whole-layer rule)."""
+    from edge_recover.recovery.qat import make_qat_student
+
+    torch.manual_seed(3)
+    w = torch.randn(16, 64)
+    q = QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn"))
+    q.codes[0, :4] = torch.where(q.codes[0, :4] == 0, 1, q.codes[0, :4] - 1).to(q.codes.dtype)  # 4 moved codes
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
+    teacher[0].weight.data.copy_(w)
+    student = torch.nn.Sequential(QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn")))
+    student[0].codes.copy_(q.codes)
+    start = make_qat_student(student, teacher, units=units, start="teacher")
+    fq = student[0]
+    assert torch.equal(fq.to_quantized().codes, q.codes)
+    assert start.from_mixed == 1 and start.from_dequantized == 0 and start.teacher_share == pytest.approx(1 - 4 / w.numel())
+    latent_w = fq.latent * fq._expand(fq.scales()) if units == "step" else fq.latent
+    assert torch.allclose(latent_w[1:], w[1:], atol=1e-5) and torch.allclose(latent_w[0, 4:], w[0, 4:], atol=1e-5)
+    assert not torch.allclose(latent_w[0, :4], w[0, :4], atol=1e-3)  # the moved codes sit at their centres
+    student2 = torch.nn.Sequential(QuantLinear.from_quantized(quantize_weight(w, QuantConfig(bits=2, block_size=32), "rtn")))
+    student2[0].codes.copy_(q.codes)
+    assert make_qat_student(student2, teacher, units=units, start="centre").teacher_share == 0.0
+
+
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("qat")
