@@ -77,7 +77,8 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
     """Quantize `model` in place under `scheme`; returns the per-layer report.
 
     `hessians` maps a layer name to E[x x^T] of its inputs (see `calibration.input_hessians`): `gptq` needs
-    it; `mse` uses its diagonal to weight errors by how much each input channel matters.
+    it; `mse` uses its diagonal to weight errors by how much each input channel matters, and takes the
+    diagonal alone ([K], `input_hessians(..., diagonal=True)`) too.
 
     Example:
         >>> report = quantize_model(model, named_scheme("w4w2gateup"), method="mse")  # doctest: +SKIP
@@ -110,7 +111,9 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
             report.bytes_after += n * k * 2
             continue
         h = hessians.get(name) if hessians else None
-        qw = quantize_weight(lin.weight, cfg, method, importance=None if h is None else torch.diag(h), hessian=h)
+        full = h is not None and h.ndim == 2  # a diagonal [K] (mse's calibration) is the importance itself
+        qw = quantize_weight(lin.weight, cfg, method, importance=torch.diag(h) if full else h,
+                             hessian=h if full else None)
         q = QuantLinear.from_quantized(qw, lin.bias, dtype=lin.weight.dtype)
         q.to(lin.weight.device)
         report.layers.append(LayerReport(name, (n, k), cfg.describe(), effective_bits(cfg), sqnr_db(lin.weight, q.weight)))

@@ -7,8 +7,10 @@ records H = E[x x^T] over the inputs of every linear layer. GPTQ uses H itself; 
 its diagonal E[x_k^2] to weight each input channel's error, which turns weight error into an estimate of
 output error.
 
-Memory: one K x K fp32 matrix per linear layer (about 60 MB for SmolLM2-135M). For multi-billion models a
-layer-by-layer pass would be needed; that is future work.
+Memory: one K x K fp32 matrix per linear layer (about 60 MB for SmolLM2-135M, 2.3 GB for Qwen2.5-0.5B,
+10.6 GB for Qwen2.5-1.5B: its down_proj alone is 8,960 x 8,960). `mse` needs only the diagonal, so
+`input_hessians(..., diagonal=True)` keeps [K] per layer (one K x K product at a time, the diagonal kept),
+the same numbers bit for bit. GPTQ on multi-billion models would need a layer-by-layer pass; future work.
 """
 
 from __future__ import annotations
@@ -93,9 +95,13 @@ def teacher_samples(model, tokenizer, n: int = 16, seq_len: int = 128, seed: int
 
 @torch.no_grad()
 def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                   layers: "Iterable[str] | None" = None) -> dict[str, torch.Tensor]:
+                   layers: "Iterable[str] | None" = None, diagonal: bool = False) -> dict[str, torch.Tensor]:
     """H = E[x x^T] [K, K] over all tokens of `windows` for the input of every nn.Linear (the lm_head
     included), or only of those named in `layers`, keyed by layer name.
+
+    `diagonal`: only E[x_k^2] [K] per layer (what `mse` reads), equal bit for bit to `torch.diag` of the
+    full H: each batch's x^T x is still computed (the same product, so the same rounding) and only its
+    diagonal is summed, so a layer holds K floats instead of K x K.
 
     Example:
         >>> hs = input_hessians(model, teacher_samples(model, tok, n=8))  # doctest: +SKIP
@@ -108,7 +114,8 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
     def hook(name):
         def fn(_module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
+            xtx = x.T @ x
+            sums[name] = sums.get(name, 0) + (xtx.diagonal() if diagonal else xtx)  # `+` copies the diagonal out
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 

@@ -30,3 +30,16 @@ def test_teacher_samples_are_seeded_and_full_length(tiny_llama_dir):
     assert not set(a[:, 0].tolist()) & set(lm.tokenizer.all_special_ids)
     hs = input_hessians(lm.model, a, layers=["lm_head", "model.layers.0.mlp.down_proj"])
     assert sorted(hs) == ["lm_head", "model.layers.0.mlp.down_proj"] and hs["lm_head"].shape == (64, 64)
+
+
+def test_diagonal_hessians_equal_the_full_ones_bit_for_bit(tiny_llama_dir):
+    """`mse` calibrates diagonals only (K floats a layer, not K x K): the same numbers as the full H's diagonal."""
+    from edge_recover.models import load_model
+
+    lm = load_model(tiny_llama_dir)
+    ids = teacher_samples(lm.model, lm.tokenizer, n=5, seq_len=12, seed=3, batch_size=2)
+    full = input_hessians(lm.model, ids, batch_size=2)
+    diag = input_hessians(lm.model, ids, batch_size=2, diagonal=True)
+    assert sorted(diag) == sorted(full)
+    for name, h in full.items():
+        assert diag[name].shape == (h.shape[0],) and torch.equal(diag[name], torch.diag(h)), name
