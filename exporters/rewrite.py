@@ -38,7 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from edge_recover.errors import EdgeRecoverError
-from edge_recover.quantizer import QuantizedWeight
+from edge_recover.quantizer import QuantizedWeight, dequantize
 from edge_recover.scheme import QuantConfig
 
 from .matmulnbits import matmulnbits_initializers, matmulnbits_node
@@ -258,13 +258,19 @@ def _folded_twins(model: onnx.ModelProto, inits: dict) -> dict[str, str]:
     return twins
 
 
-def _check_weight(layer: str, w_t: np.ndarray, qw: QuantizedWeight) -> None:
+def _check_weight(layer: str, w_t: np.ndarray, qw: QuantizedWeight, rows: int = 1 << 14) -> None:
+    """`w_t` [K, N] must equal the dequantized integers transposed, to 1e-6 of their largest value; compared
+    `rows` output rows at a time (a whole 151,936-row lm_head would need a few GB of fp32 temporaries)."""
     n, k = qw.shape
     if w_t.shape != (k, n):
         raise EdgeRecoverError(f"internal: MatMul weight of {layer!r} has shape {w_t.shape}, expected {(k, n)}")
-    expected = qw.dequantize().numpy().T
-    err = float(np.abs(w_t - expected).max())
-    tol = 1e-6 * max(float(np.abs(expected).max()), 1.0)
+    err = top = 0.0
+    for r in range(0, n, rows):
+        expected = dequantize(qw.codes[r:r + rows], qw.scales[r:r + rows], qw.zero_points[r:r + rows],
+                              qw.config.block_size).numpy().T
+        err = max(err, float(np.abs(w_t[:, r:r + rows] - expected).max()))
+        top = max(top, float(np.abs(expected).max()))
+    tol = 1e-6 * max(top, 1.0)
     if err > tol:
         raise EdgeRecoverError(f"internal: the ONNX weight of {layer!r} differs from its quantized integers by "
                                f"{err:.3g}; the graph does not match the model, refusing to export")
