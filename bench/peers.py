@@ -1,7 +1,15 @@
-"""Benchmark: our SmolLM2 packages against what CPU and ONNX users pick, in one interleaved run, same machine.
+"""Benchmark: our packages against what CPU and ONNX users pick, in one interleaved run, same machine.
 
-    nice .venv/bin/python bench/peers.py                                   # the real figures (5 rounds)
+    nice .venv/bin/python bench/peers.py                                   # SmolLM2, the real figures (5 rounds)
     nice .venv/bin/python bench/peers.py --rounds 1 --prompt-lengths 32 --new-tokens 16 --eval-windows 1 --tag smoke
+    nice .venv/bin/python bench/peers.py --model qwen2.5-coder-1.5b --package w4w2=out/q15-w4w2 --package w4=out/q15-w4
+
+`--model` is `smollm2` (the default, below) or a model that ships as a GGUF file (an edge-recover model name
+such as `qwen2.5-coder-1.5b`, or a path to a .gguf): then llama.cpp runs the shipped file as it is
+(`llama.cpp-Q4_K_M-shipped`) beside files that llama.cpp's own quantizer makes from it (`--gguf`, default
+shipped,Q4_0,Q2_K,IQ2_M; bench/peers_gguf.py: an F32 copy first, an importance matrix for the IQ2 types),
+our packages come from `--package LABEL=PATH` (made by `edge-recover export MODEL ...`), and the GGUF entries'
+perplexity uses a tokenizer.json made from the GGUF's own vocabulary.
 
 In the run, each with its accuracy (held-out Shakespeare perplexity through its own runtime):
 - ours: edge-recover packages (`--ours`, variant names of bench/profile_models.py: `w4w2gateup` is today's
@@ -17,7 +25,7 @@ In the run, each with its accuracy (held-out Shakespeare perplexity through its 
 A peer that is not installed is listed as "not installed" with the command that installs it, never dropped
 silently. Every runtime gets the same threads, the same random prompts of exactly each prompt length, the
 same greedy loop (runtimes/worker.py), rotated order per round; ratios are paired per round (the profiler's).
-Output: docs/results/peers-smollm2[-TAG].{json,md,png,csv} (the JSON holds the whole profile report).
+Output: docs/results/peers-MODEL[-TAG].{json,md,png,csv} (the JSON holds the whole profile report).
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+import peers_gguf as pg  # noqa: E402  (llama.cpp's quantizer and importance matrix, for GGUF-shipped models)
 import profile_models as pm  # noqa: E402  (its package builder and builder-venv settings)
 
 WORK = Path(os.environ.get("EDGE_RECOVER_PEERS_WORK", REPO / "out" / "bench" / "peers"))
@@ -40,12 +51,16 @@ LLAMA_SRC = os.environ.get("EDGE_RECOVER_PEERS_LLAMA_SRC", str(REPO / "out" / "l
 # the converter wants torch, transformers and sentencepiece (it tries a SentencePiece vocabulary first)
 CONVERT_PY = os.environ.get("EDGE_RECOVER_PEERS_CONVERT_PYTHON", str(pm.GENAI_PY))
 GGUF_TYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
+GGUF_DEFAULT = {"smollm2": "Q4_0,Q4_K_M,Q2_K"}  # `--gguf` for SmolLM2; a GGUF-shipped model: GGUF_SHIPPED_DEFAULT
+GGUF_SHIPPED_DEFAULT = "shipped,Q4_0,Q2_K,IQ2_M"
 INSTALL = {
     "genai-builder": "not installed: the builder needs transformers 5 in its own venv: `python -m venv .venv-genai && "
                      ".venv-genai/bin/pip install torch==2.13.0 'transformers>=5,<6' onnxruntime-genai==0.18.0 onnx "
                      "onnx-ir onnxscript safetensors protobuf` (or set EDGE_RECOVER_BENCH_GENAI_PYTHON)",
     "llama": "not installed: `python -m venv .venv-llama && CMAKE_ARGS=-DGGML_NATIVE=ON nice .venv-llama/bin/pip install "
-             "llama-cpp-python==0.3.36` (about 10 min on 2 cores; -DGGML_NATIVE=OFF where the native build crashes) "
+             "llama-cpp-python==0.3.36` (about 10 min on 2 cores; where the native build dies of an illegal "
+             "instruction, e.g. a VM that reports AMX without enabling it, add `\"-DCMAKE_C_FLAGS=-mno-amx-tile "
+             "-mno-amx-int8 -mno-amx-bf16\"` and the same CMAKE_CXX_FLAGS, or use -DGGML_NATIVE=OFF) "
              "or set EDGE_RECOVER_PEERS_LLAMA_PYTHON to a python that imports llama_cpp",
     "convert": "no python for llama.cpp's converter: `.venv-genai/bin/pip install sentencepiece` (it has torch and "
                "transformers) or set EDGE_RECOVER_PEERS_CONVERT_PYTHON",
@@ -57,6 +72,16 @@ INSTALL = {
 # by llama.cpp's own dequantization of the model's GGUF (SmolLM2: the Q4_1 that edge-recover's fp weights are
 # dequantized from, so the same weights)
 SOURCE_GGUF = os.environ.get("EDGE_RECOVER_PEERS_SOURCE_GGUF")
+# a HF folder (bf16 safetensors + tokenizer) of a GGUF, dequantized by edge-recover's loader: the builder's input
+HF_FOLDER = r"""
+import sys, torch
+from edge_recover.atomic import atomic_dir
+from edge_recover.models import load_model
+lm = load_model(sys.argv[1], dtype=torch.bfloat16)
+with atomic_dir(sys.argv[2]) as tmp:
+    lm.model.save_pretrained(tmp, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp)
+"""
 QUANTIZE = r"""
 import ctypes, sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
@@ -127,15 +152,146 @@ def entries(args, hf: Path) -> tuple[list, list[dict]]:
     return found, missing
 
 
+def resolve_model(model: str) -> tuple[str, Path | None]:
+    """`--model` -> (the name in output files, the shipped GGUF file or None for SmolLM2's HF folder)."""
+    from edge_recover.fetch import GGUF_MODELS, fetch_model
+
+    if model == "smollm2":
+        return model, None
+    if model in GGUF_MODELS:
+        return model, fetch_model(model)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.stem.lower(), path
+    raise SystemExit(f"`--model` {model!r} is neither smollm2, one of {', '.join(GGUF_MODELS)}, nor a .gguf file")
+
+
+def gguf_tokenizer(source: Path, name: str) -> Path:
+    """tokenizer.json of the GGUF's own vocabulary (transformers reads it from the file, as `edge-recover export`
+    does, so our packages and llama.cpp score the same ids)."""
+    out = WORK / name / "tokenizer" / "tokenizer.json"
+    if not out.exists():
+        from transformers import AutoTokenizer
+
+        from edge_recover.models import _gguf_token_id, fix_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        fix_tokenizer(tok, _gguf_token_id(source, "eos"))
+        tmp = out.parent.with_suffix(".tmp")
+        tok.save_pretrained(tmp)
+        tmp.rename(out.parent)
+    return out
+
+
+def _llama(*argv: str) -> None:
+    subprocess.run(["nice", LLAMA_PY, str(REPO / "bench" / "peers_gguf.py"), *argv], check=True)
+
+
+def made_gguf(entry: "pg.GgufEntry", source: Path, name: str, tokenizer: Path, chunks: int) -> Path:
+    """`entry`'s file, made once by llama.cpp's quantizer from the F32 copy of `source` (an importance matrix
+    first where its type needs one)."""
+    if entry.shipped or entry.path.exists():
+        return entry.path
+    folder = entry.path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / f"{name}-F32.gguf"
+    if not f32.exists():  # the shipped values, dequantized by llama.cpp itself
+        _llama("quantize", str(source), str(f32.with_suffix(".tmp")), "F32", "--requantize")
+        f32.with_suffix(".tmp").rename(f32)
+    extra = []
+    if entry.imatrix:
+        im = folder / f"{name}-imatrix-{chunks}x512.npz"
+        if not im.exists():
+            ids = folder / f"{name}-calibration-{chunks}x512.npy"
+            np.save(ids, pg.calibration_chunks(calibration_ids(tokenizer), chunks, 512))
+            _llama("imatrix", str(source), str(ids), str(im.with_suffix(".tmp.npz")))
+            im.with_suffix(".tmp.npz").rename(im)
+        extra = ["--imatrix", str(im)]
+    tmp = entry.path.with_suffix(".tmp")
+    _llama("quantize", str(f32), str(tmp), entry.kind, *extra)
+    tmp.rename(entry.path)
+    return entry.path
+
+
+def calibration_ids(tokenizer: Path) -> list[int]:
+    """The importance matrix's text: every Shakespeare play but the held-out ones (Hamlet, Macbeth)."""
+    from tokenizers import Tokenizer
+
+    from edge_recover.fetch import EVAL_PLAYS, fetch_shakespeare
+
+    plays = sorted(p for p in fetch_shakespeare().glob("*.txt") if p.name not in EVAL_PLAYS)
+    text = "\n\n".join(p.read_text(errors="replace") for p in plays)
+    return Tokenizer.from_file(str(tokenizer)).encode(text, add_special_tokens=False).ids
+
+
+def gguf_entries(args, source: Path, name: str) -> tuple[list, list[dict]]:
+    """The entries for a model that ships as a GGUF: the builder first when installed (made from a HF folder of
+    the dequantized GGUF), our packages (`--package`), then llama.cpp's; and the missing peers."""
+    from edge_recover.runtimes.profiler import PackageEntry
+
+    found, missing = [], []
+    plan = pg.plan(source, name, [k for k in args.gguf.split(",") if k], WORK / "gguf", pg.file_kind(source))
+    if _imports(str(pm.GENAI_PY), "onnxruntime_genai.models.builder"):
+        found.append(PackageEntry(str(builder_package(source, name)), label="builder-int4", engine="genai"))
+    else:
+        missing.append({"label": "builder-int4", "why": INSTALL["genai-builder"]})
+    for label, path in (p.split("=", 1) for p in args.package):
+        for engine in ("ort", "genai"):
+            found.append(PackageEntry(str(path), label=f"{label}@{engine}", engine=engine))
+    if not _imports(LLAMA_PY, "llama_cpp"):
+        return found, missing + [{"label": e.label, "why": INSTALL["llama"]} for e in plan]
+    tokenizer = gguf_tokenizer(source, name)
+    for e in plan:
+        found.append(PackageEntry(str(made_gguf(e, source, name, tokenizer, args.imatrix_chunks)), label=e.label,
+                                  engine="llama", python=LLAMA_PY, tokenizer=str(tokenizer)))
+    return found, missing
+
+
+def builder_package(source: Path, name: str) -> Path:
+    """onnxruntime-genai's builder int4 (its defaults) from a HF folder of the GGUF dequantized by edge-recover's
+    loader, saved in bf16 (half the disk of float32; the builder quantizes from it)."""
+    out = WORK / name / "builder-int4"
+    if out.exists():
+        return out
+    hf = WORK / name / "hf"
+    if not (hf / "config.json").exists():  # in a child process: the race's parent keeps none of its memory
+        subprocess.run(["nice", sys.executable, "-c", HF_FOLDER, str(source), str(hf)], check=True)
+    tmp = out.with_suffix(".tmp")
+    subprocess.run(["nice", str(pm.GENAI_PY), "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(tmp),
+                    "-p", "int4", "-e", "cpu", "-c", str(WORK / name / "genai-cache")], check=True)
+    tmp.rename(out)
+    return out
+
+
 def paired(data: dict, a: str, b: str, length: int) -> float:
     """Decode of `a` over `b` at `length`: the median over rounds of the within-round ratio."""
     runs = {r["package"]: r["runs"] for r in data["results"] if r["prompt_length"] == length}
     return statistics.median(x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a], runs[b]))
 
 
-def goals(data: dict, default: str) -> list[str]:
+def race(data: dict, default: str) -> list[str]:
+    """Issue 28's race for a GGUF-shipped model: `default`@ort against every other runtime's entry (the
+    builder, each llama.cpp file), decode paired per round at each prompt length, and perplexity."""
+    labels = {p["label"]: p for p in data["packages"]}
+    mine = f"{default}@ort"
+    if mine not in labels:
+        return [f"race not summarized: `{mine}` is not in the run"]
+    ppl = {k: (p.get("perplexity") or {}).get("perplexity") for k, p in labels.items()}
+    out = []
+    for other in (k for k in labels if k == "builder-int4" or k.startswith("llama.cpp-")):
+        cells = ", ".join(f"{paired(data, mine, other, n):.2f}x at {n}" for n in data["settings"]["prompt_lengths"])
+        line = f"{mine} / {other}: decode {cells}"
+        if ppl.get(mine) is not None and ppl.get(other) is not None:
+            line += f"; perplexity {ppl[mine]:.2f} vs {ppl[other]:.2f}"
+        out.append(line)
+    return out
+
+
+def goals(data: dict, default: str, model: str = "smollm2") -> list[str]:
     """The issue's SmolLM2 goal, checked cell by cell: `default`@ort decodes >= 1.3x the builder's int4 and
-    >= llama.cpp's fastest 4-bit GGUF, at perplexity no worse than the builder's."""
+    >= llama.cpp's fastest 4-bit GGUF, at perplexity no worse than the builder's. Other models: `race`."""
+    if model != "smollm2":
+        return race(data, default)
     labels = {p["label"]: p for p in data["packages"]}
     mine = f"{default}@ort"
     if mine not in labels:
@@ -160,11 +316,15 @@ def goals(data: dict, default: str) -> list[str]:
     return out
 
 
-def render(data: dict, missing: list[dict], command: str, default: str) -> str:
+def _title(model: str) -> str:
+    return "SmolLM2-135M" if model == "smollm2" else model
+
+
+def render(data: dict, missing: list[dict], command: str, default: str, model: str = "smollm2") -> str:
     dev, st = data["device"], data["settings"]
     base = data["packages"][0]["label"]
     ppl = next((p["perplexity"] for p in data["packages"] if p.get("perplexity")), None)
-    lines = ["# SmolLM2-135M against its peers, one interleaved run", "",
+    lines = [f"# {_title(model)} against its peers, one interleaved run", "",
              f"{dev['cpu_model']}, {dev['threads_used']} threads for every runtime, {dev['memory_gb']} GiB; "
              f"onnxruntime {dev['onnxruntime']}; {st['repeats']} rounds, {st['new_tokens']} new tokens, greedy, "
              f"random prompts of exactly each length; read bandwidth {data['bandwidth_bytes_s'] / 1e9:.1f} GB/s "
@@ -177,25 +337,27 @@ def render(data: dict, missing: list[dict], command: str, default: str) -> str:
     packages = {p["label"]: p for p in data["packages"]}
     for length in st["prompt_lengths"]:
         lines += [f"## Prompt {length} tokens", "",
-                  "| package | runtime | scheme | size MB | params M | decode tok/s (sd) | vs first | prefill tok/s "
-                  "| TTFT ms | peak RSS MB | load s | perplexity |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| package | runtime | scheme | size MB | params M | decode tok/s (sd) | vs first | MB read/token "
+                  "| roofline | prefill tok/s | TTFT ms | peak RSS MB | load s | perplexity |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in (x for x in data["results"] if x["prompt_length"] == length):
             p = packages[r["package"]]
             pp = (p.get("perplexity") or {}).get("perplexity")
             lines.append(f"| {r['package']} | {p['provider']} | {p['scheme']} | {p['size_bytes'] / 1e6:.1f} | "
                          f"{p['parameters'] / 1e6:.1f} | {r['decode_tok_s']:.1f} ({r['decode_tok_s_stddev']:.1f}) | "
-                         f"{r['decode_vs_first']:.2f}x | {r['prefill_tok_s']:.1f} | {1e3 * r['ttft_s']:.0f} | "
+                         f"{r['decode_vs_first']:.2f}x | {r['bytes_per_token'] / 1e6:.1f} | "
+                         f"{100 * r['roofline_share']:.0f} % | {r['prefill_tok_s']:.1f} | {1e3 * r['ttft_s']:.0f} | "
                          f"{p['peak_rss_bytes'] / 1e6:.0f} | {p['load_s']:.2f} | {'-' if pp is None else f'{pp:.2f}'} |")
         lines.append("")
     if missing:
         lines += ["## Not in this run", ""] + [f"- `{m['label']}`: {m['why']}" for m in missing] + [""]
-    lines += ["## Goals (issue 18)", ""] + [f"- {g}" for g in goals(data, default)] + [""]
+    heading = "## Goals (issue 18)" if model == "smollm2" else "## The race (issue 28), paired per round"
+    lines += [heading, ""] + [f"- {g}" for g in goals(data, default, model)] + [""]
     lines += ["Command:", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 
 
-def plot(data: dict, path: Path) -> None:
+def plot(data: dict, path: Path, model: str = "smollm2") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +381,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylim(0, 1.25 * max(r["decode_tok_s"] for r in data["results"]))  # room for the perplexity labels
     ax.set_xticks(x + width * (len(lengths) - 1) / 2, labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"SmolLM2-135M decode, {data['device']['threads_used']} threads, {data['device']['cpu_model'][:40]}")
+    ax.set_title(f"{_title(model)} decode, {data['device']['threads_used']} threads, {data['device']['cpu_model'][:40]}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -228,11 +390,19 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ours", default="w4w2gateup,w4-head4,w4w2gateup-head4-2b128",
-                    help="our package variants (bench/profile_models.py names)")
-    ap.add_argument("--default", default="w4w2gateup-head4-2b128", help="the variant the goals are checked for")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2, an edge-recover GGUF model name (qwen2.5-coder-1.5b, ...) or a .gguf path")
+    ap.add_argument("--ours", default=None, help="our package variants (bench/profile_models.py names; SmolLM2 "
+                                                 "only; default w4w2gateup,w4-head4,w4w2gateup-head4-2b128)")
+    ap.add_argument("--default", default=None, help="the variant the goals are checked for (SmolLM2: "
+                                                    "w4w2gateup-head4-2b128; a GGUF model: the first --package)")
     ap.add_argument("--package", action="append", default=[], help="LABEL=PATH: another package of ours")
-    ap.add_argument("--gguf", default="Q4_0,Q4_K_M,Q2_K")
+    ap.add_argument("--gguf", default=None, help=f"llama.cpp entries (SmolLM2: {GGUF_DEFAULT['smollm2']}; a GGUF "
+                                                 f"model: {GGUF_SHIPPED_DEFAULT}, `shipped` = its own file)")
+    ap.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text for the "
+                                                                   "importance matrix of IQ2-type GGUFs")
+    ap.add_argument("--prepare-only", action="store_true", help="make every entry's files (GGUFs, the builder's "
+                                                                  "package), list them and stop: no timed run")
     ap.add_argument("--method", default="mse", help="quantizer for our packages (rtn, mse, gptq)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt-lengths", default="128,512")
@@ -248,33 +418,50 @@ def main() -> None:
     from edge_recover.runtimes.report import write_rows
     from edge_recover.runtimes.report_fields import lab_rows
 
-    hf = fetch_smollm2()
+    name, source = resolve_model(args.model)
+    bad = next((p for p in args.package if "=" not in p), None)
+    if bad is not None:
+        raise SystemExit(f"`--package` {bad!r} is not LABEL=PATH; e.g. --package w4w2=out/q15-w4w2")
+    if source is not None and args.ours:
+        raise SystemExit(f"`--ours` builds SmolLM2 variants; for {name} pass packages made by `edge-recover export "
+                         f"{args.model} ...` as --package LABEL=PATH")
+    args.gguf = args.gguf if args.gguf is not None else GGUF_DEFAULT.get(name, GGUF_SHIPPED_DEFAULT)
+    if source is None:
+        args.ours = args.ours if args.ours is not None else "w4w2gateup,w4-head4,w4w2gateup-head4-2b128"
+        args.default = args.default or "w4w2gateup-head4-2b128"
+    else:
+        args.default = args.default or (args.package[0].split("=", 1)[0] if args.package else "")
     text = WORK / "held-out.txt"
     if not text.exists():
         WORK.mkdir(parents=True, exist_ok=True)
         text.write_text(eval_text())
-    found, missing = entries(args, hf)
+    found, missing = entries(args, fetch_smollm2()) if source is None else gguf_entries(args, source, name)
     for m in missing:
         print(f"{m['label']}: {m['why']}", file=sys.stderr)
+    if args.prepare_only:
+        for e in found:
+            print(f"{e.label}: {e.path}")
+        return
     settings = ProfileSettings(prompt_lengths=[int(x) for x in args.prompt_lengths.split(",")],
                                new_tokens=args.new_tokens, repeats=args.rounds, threads=args.threads,
                                eval_text=str(text), eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len)
-    stem = "peers-smollm2" + (f"-{args.tag}" if args.tag else "")
+    stem = f"peers-{name}" + (f"-{args.tag}" if args.tag else "")
     report = profile_packages(found, settings, WORK / f"report-{stem}", overwrite=True,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
     data = report.data
     command = "nice .venv/bin/python bench/peers.py " + " ".join(sys.argv[1:])
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{stem}.json").write_text(json.dumps({"kind": "edge-recover-peers", "command": command,
-                                                          "missing": missing, "goals": goals(data, args.default),
+                                                          "model": name, "source_gguf": str(source) if source else None,
+                                                          "missing": missing, "goals": goals(data, args.default, name),
                                                           "report": data}, indent=1))
-    (args.output / f"{stem}.md").write_text(render(data, missing, command, args.default))
+    (args.output / f"{stem}.md").write_text(render(data, missing, command, args.default, name))
     rows = lab_rows(data)
     write_rows(rows, args.output, stem)
     (args.output / f"{stem}.jsonl").unlink()  # the JSON holds the report; the CSV is the lab's table
-    plot(data, args.output / f"{stem}.png")
+    plot(data, args.output / f"{stem}.png", name)
     print(report.summary())
-    print("\n".join(goals(data, args.default)))
+    print("\n".join(goals(data, args.default, name)))
     print(f"wrote {args.output / stem}.{{json,md,csv,png}}")
 
 
