@@ -106,3 +106,51 @@ def test_methods_are_registered_handlers():
         del quantizer._HANDLERS["test-rtn-twice"]
     with pytest.raises(EdgeRecoverError, match="unknown `method` 'nope'; choose one of rtn, mse, gptq"):
         quantizer.quantize_weight(w, QuantConfig(4, 32), "nope")
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (4, False), (4, True), (8, False)])
+def test_row_slices_give_the_same_integers(monkeypatch, method, bits, symmetric):
+    """rtn/mse run on slices of rows for big weights (memory); the integers equal one whole-weight pass."""
+    from edge_recover import quantizer
+
+    w = torch.randn(45, 100) * 0.05
+    w[3, 7] = 1.0  # an outlier
+    cfg, imp = QuantConfig(bits, 32, symmetric), torch.rand(100) + 0.1
+    whole = quantize_weight(w, cfg, method, importance=imp if method == "mse" else None)
+    monkeypatch.setattr(quantizer, "ROW_CHUNK_ELEMENTS", 7 * 100)  # slices of 7 rows, the last one of 3
+    sliced = quantize_weight(w, cfg, method, importance=imp if method == "mse" else None)
+    for a, b in zip((whole.codes, whole.scales, whole.zero_points), (sliced.codes, sliced.scales, sliced.zero_points)):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_only_row_wise_methods_are_sliced(monkeypatch):
+    from edge_recover import quantizer
+
+    monkeypatch.setattr(quantizer, "ROW_CHUNK_ELEMENTS", 3 * 64)
+    calls = {"sliced": [], "whole": []}
+    for name, row_wise in (("sliced", True), ("whole", False)):
+        @quantizer.register_method(f"test-{name}", row_wise=row_wise)
+        def _record(w, config, importance, hessian, name=name):
+            calls[name].append(w.shape[0])
+            return quantizer._HANDLERS["rtn"](w, config, importance, hessian)
+    try:
+        w = torch.randn(8, 64)
+        for name in calls:
+            qw = quantizer.quantize_weight(w, QuantConfig(4, 32), f"test-{name}")
+            assert qw.codes.shape == (8, 64)
+        assert calls == {"sliced": [3, 3, 2], "whole": [8]}
+    finally:
+        for name in calls:
+            del quantizer._HANDLERS[f"test-{name}"]
+            quantizer._ROW_WISE.discard(f"test-{name}")
+
+
+@pytest.mark.parametrize("k", [96, 100])
+def test_dequantize_equals_the_per_column_gather(k):
+    """The in-place block view gives the very floats of (codes - z[:, col // bs]) * s[:, col // bs]."""
+    qw = quantize_weight(torch.randn(12, k), QuantConfig(4, 32), "mse")
+    idx = torch.arange(k) // 32
+    ref = (qw.codes.float() - qw.zero_points.float()[:, idx]) * qw.scales[:, idx]
+    got = dequantize(qw.codes, qw.scales, qw.zero_points, 32)
+    assert got.shape == (12, k) and got.is_contiguous() and torch.equal(got, ref)
