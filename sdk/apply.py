@@ -96,13 +96,13 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
                                    f"{missing[0]!r} ({len(missing)} layers): calibrate them (pipeline.calibrate "
                                    f"with the scheme) or use method `mse`")
     report = QuantReport(scheme=scheme.to_json(), method=method)
-    items = list(layers.items())
-    iterator = items
+    iterator = list(layers)
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(items, desc=f"quantize {scheme.name} ({method})", unit="layer", leave=False)
-    for name, lin in iterator:
+        iterator = tqdm(iterator, desc=f"quantize {scheme.name} ({method})", unit="layer", leave=False)
+    for name in iterator:
+        lin = layers.pop(name)  # the replaced float layer is freed as the loop moves on, not kept to the end
         cfg = scheme.resolve(name)
         n, k = lin.weight.shape
         report.bytes_before += n * k * 2
