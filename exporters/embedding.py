@@ -10,6 +10,15 @@ a 2.4 GB package). com.microsoft GatherBlockQuantized reads rows straight from M
                                       lm_head.embed_zeros  [V, k_blocks, 1]; quantize_axis 2)
               ─► [.., k_blocks, block] ─► Reshape [.., K] ─► layer 0
 
+Targets that run unfused graphs (the NPUs: qnn, openvino, vitisai, dml) have no GatherBlockQuantized; there the
+same integers are read with plain ops (`lower="ops"`), one byte per code:
+
+    input_ids ─► Gather(DequantizeLinear(embed_codes uint8 [V, K], 1, 0)) ─► Reshape [.., k_blocks, block]
+              ─► Sub(Gather(embed_zeros_f [V, k_blocks, 1])) ─► Mul(Gather(embed_scales [V, k_blocks, 1])) ─► Reshape [.., K]
+
+(the QNN HTP takes every one of these; 1 byte a weight against the float table's 4: Qwen2.5-Coder-0.5B 545 ->
+136 MB).
+
 Only the scales and zero points are stored again (MatMulNBits wants them as [V, k_blocks] and packed,
 GatherBlockQuantized with the data's rank: 19 MB at V = 151,936, block 64). The embedding then returns the
 head's dequantized rows, the same values a tied torch model gets after quantization when its embedding
@@ -25,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge_recover.packing import pack_codes, unpack_zero_points
+from edge_recover.packing import pack_codes, unpack_codes, unpack_zero_points
 from edge_recover.quantizer import QuantizedWeight
 
 from .matmulnbits import MS_DOMAIN
@@ -45,7 +54,10 @@ def _embedding_gather(g: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, st
     return [gather], gather.input[0], gather.output[0]
 
 
-def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_points: np.ndarray) -> str:
+LOWERINGS = ("contrib", "ops")  # GatherBlockQuantized (com.microsoft) or plain ONNX ops
+
+
+def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_points: np.ndarray, lower: str = "contrib") -> str:
     """Replace the embedding's float Gather in `graph` by GatherBlockQuantized over the head's B (in place).
 
     `zero_points` are the head's unpacked zero points [V, k_blocks] (uint8). Returns a line for the manifest.
@@ -54,19 +66,31 @@ def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_point
     n, k = head.shape
     scales = numpy_helper.to_array(inits[f"{HEAD}.scales"]).reshape(n, -1, 1)
     bits, block = head.storage_bits, head.block_size
-    table = _gather_block_quantized(graph, f"{HEAD}.qweight", scales, zero_points, bits, block, k, HEAD)
-    return (f"embedding from the lm_head's {bits}-bit integers (GatherBlockQuantized, block {block})"
+    if lower == "ops":
+        codes = unpack_codes(numpy_helper.to_array(inits[f"{HEAD}.qweight"]), bits, k)
+        table = _gather_dequantize(graph, codes, scales, zero_points, block, HEAD)
+        how = "uint8 codes, Gather, Sub, Mul"
+    else:
+        table = _gather_block_quantized(graph, f"{HEAD}.qweight", scales, zero_points, bits, block, k, HEAD)
+        how = "GatherBlockQuantized"
+    return (f"embedding from the lm_head's {bits}-bit integers ({how}, block {block})"
             + ("" if table else "; float table still used elsewhere"))
 
 
 #   input_ids ─► GatherBlockQuantized(embed_tokens.qweight [V, k_blocks, blob], its scales, its zero points)
 #             ─► Reshape [.., K] ─► layer 0
-def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight) -> str:
-    """Replace an untied embedding's float Gather in `graph` by GatherBlockQuantized over its own table's integers
-    `qw` (`shared_head.table_quantization`; in place). Returns a line for the manifest."""
+def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight, lower: str = "contrib") -> str:
+    """Replace an untied embedding's float Gather in `graph` by GatherBlockQuantized (`lower="ops"`: plain ops) over
+    its own table's integers `qw` (`shared_head.table_quantization`; in place). Returns a line for the manifest."""
     cfg = qw.config
     v, k = qw.shape
     name = "model.embed_tokens"
+    if lower == "ops":
+        scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
+        table = _gather_dequantize(graph, qw.codes.cpu().numpy(), scales, qw.zero_points.cpu().numpy(),
+                                   cfg.block_size, name)
+        return (f"embedding from its own {cfg.bits}-bit table (uint8 codes, Gather, Sub, Mul, block "
+                f"{cfg.block_size})" + ("" if table else "; float table still used elsewhere"))
     b = pack_codes(qw.codes.cpu().numpy(), cfg.bits, cfg.block_size)
     graph.graph.initializer.append(numpy_helper.from_array(b, f"{name}.qweight"))
     scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
@@ -90,6 +114,45 @@ def _gather_block_quantized(graph: onnx.ModelProto, data: str, scales: np.ndarra
                                                      f"{prefix}.embed_zeros"], [f"{p}/blocks"],
                             name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                             block_size=block, bits=bits),
+           helper.make_node("Reshape", [f"{p}/blocks", f"{p}/shape"], [out], name=f"{p}/Reshape")]
+    at = list(g.node).index(old[0])
+    kept = [x for x in g.node if all(x is not o for o in old)]
+    del g.node[:]
+    g.node.extend(kept[:at] + new + kept[at:])
+    drop_unused_initializers(graph)
+    return table not in {i.name for i in g.initializer}
+
+
+def _gather_dequantize(graph: onnx.ModelProto, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                       block: int, prefix: str) -> bool:
+    """The Gather (+ Transpose) that reads input_ids replaced by plain ops over uint8 `codes` [V, K] (one byte each),
+    `scales` [V, k_blocks, 1] and `zero_points` [V, k_blocks]; True when the float table it read is gone.
+
+    The codes become floats by a per-tensor DequantizeLinear (scale 1, zero point 0): the one form of a uint8 table
+    the QNN HTP gathers from (a Gather of uint8 data, or a per-row or blockwise DequantizeLinear before it, are
+    refused there: measured on onnxruntime-qnn 2.7.0's emulator); the blocks' zero points and scales follow as a
+    Sub and a Mul of rows gathered from their own small tables."""
+    g = graph.graph
+    old, table, out = _embedding_gather(g)
+    v, k = codes.shape
+    nb = k // block
+    p = "/model/embed_tokens"
+    g.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.uint8)), f"{prefix}.embed_codes"),
+        numpy_helper.from_array(np.asarray(1.0, np.float32), f"{p}/one"),
+        numpy_helper.from_array(np.asarray(0, np.uint8), f"{p}/zero"),
+        numpy_helper.from_array(np.ascontiguousarray(scales.astype(np.float32)), f"{prefix}.embed_scales"),
+        numpy_helper.from_array(zero_points.astype(np.float32).reshape(v, nb, 1), f"{prefix}.embed_zeros_f"),
+        numpy_helper.from_array(np.array([0, 0, nb, block], np.int64), f"{p}/block_shape"),
+        numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{p}/shape")])
+    new = [helper.make_node("DequantizeLinear", [f"{prefix}.embed_codes", f"{p}/one", f"{p}/zero"], [f"{p}/table"],
+                            name=f"{p}/DequantizeLinear"),
+           helper.make_node("Gather", [f"{p}/table", "input_ids"], [f"{p}/codes"], name=f"{p}/GatherCodes"),
+           helper.make_node("Reshape", [f"{p}/codes", f"{p}/block_shape"], [f"{p}/code_blocks"], name=f"{p}/ReshapeBlocks"),
+           helper.make_node("Gather", [f"{prefix}.embed_zeros_f", "input_ids"], [f"{p}/zeros"], name=f"{p}/GatherZeros"),
+           helper.make_node("Gather", [f"{prefix}.embed_scales", "input_ids"], [f"{p}/scales"], name=f"{p}/GatherScales"),
+           helper.make_node("Sub", [f"{p}/code_blocks", f"{p}/zeros"], [f"{p}/centred"], name=f"{p}/Sub"),
+           helper.make_node("Mul", [f"{p}/centred", f"{p}/scales"], [f"{p}/blocks"], name=f"{p}/Mul"),
            helper.make_node("Reshape", [f"{p}/blocks", f"{p}/shape"], [out], name=f"{p}/Reshape")]
     at = list(g.node).index(old[0])
     kept = [x for x in g.node if all(x is not o for o in old)]

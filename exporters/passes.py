@@ -300,15 +300,15 @@ def embedding(state: ExportState, options: ExportOptions) -> ExportState:
 
     model = state.lm.model
     state.tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    state.why_float = ("kept with an adapter" if state.plan is not None else None) or (
-        None if options.fused(state.target) else f"target {state.target.name!r} runs unfused graphs") or \
+    state.why_float = ("kept with an adapter" if state.plan is not None else None) or \
         (shares(model) if state.tied else quantizes_table(model))
     state.share_embedding = options.share_embedding and state.why_float is None
+    lower = "contrib" if options.fused(state.target) else "ops"  # unfused targets (NPUs) have no GatherBlockQuantized
     if state.share_embedding and state.tied:
         head = state.rewritten[emb.HEAD]
-        state.fusions.append(emb.share_head_integers(state.graph, head, emb.head_zero_points(state.graph, head)))
+        state.fusions.append(emb.share_head_integers(state.graph, head, emb.head_zero_points(state.graph, head), lower))
     elif state.share_embedding:
-        state.fusions.append(emb.own_table_integers(state.graph, table_quantization(model)))
+        state.fusions.append(emb.own_table_integers(state.graph, table_quantization(model), lower))
     return state
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from edge_recover.contract import PROVIDER_KERNELS
 from edge_recover.errors import EdgeRecoverError, require
-from edge_recover.scheme import CPU_HEAD, QuantConfig
+from edge_recover.scheme import CPU_HEAD, NPU_HEAD, QuantConfig
 
 # Fused contrib ops the cpu exporter may emit (exporters/fusions.py, embedding.py); other targets get plain
 # ONNX + MatMulNBits.
@@ -144,6 +144,7 @@ TARGETS: dict[str, TargetProfile] = {
                "K a whole number of blocks; static shapes only (exporters/static_graph.py)",
         sidecar_note="QNN HTP compiles weights into its context binary; run-time LoRA there is Qualcomm's "
                      "QAIRT LoRA v2 binary sections, not ONNX graph inputs",
+        head=NPU_HEAD,
     ),
     "openvino": TargetProfile(
         "openvino", "OpenVINOExecutionProvider", "Intel CPU/GPU/NPU through OpenVINO (2 -> u2, 4 -> u4, 8 -> u8)",

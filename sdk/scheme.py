@@ -309,6 +309,10 @@ def _stand_in(bits: int) -> QuantConfig:
 # 150 / 121: the 8-bit head costs no accuracy and reads a quarter of the float head's bytes, and the tied
 # embedding then reads its integers too (166 -> 99 MB for W4).
 CPU_HEAD = QuantConfig(8, 32, block_stand_in=True)
+# The qnn target's: the HTP runs 2/4-bit MatMulNBits only, so 4-bit at the target's block; the embedding then reads
+# the head's integers (tied) or its own 8-bit table (untied) with plain ops (exporters/embedding.py). A float head
+# and a float embedding were 545 MB each on Qwen2.5-Coder-0.5B's qnn package.
+NPU_HEAD = QuantConfig(4, 32, block_stand_in=True)
 
 NAMED_SCHEMES: dict[str, Scheme] = {
     "w8": Scheme("w8", _stand_in(8), (_KEEP_HEAD,)),

@@ -71,5 +71,5 @@ def test_schemes_and_targets_commands():
     assert all(t in out for t in ("cpu", "dml", "qnn", "openvino", "vitisai", "npu"))
     assert json.loads(ok("targets", "--json").stdout)["vitisai"]["native_bits"] == [4]
     targets = json.loads(ok("targets", "--json").stdout)  # the head a named scheme gets on each target
-    assert targets["cpu"]["head"] == {"bits": 8} and targets["qnn"]["head"] is None
+    assert targets["cpu"]["head"] == {"bits": 8} and targets["qnn"]["head"] == {"bits": 4}
     assert "cpu 8-bit" in ok("schemes").stdout

@@ -83,6 +83,17 @@ def test_every_node_on_the_htp_and_the_manifest_says_so(npu_pkg):
         assert not {n.op_type for n in graph.graph.node} & {"Shape", "Range", "ConstantOfShape", "Cos", "Sin"}
         assert g["parity_vs_cpu"]["top1_agreement"] == 1.0
     assert "100 % of nodes on the NPU" in output and "emulator time, not NPU speed" in output
+    # the qnn target's head is 4-bit MatMulNBits and the tied embedding gathers its integers with plain ops (the
+    # HTP has no GatherBlockQuantized): no float [V, K] table left in any graph
+    assert m["layers"]["lm_head"]["bits"] == 4 and m["embedding"] == "lm_head integers"
+    for f in ("model.onnx", st["graphs"]["prefill"]["file"], st["graphs"]["decode"]["file"]):
+        graph = onnx.load(str(pkg / f), load_external_data=False)
+        inits = {i.name: i for i in graph.graph.initializer}
+        gathers = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+        tables = [inits.get(n.input[0]) for n in gathers]
+        assert inits["lm_head.embed_codes"].data_type == onnx.TensorProto.UINT8, f
+        assert all(t is None or len(t.dims) == 3 for t in tables), f  # [V, k_blocks, 1] scales / zero points
+        assert not any(n.op_type == "GatherBlockQuantized" for n in graph.graph.node), f
     # both static graphs and the dynamic one read one data file: the weights are stored once
     assert st["weights_shared"]["shared_tensors"] > 0
     assert sorted(p.name for p in pkg.glob("*.data")) == ["model.onnx.data"]

@@ -10,7 +10,8 @@ dropped one would miss torch by far more than the parity tolerance (checked belo
                                                                             ─► run --provider cpu
 
 The cpu chain quantizes the head to 8 bits as the cpu target does, so the untied embedding becomes a table of
-its own (GatherBlockQuantized); the qnn target runs 2/4-bit only, so the NPU chain keeps its head float.
+its own (GatherBlockQuantized); the NPU chain's checkpoint keeps `quantize`'s float head, which the qnn export
+keeps as it is (a named scheme's export for qnn gets a 4-bit head: tests/exporters/test_qnn_npu.py).
 
 CPU smoke sizes (a few recovery steps, a 40-slot context): what is checked is that each stage takes the
 architecture, not how much recovery recovers. Run with `pytest -s` to see the parity figures.
