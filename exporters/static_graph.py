@@ -373,13 +373,17 @@ def finite_mask(graph, opts: StaticOptions):
 #
 #   x ─► Pow(2) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Div(x, ·) ─► Mul(weight)                    (before)
 #
-#   x ─► Abs ─► ReduceMax ─► Max(1e-3) = m
-#   x / m = u ─► Pow(2) ─► ReduceMean ─► Add((√eps / m)²) ─► Sqrt ─► Mul(m) ─► Div(x, ·) ─► Mul(weight)  (after)
+#   x ─► Abs ─► ReduceMax ─► Max(1e-3) = m ─► Sqrt = r
+#   (x / r) / r = u ─► Pow(2) ─► ReduceMean ─► Add(((√eps / r) / r)²) ─► Sqrt ─► Mul(m) ─► Div(x, ·) ─► Mul(weight)  (after)
 #
 # Exact in real numbers (rms(x) = m · rms(u)); in fp16 x² overflows at |x| > 256 (65504), which residual
 # streams of real models reach (SmolLM2: 800 by layer 3, 1e4 later), while u² <= 1. Only the mean sees u:
 # small elements of u = x / 1e4 would be fp16 subnormals, so the division keeps x itself; eps / m² is
 # computed as (√eps / m)², since m² overflows fp16 past m = 256 (SmolLM2 decode went wrong from layer 25 there).
+# Dividing by m goes through r = √m twice: the HTP divides by multiplying with the reciprocal, and 1 / m is an
+# fp16 subnormal (flushed to zero there) once m > 16,384, which SmolLM2's residual stream passes at layer 11 on
+# the first token (1.74e4): u came out wrong by 1 and the prefill's top-1 against the CPU EP fell to 41 %;
+# 1 / √m stays normal up to fp16's largest value.
 def safe_rms_norm(graph, opts: StaticOptions):
     """Rewrite each Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div(x, .) chain to square x / max|x|."""
     from onnx import helper, numpy_helper
@@ -411,7 +415,8 @@ def safe_rms_norm(graph, opts: StaticOptions):
             continue
         p = pow_.name.rsplit("/", 1)[0] + "/safe"
         axes = [i for i in mean.input[1:] if i]
-        absx, m0, m, u, m2, eps_s, rms = (f"{p}/{k}" for k in ("abs", "max0", "max", "u", "eps_root", "eps", "rms"))
+        absx, m0, m, r, xr, u, e1, m2, eps_s, rms = (f"{p}/{k}" for k in (
+            "abs", "max0", "max", "root_max", "x_over_root", "u", "eps_over_root", "eps_root", "eps", "rms"))
         g.initializer.append(numpy_helper.from_array(np.asarray(1e-3, np.float32), f"{p}/floor"))
         eps = float(numpy_helper.to_array(inits[eps_name]).reshape(-1)[0])
         g.initializer.append(numpy_helper.from_array(np.asarray(np.sqrt(eps), np.float32), f"{p}/sqrt_eps"))
@@ -420,8 +425,11 @@ def safe_rms_norm(graph, opts: StaticOptions):
                                    axes=[a.ints for a in mean.attribute if a.name == "axes"][0]))
         added.append((pow_, [helper.make_node("Abs", [x], [absx], name=f"{p}/Abs"), reduce,
                              helper.make_node("Max", [m0, f"{p}/floor"], [m], name=f"{p}/Max"),
-                             helper.make_node("Div", [x, m], [u], name=f"{p}/Div"),
-                             helper.make_node("Div", [f"{p}/sqrt_eps", m], [m2], name=f"{p}/DivEps"),
+                             helper.make_node("Sqrt", [m], [r], name=f"{p}/SqrtMax"),
+                             helper.make_node("Div", [x, r], [xr], name=f"{p}/Div"),
+                             helper.make_node("Div", [xr, r], [u], name=f"{p}/Div2"),
+                             helper.make_node("Div", [f"{p}/sqrt_eps", r], [e1], name=f"{p}/DivEps"),
+                             helper.make_node("Div", [e1, r], [m2], name=f"{p}/DivEps2"),
                              helper.make_node("Mul", [m2, m2], [eps_s], name=f"{p}/SquareEps")]))
         added.append((div, [helper.make_node("Mul", [sqrt.output[0], m], [rms], name=f"{p}/MulRms")]))
         pow_.input[0] = u
