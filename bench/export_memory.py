@@ -46,7 +46,7 @@ def _booked(fn, name: str):
         try:
             return fn(*args, **kwargs)
         finally:
-            _enter(f"{outer} (after {name})")
+            _enter(f"{outer.split(' (after ')[0]} (after {name})")
     run.__name__ = getattr(fn, "__name__", name)
     return run
 
