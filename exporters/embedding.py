@@ -54,9 +54,6 @@ def _embedding_gather(g: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, st
     return [gather], gather.input[0], gather.output[0]
 
 
-LOWERINGS = ("contrib", "ops")  # GatherBlockQuantized (com.microsoft) or plain ONNX ops
-
-
 def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_points: np.ndarray, lower: str = "contrib") -> str:
     """Replace the embedding's float Gather in `graph` by GatherBlockQuantized over the head's B (in place).
 
@@ -85,18 +82,18 @@ def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight, lower: str =
     cfg = qw.config
     v, k = qw.shape
     name = "model.embed_tokens"
-    if lower == "ops":
-        scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
-        table = _gather_dequantize(graph, qw.codes.cpu().numpy(), scales, qw.zero_points.cpu().numpy(),
-                                   cfg.block_size, name)
-        return (f"embedding from its own {cfg.bits}-bit table (uint8 codes, Gather, Sub, Mul, block "
-                f"{cfg.block_size})" + ("" if table else "; float table still used elsewhere"))
-    b = pack_codes(qw.codes.cpu().numpy(), cfg.bits, cfg.block_size)
-    graph.graph.initializer.append(numpy_helper.from_array(b, f"{name}.qweight"))
+    codes, zero_points = qw.codes.cpu().numpy(), qw.zero_points.cpu().numpy()
     scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
-    table = _gather_block_quantized(graph, f"{name}.qweight", scales, qw.zero_points.cpu().numpy(), cfg.bits,
-                                    cfg.block_size, k, name)
-    return (f"embedding from its own {cfg.bits}-bit table (GatherBlockQuantized, block {cfg.block_size})"
+    if lower == "ops":
+        table = _gather_dequantize(graph, codes, scales, zero_points, cfg.block_size, name)
+        how = "uint8 codes, Gather, Sub, Mul"
+    else:
+        graph.graph.initializer.append(numpy_helper.from_array(pack_codes(codes, cfg.bits, cfg.block_size),
+                                                               f"{name}.qweight"))
+        table = _gather_block_quantized(graph, f"{name}.qweight", scales, zero_points, cfg.bits, cfg.block_size, k,
+                                        name)
+        how = "GatherBlockQuantized"
+    return (f"embedding from its own {cfg.bits}-bit table ({how}, block {cfg.block_size})"
             + ("" if table else "; float table still used elsewhere"))
 
 
@@ -115,12 +112,7 @@ def _gather_block_quantized(graph: onnx.ModelProto, data: str, scales: np.ndarra
                             name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                             block_size=block, bits=bits),
            helper.make_node("Reshape", [f"{p}/blocks", f"{p}/shape"], [out], name=f"{p}/Reshape")]
-    at = list(g.node).index(old[0])
-    kept = [x for x in g.node if all(x is not o for o in old)]
-    del g.node[:]
-    g.node.extend(kept[:at] + new + kept[at:])
-    drop_unused_initializers(graph)
-    return table not in {i.name for i in g.initializer}
+    return _swap_in(graph, old, new, table)
 
 
 def _gather_dequantize(graph: onnx.ModelProto, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
@@ -154,6 +146,12 @@ def _gather_dequantize(graph: onnx.ModelProto, codes: np.ndarray, scales: np.nda
            helper.make_node("Sub", [f"{p}/code_blocks", f"{p}/zeros"], [f"{p}/centred"], name=f"{p}/Sub"),
            helper.make_node("Mul", [f"{p}/centred", f"{p}/scales"], [f"{p}/blocks"], name=f"{p}/Mul"),
            helper.make_node("Reshape", [f"{p}/blocks", f"{p}/shape"], [out], name=f"{p}/Reshape")]
+    return _swap_in(graph, old, new, table)
+
+
+def _swap_in(graph: onnx.ModelProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], table: str) -> bool:
+    """`new` where `old` (the float lookup) was, unused initializers dropped; True when the float `table` is gone."""
+    g = graph.graph
     at = list(g.node).index(old[0])
     kept = [x for x in g.node if all(x is not o for o in old)]
     del g.node[:]
