@@ -3,7 +3,7 @@
     .venv/bin/python bench/npu_genai_tokens.py PKG WORK_COPY > docs/results/<name>/og-cpu.json
 
 The package's genai_config.json names the QNN EPContext models; a copy of it with the portable static graphs and no
-provider options (tests/exporters/test_qnn_genai.py `cpu_pipeline`, the same rewrite) runs on the CPU EP. Prints
+provider options (exporters/genai.py `portable_pipeline_config`) runs on the CPU EP. Prints
 one JSON line: both token lists for 8 new tokens after a fixed 19-token prompt, and whether they are equal.
 """
 from __future__ import annotations
@@ -13,8 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
 NEW = 8
 
@@ -23,17 +21,20 @@ def main(pkg: Path, work: Path) -> dict:
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
 
+    from edge_recover.exporters.genai import portable_pipeline_config
     from edge_recover.runtimes.generate import generate_ids
     from edge_recover.runtimes.static_session import StaticCausalLM
-    from tests.exporters.test_qnn_genai import cpu_pipeline
 
     if work.exists():
         shutil.rmtree(work)
-    cpu = cpu_pipeline(pkg, work)
+    shutil.copytree(pkg, work)
+    config = json.loads((work / "genai_config.json").read_text())
+    (work / "genai_config.json").write_text(json.dumps(portable_pipeline_config(config), indent=2))
+
     context = json.loads((pkg / "manifest.json").read_text())["static"]["context_length"]
     tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
     ids = tok.encode(PROMPT).ids
-    model = og.Model(str(cpu))
+    model = og.Model(str(work))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=context, do_sample=False)
     gen = og.Generator(model, params)

@@ -130,3 +130,25 @@ def static_pipeline_config(config: dict, static: dict, files: dict[str, str],
     model["context_length"] = c
     out["search"].update(max_length=c, past_present_share_buffer=True)
     return out
+
+
+def portable_pipeline_config(config: dict) -> dict:
+    """A qnn package's decoder-pipeline `config` run on the CPU provider: each stage reads the portable static graph
+    (prefill.onnx, decode.onnx) instead of its EPContext model, and no stage or decoder names provider options.
+    (og.Config's `clear_providers` clears only the decoder's own session options, and `overlay` does not empty the
+    stages' provider lists, so the config is rewritten.)
+
+    Example:
+        >>> portable_pipeline_config(cfg)["model"]["decoder"]["pipeline"][0]["prefill"]["filename"]  # doctest: +SKIP
+        'prefill.onnx'
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    dec = out["model"]["decoder"]
+    dec["session_options"]["provider_options"] = []
+    for stage in dec["pipeline"]:
+        for spec in stage.values():
+            spec["filename"] = spec["filename"].replace("_ctx.onnx", ".onnx")
+            spec["session_options"]["provider_options"] = []
+    return out

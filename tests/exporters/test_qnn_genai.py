@@ -37,18 +37,12 @@ def pkg(request, tmp_path_factory):
 
 def cpu_pipeline(pkg, dest):
     """A copy of the qnn package whose genai_config.json runs the portable graphs (prefill.onnx, decode.onnx)
-    with no provider options (the CPU EP): the test's CPU override of the per-stage QNN options. (og.Config's
-    `clear_providers` clears only the decoder's own session options, and `overlay` does not empty the stages'
-    provider lists, so the config is rewritten.)"""
+    with no provider options (the CPU EP): exporters/genai.py `portable_pipeline_config`."""
+    from edge_recover.exporters.genai import portable_pipeline_config
+
     shutil.copytree(pkg, dest)
     cfg = json.loads((dest / "genai_config.json").read_text())
-    dec = cfg["model"]["decoder"]
-    dec["session_options"]["provider_options"] = []
-    for stage in dec["pipeline"]:
-        for spec in stage.values():
-            spec["filename"] = spec["filename"].replace("_ctx.onnx", ".onnx")
-            spec["session_options"]["provider_options"] = []
-    (dest / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    (dest / "genai_config.json").write_text(json.dumps(portable_pipeline_config(cfg), indent=2))
     return dest
 
 
