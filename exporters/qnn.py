@@ -12,6 +12,9 @@
          compiled for `--soc`; reloaded once to check that they load without the ONNX graph
     -> the manifest's "static" section: what was verified, on what, and how well
 
+Two context binaries, each with every weight: QNN's weight sharing (one binary holding both graphs) compiles
+here but the x86 HTP emulator cannot load it, so it cannot be verified (`SHARED_CONTEXT_NOTE`; docs/npu.md).
+
 On x86 the HTP backend is Qualcomm's emulator: compile and step times measured here are emulator times.
 """
 
@@ -31,12 +34,23 @@ from edge_recover.qnn import QNN_EP, open_htp_session, placement, resolve_soc
 from .static_graph import GRAPH_FILES, HtpTolerance, StaticOptions, static_graph, write_static_graphs
 
 __all__ = ["check_layers", "preflight", "export_static", "default_static", "parity_tokens", "check_parity",
-           "PARITY_TEXT", "CONTEXT_FILES", "MAX_CONTEXT"]
+           "PARITY_TEXT", "CONTEXT_FILES", "MAX_CONTEXT", "SHARED_CONTEXT_NOTE"]
 
 CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}
 # The longest context the export accepts for the HTP: Qualcomm's published on-device LLM contexts go to
 # 4,096 tokens; longer ones are not refused by QNN itself but have not been tried here.
 MAX_CONTEXT = 4096
+
+# Why the package holds two context binaries (probed on onnxruntime-qnn 2.7.0 / QNN 2.51, docs/npu.md "One
+# context binary"): with `ep.share_ep_contexts=1` on both compiling sessions (`ep.stop_share_ep_contexts=1` on
+# the last, embed mode 0) QNN writes one binary with both graphs and the weights once (SmolLM2: 128.6 MB
+# against 126.7 + 125.8), but creating any session from it crashes the x86 emulator inside libQnnHtp.so
+# (segmentation fault in contextCreateFromBinary), whatever the order, options or SoC; onnxruntime-qnn's own
+# tests load such binaries on ARM64 devices only. A binary the export cannot run is not shipped.
+SHARED_CONTEXT_NOTE = ("each binary holds every weight: QNN weight sharing (one binary for both graphs, "
+                       "ep.share_ep_contexts) compiles on x86, but the x86 HTP emulator of onnxruntime-qnn 2.7.0 "
+                       "crashes loading it (segmentation fault in contextCreateFromBinary), so it cannot be "
+                       "verified here and is not shipped (docs/npu.md, 'One context binary')")
 
 # The text the HTP parity gate runs: plain English prose, shipped here so that the export needs no network,
 # no cache and no user input (held-out corpora such as `fetch.eval_text` need one of them). Random token ids
@@ -210,6 +224,7 @@ def export_static(folder: Path, opts: StaticOptions, tokens, log=lambda s: None)
         if opts.compile_contexts:
             del sessions
             verified["contexts"] = _check_contexts(folder, soc, {"prefill": pre, "decode": dec}, htp)
+            verified["context_binaries"] = _binaries_summary(verified["contexts"])
     section["verified"] = verified
     return section
 
@@ -235,6 +250,14 @@ def _check_contexts(folder: Path, soc, feeds: dict, expected: dict) -> dict:
                      "load_seconds": round(load_s, 3),
                      "max_abs_diff_vs_compiled": float(np.abs(got - expected[role]).max())}
     return out
+
+
+def _binaries_summary(contexts: dict) -> dict:
+    """What the two context binaries cost: their bytes, and at most how many one shared binary would save (the
+    smaller binary: its weights are the larger one's; measured, the saving came within 2 % of it on SmolLM2)."""
+    sizes = {role: ctx["binary_bytes"] for role, ctx in contexts.items()}
+    return {"count": len({b for ctx in contexts.values() for b in ctx["binaries"]}), "bytes": sum(sizes.values()),
+            "weights_shared": False, "duplicate_bytes_at_most": min(sizes.values()), "why": SHARED_CONTEXT_NOTE}
 
 
 def preflight(rewritten: dict, target_name: str, opts: "StaticOptions | None", config) -> StaticOptions:
