@@ -2,9 +2,10 @@
 prefill and decode graphs, and og.Model / og.Generator generate the greedy tokens `edge-recover run --provider
 cpu` does (through the CLI), for prompts shorter than, equal to and longer than the prefill window.
 
-The shipped config puts the QNN HTP's provider options on every stage (the device's EPContext models); the
-onnxruntime-genai wheel here has no QNN EP, so the tests run a copy of the package whose config names the
-portable graphs and no provider (`cpu_pipeline`): the same graphs and the same contract on the CPU EP.
+The shipped config puts the QNN HTP's provider options on every stage (the device's EPContext models); these
+tests run a copy of the package whose config names the portable graphs and no provider (`cpu_pipeline`): the
+same graphs and the same contract on the CPU EP. The shipped config itself runs on the HTP emulator once
+onnxruntime-qnn's plugin EP library is registered with og (test_qnn_genai_htp.py).
 """
 
 from __future__ import annotations
