@@ -3,13 +3,14 @@
     teacher (full precision) ──samples──► dataset.safetensors [N, T]
                 │                               │ batches (seeded order per epoch)
                 ▼ logits (no grad, on the fly)  ▼
-          KL(teacher/τ ‖ student/τ)·τ²  ◄── student, one of two modes:
+          KL(teacher/τ ‖ student/τ)·τ²  ◄── student, made by its mode (recovery/modes/, one module each):
               qat  (default) the integers themselves, trained through the fake quantizer (qat.py); the output
                    is a quantized checkpoint, exported as it is: no side-car, the speed of an unrecovered package
               lora (the paper's Recover-LoRA) QuantLinear integers frozen + LoRA A·B trained; output an adapter
 
 `recover` runs four stages: the student's base integers (`_student_base`), the teacher's data
-(`_teacher_data`), the one training loop (`_train`, shared by both modes) and the mode's output (output.py).
+(`_teacher_data`), the one training loop (`_train`, shared by every mode) and the mode's output
+(`Mode.finish` and `Mode.write`, output.py). Nothing here names a mode: `mode_for(cfg.mode)` is the handler.
 
 The loss is the token-level KL divergence over the full vocabulary, computed in fp32 from bf16-autocast
 logits. The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
@@ -50,7 +51,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edge_recover.apply import quantized_layers
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.layouts import LAYOUTS
 from edge_recover.scheme import CPU_HEAD, BlockSizes, Scheme, named_scheme
@@ -58,19 +58,16 @@ from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
-from .output import write_adapter, write_quantized
+from .modes import TRAIN_HEAD_QUANTIZED, mode_for, names
+from .output import RunOutput
 from .run_state import read_checkpoint, trim_metrics, write_checkpoint
-from .student import (add_lora, init_lora_from_activations, init_lora_from_residual, load_student_checkpoint, quant_hash,
-                      quantize_student, resolve_targets)
+from .student import load_student_checkpoint, quant_hash, quantize_student
 
-MODES = ("qat", "lora")
+MODES = names()  # the registered modes (recovery/modes/: one module each)
 # The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64; the 8-bit head at
 # the cpu target's 64): what `recover` quantizes with unless told otherwise, so that the recovered integers
 # are the ones that ship. The head is the cpu target's too (scheme.CPU_HEAD: 8-bit).
 DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128, 8: 64}
-_TRAIN_HEAD_QUANTIZED = ("`--train-head` trains a float head, and this student's head is quantized (a named scheme's "
-                         "head is 8-bit for the CPU); add `--rule lm_head=keep` to keep it float, or leave "
-                         "`--train-head` out")
 
 
 def cpu_layout(scheme: Scheme) -> Scheme:
@@ -91,10 +88,8 @@ _PATIENCE = 10
 INITS = ("zero", "residual", "activation")
 # Fields that do not change the training trajectory: they may differ between a run and its resume.
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
-# Defaults per mode where they differ: (qat, lora).
-# qat's lr is that of latents in step units; qat's defaults are the best measured run (docs/recovery.md: held-out
-# KL 4.35 -> 0.40 on SmolLM2, vs 0.64 for lr 2e-3 / 2e-3 / 1e-4 with beta2 0.999).
-_MODE_DEFAULTS = {"lr": (1e-2, 3e-4), "beta2": (0.95, 0.999)}
+# Defaults each mode sets for itself where the config leaves None (recovery/modes/: qat's are its best measured run).
+_MODE_DEFAULTS = ("lr", "beta2")
 
 
 @dataclass(frozen=True)
@@ -106,7 +101,7 @@ class RecoverConfig:
         4
     """
 
-    mode: str = "qat"  # one of MODES
+    mode: str = "qat"  # a registered mode (recovery/modes/)
     samples: int = 10_000
     seq_len: int = 256
     rank: int = 32
@@ -114,7 +109,7 @@ class RecoverConfig:
     init: str = "activation"  # one of INITS (student.init_lora_from_residual / init_lora_from_activations)
     targets: str = "low-bit"  # the layers at the scheme's lowest bit width (gate/up for w4w2gateup)
     epochs: int = 2
-    lr: float | None = None  # peak LR (LoRA tensors, or QAT latents); None: the mode's default (_MODE_DEFAULTS)
+    lr: float | None = None  # peak LR (LoRA tensors, or QAT latents); None: the mode's default
     lr_scale: float = 1e-2  # qat: peak LR of the log-scales
     lr_norm: float = 1e-3  # qat: peak LR of the norm weights
     train_norms: bool = True  # qat: also train the norm weights (they ship as floats)
@@ -148,10 +143,10 @@ class RecoverConfig:
     chat_share: float = 0.0  # teacher rows started from the chat template's user turn (recovery/data.py)
 
     def __post_init__(self) -> None:
-        require(self.mode in MODES, f"`--mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name, (qat, lora) in _MODE_DEFAULTS.items():
+        mode = mode_for(self.mode)
+        for name in _MODE_DEFAULTS:
             if getattr(self, name) is None:
-                object.__setattr__(self, name, qat if self.mode == "qat" else lora)
+                object.__setattr__(self, name, getattr(mode, name))
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
         require(self.latent_start in ("nearest", "centre", "teacher"),
@@ -160,8 +155,7 @@ class RecoverConfig:
         require(self.block_ap_steps >= 0 and self.block_ap_rows > 0 and self.block_ap_lr > 0,
                 f"`--block-ap-steps` must be >= 0 and `--block-ap-rows`, `--block-ap-lr` positive, got "
                 f"{self.block_ap_steps!r}, {self.block_ap_rows!r}, {self.block_ap_lr!r}; try 200, 1024, 1e-2")
-        require(self.block_ap_steps == 0 or self.mode == "qat",
-                "`--block-ap-steps` trains the integers layer by layer: it needs `--mode qat`")
+        mode.check(self)
         require(self.lr_scale > 0 and self.lr_norm > 0,
                 f"`--lr-scale` and `--lr-norm` must be positive, got {self.lr_scale!r} and {self.lr_norm!r}; try 1e-2 and 1e-3")
         require(isinstance(self.rank, int) and self.rank > 0, f"`--rank` must be a positive integer, got {self.rank!r}; try 32")
@@ -309,31 +303,6 @@ def _teacher_data(teacher_model, lm, cfg: RecoverConfig, data_path: Path, ranks:
     return ds
 
 
-def _lora_student(base, teacher_model, targets, cfg: RecoverConfig, train_ids, dev, resume: bool):
-    torch.manual_seed(cfg.seed)  # LoRA A init
-    student = add_lora(base, targets, cfg.rank, cfg.lora_alpha).to(dev)
-    if cfg.init == "residual" and not resume:
-        init_lora_from_residual(student, teacher_model, targets)
-    elif cfg.init == "activation" and not resume:
-        from edge_recover.calibration import input_hessians
-
-        hessians = input_hessians(teacher_model, train_ids[: max(cfg.calibration, 64)], batch_size=cfg.batch_size)
-        init_lora_from_activations(student, teacher_model, targets, hessians)
-        del hessians
-    params = [p for p in student.parameters() if p.requires_grad]
-    return student, [{"params": params, "lr": cfg.lr, "peak_lr": cfg.lr}], {}
-
-
-def _qat_student(base, teacher_model, cfg: RecoverConfig, dev):
-    from .qat import head_parameters, make_qat_student, param_groups
-
-    require(not cfg.train_head or bool(head_parameters(base)), _TRAIN_HEAD_QUANTIZED)  # a --quantized one's
-    base = base.to(dev)
-    start = make_qat_student(base, teacher_model, train_norms=cfg.train_norms, units=cfg.latent_units,
-                             train_head=cfg.train_head, start=cfg.latent_start)
-    return base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head), start.to_json()
-
-
 @dataclass
 class _Loop:
     """What the training loop needs besides the student: the run's files and its starting point."""
@@ -346,6 +315,7 @@ class _Loop:
     t_start: float
     ranks: Ranks
     model: object  # what runs the forward: the student, or its DDP wrapper on several processes
+    tensor_file: str  # the mode's file of trainable tensors in the checkpoint (run_state.py)
 
 
 def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, step: int, loop: _Loop, acc,
@@ -373,7 +343,7 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
         state = {"step": step, "config": cfg.trajectory(), "quant_hash": loop.qhash, "kl_before": loop.kl_before,
                  "seconds": loop.prior_seconds + time.perf_counter() - loop.t_start}
         if ranks.is_main:  # the state is the same on every rank: rank 0 writes it
-            write_checkpoint(loop.ckpt, student, optimizer, state, cfg)
+            write_checkpoint(loop.ckpt, student, optimizer, state, loop.tensor_file)
 
     student.train()
     with open(loop.metrics_path, "a") if ranks.is_main else contextlib.nullcontext() as log:
@@ -474,7 +444,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
             f"`--device` must be auto, cpu or cuda[:N], got {device!r}")
     head = (scheme or default_scheme()).resolve("lm_head")
-    require(not (cfg.train_head and quantized is None and head != "keep"), _TRAIN_HEAD_QUANTIZED)
+    require(not (cfg.train_head and quantized is None and head != "keep"), TRAIN_HEAD_QUANTIZED)
     if device.startswith("cuda"):
         require(torch.cuda.is_available(), f"`--device {device}`: no CUDA device is visible; use `--device cpu`")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -495,8 +465,8 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
                                             resume, progress and ranks.is_main, overwrite, device=dev)
     share_quantized_head(base)  # a tied quantized head is also the embedding, as in the package (sdk/shared_head.py)
     qhash = quant_hash(base)
-    targets = resolve_targets(base, cfg.targets) if cfg.mode == "lora" else None
-    start_codes = {n: q.codes.clone() for n, q in quantized_layers(base).items()} if cfg.mode == "qat" else None
+    mode = mode_for(cfg.mode)
+    plan = mode.plan(base, cfg)  # what it trains, checked before the teacher samples (a bad `--targets`)
 
     teacher_model = lm.model.to(dev).eval()
     for p in teacher_model.parameters():
@@ -507,18 +477,16 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     ds = _teacher_data(teacher_model, lm, cfg, data_path, ranks, progress)
     train_ids, hold_ids = ds.input_ids[: cfg.train_rows], ds.input_ids[cfg.train_rows:]
 
-    # 3. the student and the loop
-    if cfg.mode == "lora":
-        student, groups, start = _lora_student(base, teacher_model, targets, cfg, train_ids, dev, resume)
-    else:
-        student, groups, start = _qat_student(base, teacher_model, cfg, dev)
+    # 3. the mode's student and the loop
+    made = mode.student(plan, base, teacher_model, cfg, train_ids, dev, resume)
+    student, groups = made.model, made.groups
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
     params = [p for g in groups for p in g["params"]]
 
     work.mkdir(parents=True, exist_ok=True)
     metrics_path = work / "metrics.jsonl"
     if resume:
-        state = read_checkpoint(ckpt, student, optimizer, cfg, qhash)
+        state = read_checkpoint(ckpt, student, optimizer, cfg, qhash, mode.tensor_file)
         step, kl_before, prior_seconds = state["step"], state["kl_before"], state["seconds"]
         if ranks.is_main:
             trim_metrics(metrics_path, step)
@@ -541,35 +509,29 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
             print(f"block reconstruction: held-out KL {kl_before:.4f} -> {block_ap['kl_after']:.4f} "
                   f"({block_ap['seconds']:.0f} s)", file=sys.stderr)
     model = acc.prepare_model(student) if ranks.world > 1 else student  # DDP: gradients averaged over ranks
-    loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start, ranks, model)
+    loop = _Loop(ckpt, metrics_path, qhash, kl_before, prior_seconds, t_start, ranks, model, mode.tensor_file)
     step, train_seconds = _train(student, teacher_model, optimizer, train_ids, cfg, step, loop, acc, progress)
 
     report = {"status": "done" if step >= cfg.optimizer_steps else "stopped", "mode": cfg.mode, "step": step,
               "optimizer_steps": cfg.optimizer_steps, "config": cfg.to_json(), "scheme": scheme.to_json(),
-              "method": method, "targets": len(targets) if targets else len(start_codes or {}),
+              "method": method, "targets": len(plan.layers),
               "trainable_parameters": sum(p.numel() for p in params), "base_source_hash": lm.source_hash,
               "quant_hash": qhash, "dataset": {"path": str(data_path), **ds.settings.to_json(),
                                                 "generate_seconds": ds.seconds},
               "holdout_rows": int(hold_ids.shape[0]), "kl_before": kl_before, "device": str(dev), "processes": ranks.world,
-              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": start,
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "start": made.start,
               "block_ap": block_ap}
     if report["status"] == "stopped":
         report["seconds"] = prior_seconds + time.perf_counter() - t_start
         return RecoverResult(report, student, teacher_model)
-    if cfg.mode == "qat":
-        from .qat import codes_moved, freeze_qat_student
-
-        student = freeze_qat_student(student)  # from here on the student is exactly what ships
-        report["codes_moved"] = codes_moved(student, start_codes)
+    student = mode.finish(plan, student, report)  # what ships (qat: the latents rounded to integers)
     student.eval()
     report["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)
     report["seconds"] = prior_seconds + time.perf_counter() - t_start
     report["train_seconds"] = train_seconds
-    if ranks.is_main and cfg.mode == "qat":
-        write_quantized(student, lm, scheme, method, output, report, metrics_path, overwrite, teacher_model)
-    elif ranks.is_main:
-        write_adapter(student, lm, scheme, method, qhash, targets, cfg, quantized, output, report, metrics_path,
-                      overwrite)
-    report["quantized" if cfg.mode == "qat" else "adapter"] = str(output)
+    if ranks.is_main:
+        mode.write(plan, RunOutput(student, lm, teacher_model, scheme, method, qhash, cfg, quantized, output, report,
+                                   metrics_path, overwrite))
+    report[mode.output] = str(output)
     acc.wait_for_everyone()  # every rank returns once the output is there
     return RecoverResult(report, student, teacher_model)

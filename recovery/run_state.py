@@ -6,38 +6,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from edge_recover.errors import EdgeRecoverError, require
 
-if TYPE_CHECKING:
-    from .distill import RecoverConfig
 
-
-def _tensor_file(cfg: "RecoverConfig") -> str:
-    return "lora.safetensors" if cfg.mode == "lora" else "qat.safetensors"
-
-
-def write_checkpoint(path: Path, model, optimizer, state: dict, cfg: "RecoverConfig") -> None:
+def write_checkpoint(path: Path, model, optimizer, state: dict, tensor_file: str) -> None:
+    """The trainable tensors (into `tensor_file`, the mode's), the optimizer state and state.json, all-or-nothing."""
     from safetensors.torch import save_file
 
     from edge_recover.atomic import atomic_dir
 
     with atomic_dir(path, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / _tensor_file(cfg)))
+                  str(tmp / tensor_file))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def read_checkpoint(path: Path, model, optimizer, cfg: "RecoverConfig", qhash: str) -> dict:
+def read_checkpoint(path: Path, model, optimizer, cfg, qhash: str, tensor_file: str) -> dict:
+    """Load a checkpoint into `model` and `optimizer` after checking it continues this run (`cfg`, a
+    `distill.RecoverConfig`, and the integers' hash `qhash`); returns its state.json."""
     from safetensors.torch import load_file
 
     try:
         state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / _tensor_file(cfg)))
+        tensors = load_file(str(path / tensor_file))
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise EdgeRecoverError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}); delete it to start "
