@@ -15,6 +15,8 @@ import argparse
 import threading
 import time
 
+from edge_recover.options import DEFAULT_SCHEME
+
 PEAKS: dict[str, int] = {}
 STEP = ["load"]
 T0 = time.time()
@@ -55,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("output")
-    ap.add_argument("--scheme", default="w4w2gateup")
+    ap.add_argument("--scheme", default=DEFAULT_SCHEME)
     args = ap.parse_args()
 
     import edge_recover.pipeline as pipeline

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edge_recover.options import DEFAULT_SCHEME
+
 ROOT = Path(__file__).resolve().parents[1]
 GENAI_PY = ROOT / ".venv-genai" / "bin" / "python"
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little girl who",
@@ -47,7 +49,7 @@ def genai_generate(package: Path, prompts: list[str], max_length: int = 48) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scheme", default="w4w2gateup")
+    ap.add_argument("--scheme", default=DEFAULT_SCHEME)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--kv-dtype", default="float32", help="float32, float16 or int8 (the package's KV cache)")

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_recover.options import defaults
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import peers_gguf as pg  # noqa: E402  (llama.cpp's quantizer and importance matrix, for GGUF-shipped models)
@@ -403,7 +405,8 @@ def main() -> None:
                                                                    "importance matrix of IQ2-type GGUFs")
     ap.add_argument("--prepare-only", action="store_true", help="make every entry's files (GGUFs, the builder's "
                                                                   "package), list them and stop: no timed run")
-    ap.add_argument("--method", default="mse", help="quantizer for our packages (rtn, mse, gptq)")
+    ap.add_argument("--method", default=defaults("export").method,
+                    help="quantizer for our packages (rtn, mse, gptq; default: export's, sdk/options.py)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt-lengths", default="128,512")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -23,6 +23,7 @@ from edge_recover.apply import quantize_model
 from edge_recover.evaluate import evaluate, token_windows
 from edge_recover.fetch import eval_text, fetch_smollm2
 from edge_recover.models import load_model
+from edge_recover.options import defaults
 from edge_recover.pipeline import calibrate
 from edge_recover.scheme import named_scheme, parse_block_sizes
 
@@ -33,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--calibration", type=int, default=32)
+    ap.add_argument("--calibration", type=int, default=defaults("quantize").calibration)
     ap.add_argument("--device", default="cpu", help="where calibration, quantization and evaluation run")
     ap.add_argument("--model", default=None, help="SmolLM2 HF folder or .gguf file (default: fetched)")
     ap.add_argument("--out-dir", default=str(OUT))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from edge_recover.options import DEFAULT_SCHEME, defaults
+
 
 def _say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -38,8 +40,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--text", default=None, help="evaluation text file (default: Hamlet + Macbeth)")
-    ap.add_argument("--scheme", default="w4w2gateup")
-    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--scheme", default=DEFAULT_SCHEME)
+    ap.add_argument("--method", default=defaults("recover").method)
     ap.add_argument("--samples", type=int, default=10_000)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=256)
@@ -55,7 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--no-w4", action="store_true", help="skip the plain-W4 reference")
-    ap.add_argument("--calibration", type=int, default=32, help="teacher samples for the quantizer's calibration")
+    ap.add_argument("--calibration", type=int, default=defaults("recover").calibration,
+                    help="teacher samples for the quantizer's calibration")
     ap.add_argument("--small", action="store_true", help="CPU-sized: 96 samples of 64 tokens, 8 eval windows")
     ap.add_argument("--work", default="out/bench-recovery", help="work folder (dataset, checkpoints, adapters)")
     ap.add_argument("--dataset", default=None, help="reuse this dataset file (default WORK/dataset-N-T-seed.safetensors)")

@@ -8,27 +8,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
+
+from edge_recover.options import DEFAULT_SCHEME, QuantOptions, quant_options
 
 
 def register(app: typer.Typer) -> None:
     """Add the exporter's commands to the `edge-recover` app."""
 
     @app.command()
+    @quant_options("export")
     def export(
         model: str = typer.Argument(..., help="HF model folder, .gguf file, quantized checkpoint, or `smollm2`"),
         output: Path = typer.Option(..., "-o", "--output", help="package folder to create"),
-        scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file (ignored for a quantized checkpoint)"),
         target: str = typer.Option("cpu", help="cpu, dml, npu, qnn, openvino or vitisai (see `edge-recover targets`)"),
         vendor: Optional[str] = typer.Option(None, help="with --target npu: amd, qualcomm or intel (default amd)"),
-        method: str = typer.Option("mse", help="quantizer method when the model is full precision: rtn or mse"),
-        block_size: Optional[str] = typer.Option(None, help="block size when quantizing (default: a scheme name gets the target's, "
-                                                                   "a JSON file keeps its own): 64, or per bit width as 4:64,2:128"),
-        rule: List[str] = typer.Option([], help="extra scheme rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep, e.g. "
-                                                "lm_head=4:32 (repeatable; not for a quantized checkpoint)"),
-        calibration: int = typer.Option(16, help="teacher samples for the mse method's activation importance"),
+        quant: QuantOptions = QuantOptions(),  # --scheme --method --calibration --block-size --rule (sdk/options.py)
         verify: bool = typer.Option(True, "--verify/--no-verify", help="compare ORT and torch logits; fail if they disagree"),
         fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ORT fused ops (default: as the target says)"),
         kv_dtype: str = typer.Option("float32", help="KV cache element type: float32, float16 or int8 (fused graphs; "
@@ -69,8 +66,8 @@ def register(app: typer.Typer) -> None:
         check_new_dir(output, overwrite)
         static = _static_options(prof, context_length, prefill_window, soc, htp_tolerance)
         options = ExportOptions(
-            target=target, vendor=vendor, scheme=scheme, rules=tuple(rule), method=method, calibration=calibration,
-            block_size=block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv,
+            target=target, vendor=vendor, scheme=quant.scheme or DEFAULT_SCHEME, rules=quant.rules, method=quant.method,
+            calibration=quant.calibration, block_size=quant.block_size, fuse=fuse, kv_dtype=kv_dtype, share_embedding=share_embedding, pack_qkv=pack_qkv,
             adapter=adapter, adapter_mode=adapter_mode, adapter_name=adapter_name, merge_method=merge_method,
             merge_calibration=merge_calibration, eval_text=_read_text(eval_text), verify=verify,
             static=static, base=base, overwrite=overwrite)

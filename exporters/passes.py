@@ -43,12 +43,14 @@ from typing import Any, Callable
 from edge_recover.contract import DATA_FILE, MANIFEST, MODEL_FILE, PACKAGE_FORMAT_VERSION, PACKAGE_KIND, write_manifest  # noqa: F401
 from edge_recover.errors import require
 from edge_recover.models import LoadedModel
+from edge_recover.options import DEFAULT_SCHEME, build_scheme, defaults
 from edge_recover.versions import library_versions, tool_version
 
 from .targets import TargetProfile, resolve_target
 
 __all__ = ["ExportOptions", "ExportState", "PassList", "pass_list", "LOW_MEMORY_BYTES"]
 
+EXPORT_QUANTIZER = defaults("export")
 # Above this many bytes of float weights in quantized layers, export through placeholders (rewrite.py).
 LOW_MEMORY_BYTES = 2 << 30
 
@@ -75,10 +77,10 @@ class ExportOptions:
 
     target: str = "cpu"
     vendor: str | None = None
-    scheme: Any = "w4w2gateup"  # a scheme name, JSON file or `Scheme`
+    scheme: Any = DEFAULT_SCHEME  # a scheme name, JSON file or `Scheme`
     rules: tuple = ()  # extra `--rule PATTERN=BITS[:BLOCK][:sym]` strings on top of the scheme
-    method: str = "mse"
-    calibration: int = 16
+    method: str = EXPORT_QUANTIZER.method  # the one definition's export defaults (sdk/options.py: mse, 16, and why)
+    calibration: int = EXPORT_QUANTIZER.calibration
     block_size: "int | dict | str | None" = None
     fuse: bool | None = None
     low_memory: bool | None = None
@@ -193,20 +195,16 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
     stays (`--block-size 4:64,2:128 --rule lm_head=4:32`: the head at 32)."""
     from edge_recover.apply import quantized_layers
     from edge_recover.pipeline import quantize_loaded
-    from edge_recover.scheme import Scheme, load_scheme, parse_block_sizes, parse_rule
 
     if quantized_layers(lm.model):
         require(not options.rules, "`--rule` cannot change a quantized checkpoint's scheme; quantize it with that "
                                    "rule (`edge-recover quantize --rule ...`), or leave `--rule` out")
         qm = lm.quantized_manifest or {}
         return qm.get("scheme", {"name": "pre-quantized"}), qm.get("method", "unknown")
-    sch = options.scheme if isinstance(options.scheme, Scheme) else load_scheme(str(options.scheme))
-    sch = sch.with_target_head(target.head)  # a named scheme's float head becomes the target's (cpu: 8-bit)
-    blocks = parse_block_sizes(options.block_size)
-    if blocks is not None:
-        sch = sch.with_block_size(blocks)
-    # as `load_scheme`: a rule's own BLOCK stays, one without takes --block-size, else the target's
-    sch = sch.with_rules(parse_rule(r, blocks) for r in options.rules).with_target_block_size(target.preferred_block_size)
+    # the one order of every command (sdk/options.py): a named scheme's float head becomes the target's (cpu:
+    # 8-bit), --block-size, then the rules (a rule's own BLOCK stays), then the target's block for the rest
+    sch = build_scheme(options.scheme, options.rules, options.block_size, head=target.head,
+                       target_block_size=target.preferred_block_size)
     target.check_scheme(sch)  # refused before minutes of quantizing, not after
     report = quantize_loaded(lm, sch, method=options.method, calibration=options.calibration, progress=False)
     return report.scheme, options.method  # the scheme as applied: a fused family's gate/up rule spelled its way

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
+
+from edge_recover.options import QuantOptions, quant_options
 
 
 def register(app: typer.Typer) -> None:
@@ -16,19 +18,14 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
 
 
+@quant_options("recover")
 def recover_cmd(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="full-precision teacher: HF folder, .gguf file, or `smollm2`"),
     output: Path = typer.Option(..., "-o", "--output", help="folder to create: a quantized checkpoint (qat) or an adapter (lora)"),
     mode: str = typer.Option("qat", help="`qat`: train the integers themselves (output a quantized checkpoint that "
                                          "`export` packs as it is: no side-car, full speed); `lora`: Recover-LoRA adapter"),
-    scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
-    block_size: Optional[str] = typer.Option(None, help="block size, one (64) or per bit width (4:64,2:128); default "
-                                                         "4:64,2:128, the CPU's fast layout (when quantizing here)"),
-    rule: List[str] = typer.Option([], help="extra scheme rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable), "
-                                            "e.g. `lm_head=4` for a 4-bit head that recovery trains too"),
-    method: str = typer.Option("gptq", help="quantizer of the start integers (gptq, mse or rtn; with --quantized, that checkpoint's)"),
-    calibration: int = typer.Option(32, help="teacher samples for the quantizer's calibration"),
+    quant: QuantOptions = QuantOptions(),  # --scheme --method --calibration --block-size --rule (sdk/options.py)
     save_quantized: Optional[Path] = typer.Option(None, help="also write the student's start (unrecovered) checkpoint here (--overwrite replaces it too)"),
     quantized: Optional[Path] = typer.Option(None, help="train against this quantized checkpoint instead of quantizing MODEL"),
     samples: int = typer.Option(10_000, help="synthetic sequences the teacher writes"),
@@ -81,9 +78,10 @@ def recover_cmd(
     On several GPUs: `--num-processes N`, or `accelerate launch --multi_gpu --num_processes N -m edge_recover recover ...`."""
     from edge_recover.atomic import check_new_dir
     from edge_recover.errors import EdgeRecoverError, require
+    from edge_recover.options import DEFAULT_SCHEME
     from edge_recover.scheme import load_scheme
 
-    from .distill import RecoverConfig, cpu_layout, recover
+    from .distill import RecoverConfig, recover
     from .distributed import check_split, cli_argv, launch, launched, record_failure
 
     check_new_dir(output, overwrite)
@@ -94,18 +92,16 @@ def recover_cmd(
                         train_head=train_head, lr_head=lr_head, block_ap_steps=block_ap_steps,
                         block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
                         latent_units=latent_units, latent_start=latent_start, temperature=temperature, seed=seed, batch_size=batch_size,
-                        grad_accum=grad_accum, method=method, calibration=calibration, checkpoint_every=checkpoint_every,
+                        grad_accum=grad_accum, method=quant.method, calibration=quant.calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
-    require(not (block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; quantize it "
-                                            "with that block size, or leave `--quantized` out")
-    require(not (rule and quantized), "`--rule` cannot change a `--quantized` checkpoint's scheme; quantize it with "
-                                      "that rule, or leave `--quantized` out")
-    sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the fast layout
-    if scheme or block_size or rule:  # a named scheme's stand-in blocks get the fast layout; a JSON file keeps its blocks
-        sch = load_scheme(scheme or "w4w2gateup", rule, block_size=block_size)
-        if not quantized:
-            sch = cpu_layout(sch)
+    require(not (quant.block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; "
+                                                  "quantize it with that block size, or leave `--quantized` out")
+    require(not (quant.rules and quantized), "`--rule` cannot change a `--quantized` checkpoint's scheme; quantize it "
+                                             "with that rule, or leave `--quantized` out")
+    sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the cpu layout (distill.default_scheme)
+    if quant.given():  # a named scheme's stand-ins get the cpu layout (sdk/options.py); a JSON file keeps its blocks
+        sch = load_scheme(quant.scheme or DEFAULT_SCHEME) if quantized else quant.scheme_for()
     work = work_dir or output.with_name(output.name + ".work")
     if num_processes != 1:  # start the ranks, each of which runs this command with `--num-processes 1`
         require(num_processes > 1, f"`--num-processes` must be at least 1, got {num_processes!r}")

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.layouts import LAYOUTS
-from edge_recover.scheme import CPU_HEAD, BlockSizes, Scheme, named_scheme
+from edge_recover.options import LAYOUT, build_scheme, defaults
+from edge_recover.scheme import BlockSizes, Scheme
 from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
@@ -64,20 +65,19 @@ from .run_state import read_checkpoint, trim_metrics, write_checkpoint
 from .student import load_student_checkpoint, quant_hash, quantize_student
 
 MODES = names()  # the registered modes (recovery/modes/: one module each)
-# The layout the CPU's fast kernels want (FACTS: 2-bit fastest at block 128, 4-bit at 64; the 8-bit head at
-# the cpu target's 64): what `recover` quantizes with unless told otherwise, so that the recovered integers
-# are the ones that ship. The head is the cpu target's too (scheme.CPU_HEAD: 8-bit).
-DEFAULT_BLOCK_SIZES: BlockSizes = {4: 64, 2: 128, 8: 64}
+# The layout `recover` quantizes with unless told otherwise, so that the recovered integers are the ones that
+# ship: the cpu target's (sdk/options.py LAYOUT: block 64, the 8-bit head), as `quantize` and `export` make it.
+DEFAULT_BLOCK_SIZES: BlockSizes = LAYOUT.block_size
 
 
 def cpu_layout(scheme: Scheme) -> Scheme:
-    """`scheme` with its stand-ins (a named scheme's blocks and float head) set to the CPU's layout."""
-    return scheme.with_target_head(CPU_HEAD).with_target_block_size(DEFAULT_BLOCK_SIZES)
+    """`scheme` with its stand-ins (a named scheme's blocks and float head) set to the cpu layout."""
+    return scheme.with_target_head(LAYOUT.head).with_target_block_size(LAYOUT.block_size)
 
 
 def default_scheme() -> Scheme:
-    """What `recover` quantizes with when told nothing: w4w2gateup at the CPU's layout, with its head."""
-    return cpu_layout(named_scheme("w4w2gateup"))
+    """What `recover` quantizes with when told nothing: w4w2gateup at the cpu layout, with its head."""
+    return build_scheme(None)
 
 
 # A run has diverged when its loss is not finite, or stays above _EXPLODE x the starting held-out KL (+1)
@@ -90,6 +90,7 @@ INITS = ("zero", "residual", "activation")
 _RUN_ONLY = {"max_steps", "checkpoint_every", "log_every", "gen_batch_size", "eval_batch_size"}
 # Defaults each mode sets for itself where the config leaves None (recovery/modes/: qat's are its best measured run).
 _MODE_DEFAULTS = ("lr", "beta2")
+_QUANTIZER = defaults("recover")
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ class RecoverConfig:
     seed: int = 0
     batch_size: int = 16
     grad_accum: int = 1
-    method: str = "gptq"  # quantizer of the start integers (GPTQ: the better start for qat too, docs/recovery.md)
-    calibration: int = 32
+    method: str = _QUANTIZER.method  # the start integers' quantizer (sdk/options.py: gptq, the better start)
+    calibration: int = _QUANTIZER.calibration
     top_p: float = 0.95
     temperature_min: float = 0.8
     temperature_max: float = 1.2
@@ -415,8 +416,8 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
             progress: bool = True) -> "RecoverResult":
     """Recover `teacher` (a `LoadedModel` or a model spec) quantized under `scheme`, in mode `cfg.mode`.
 
-    `scheme=None` takes the scheme of the `quantized` checkpoint, or else w4w2gateup at the CPU's fast
-    layout (`DEFAULT_BLOCK_SIZES`: 4-bit block 64, 2-bit block 128).
+    `scheme=None` takes the scheme of the `quantized` checkpoint, or else w4w2gateup at the cpu layout
+    (sdk/options.py `LAYOUT`: block 64, the 8-bit head), as `quantize` makes it.
 
     The result's report has `status` "done" (output written: a quantized checkpoint for `qat`, an adapter
     for `lora`) or "stopped" (`cfg.max_steps` reached; a checkpoint in the work folder, continue with

@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import List, Optional
-
 import typer
 
 from .errors import EdgeRecoverError
+from .options import QuantOptions, quant_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize (W4/W2-GateUp), recover (Recover-LoRA), export (ONNX MatMulNBits) and profile edge LLMs.")
@@ -50,26 +49,25 @@ def schemes() -> None:
 
 
 @app.command()
+@quant_options("quantize")
 def quantize(
     model: str = typer.Argument(..., help="HF model folder, .gguf file, or `smollm2` for the default model"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to create"),
-    scheme: str = typer.Option("w4w2gateup", help="scheme name or JSON file (see `edge-recover schemes`)"),
-    method: str = typer.Option("gptq", help="gptq (error feedback, best), mse (clipping search + least squares) or rtn (min-max reference)"),
-    block_size: Optional[str] = typer.Option(None, help="override the block size: 64 (every rule) or per bit width as 4:64,2:128"),
-    rule: List[str] = typer.Option([], help="extra rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep (repeatable)"),
-    calibration: int = typer.Option(32, help="teacher-sampled sequences for calibration statistics (0: none; rtn needs none)"),
+    quant: QuantOptions = QuantOptions(),  # --scheme --method --calibration --block-size --rule (sdk/options.py)
     seed: int = typer.Option(0, help="seed for calibration sampling"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     slim: bool = typer.Option(False, help="store only the integers; loading then needs the source model"),
 ) -> None:
-    """Quantize a model and write a checkpoint (safetensors + config + manifest) with a per-layer report."""
+    """Quantize a model and write a checkpoint (safetensors + config + manifest) with a per-layer report.
+
+    By default at the cpu target's layout (the layout `recover` and `export --target cpu` use: block 64, 8-bit
+    head); for another target pass its blocks and head, e.g. `--rule lm_head=4` for qnn (`edge-recover targets`)."""
     from .atomic import check_new_dir
     from .pipeline import quantize_to_checkpoint
-    from .scheme import load_scheme
 
     check_new_dir(output, overwrite)
-    sch = load_scheme(scheme, rule, block_size)
-    report = quantize_to_checkpoint(model, sch, method, output, calibration=calibration, seed=seed, overwrite=overwrite, slim=slim)
+    report = quantize_to_checkpoint(model, quant.scheme_for(), quant.method, output, calibration=quant.calibration,
+                                    seed=seed, overwrite=overwrite, slim=slim)
     _print_report(report)
     typer.echo(f"wrote {output}")
 

@@ -33,8 +33,10 @@ def test_methods_and_rules(hf, work, method):
     layers = _report(out)["layers"]
     # rules are tried in order, the first regex that matches wins: layer 0's down_proj is 8-bit, the rest kept
     assert [n for n in layers if n.startswith("model.layers.0.")] == ["model.layers.0.mlp.down_proj"]
-    assert "lm_head" not in layers and layers["model.layers.1.mlp.down_proj"]["bits"] == 8
-    # a rule without its own block size takes the command's --block-size
+    assert layers["model.layers.1.mlp.down_proj"]["bits"] == 8
+    # the head is the cpu layout's 8-bit one (sdk/options.py), as recover and export quantize it
+    assert layers["lm_head"]["bits"] == 8
+    # a rule without its own block size takes the command's --block-size, and so does the head
     assert {v["block_size"] for v in layers.values()} == {16}
     assert layers["model.layers.1.mlp.gate_proj"]["bits"] == 4
 

@@ -7,7 +7,7 @@ stays 4-bit, and GroupQueryAttention reads qkv_proj's output packed (key and val
 the packed q/k/v node of the other families:
 
     tiny Phi-3 ─► quantize --method gptq (8-bit head) ─► recover --mode qat ─► export --target cpu ─► run
-               └► quantize --method rtn ─────────────────────────────────────► export --target cpu ─► run
+               └► quantize --method rtn --rule lm_head=keep ─────────────────► export --target cpu ─► run
 
 CPU smoke sizes (a few recovery steps): what is checked is that each stage takes the architecture and that the
 package computes what torch does. Run with `pytest -s` to see the parity figures.
@@ -42,9 +42,10 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_phi3_dir, work) -> dict:
-    """`quantize --method gptq --rule lm_head=8` and `--method rtn`: {method: checkpoint}."""
+    """`quantize --method gptq --rule lm_head=8` and `--method rtn --rule lm_head=keep` (a float head; the default
+    is the cpu layout's 8-bit one): {method: checkpoint}."""
     out = {}
-    for method, extra in (("gptq", ["--rule", "lm_head=8"]), ("rtn", [])):
+    for method, extra in (("gptq", ["--rule", "lm_head=8"]), ("rtn", ["--rule", "lm_head=keep"])):
         out[method] = work / f"q-{method}"
         ok("quantize", tiny_phi3_dir, "--scheme", "w4w2gateup", "--method", method, "--calibration", "4", *extra,
            "-o", out[method])

@@ -4,13 +4,13 @@ The tiny model has what sets Qwen2.5 apart from Llama: q/k/v projections with bi
 RoPE theta 1e6, and an untied head (as Qwen2.5-Coder's GGUFs load). Its biases are random, so a package that
 dropped one would miss torch by far more than the parity tolerance (checked below):
 
-    tiny Qwen2 ─► quantize --method gptq (8-bit head) ─► recover --mode qat ─► export --target cpu ─► run
-               └► quantize --method rtn ───────────────► recover --mode qat ─► export --target npu --vendor qualcomm
-                                                                               (static graphs, QNN HTP emulator)
-                                                                            ─► run --provider cpu
+    tiny Qwen2 ─► quantize --method gptq (8-bit head) ───────────► recover --mode qat ─► export --target cpu ─► run
+               └► quantize --method rtn --rule lm_head=keep ─► recover --mode qat ─► export --target npu --vendor qualcomm
+                                                                                        (static graphs, QNN HTP emulator)
+                                                                                     ─► run --provider cpu
 
 The cpu chain quantizes the head to 8 bits as the cpu target does, so the untied embedding becomes a table of
-its own (GatherBlockQuantized); the NPU chain's checkpoint keeps `quantize`'s float head, which the qnn export
+its own (GatherBlockQuantized); the NPU chain's checkpoint keeps a float head (`--rule lm_head=keep`), which the qnn export
 keeps as it is (a named scheme's export for qnn gets a 4-bit head: tests/exporters/test_qnn_npu.py).
 
 CPU smoke sizes (a few recovery steps, a 40-slot context): what is checked is that each stage takes the
@@ -56,9 +56,10 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_qwen2_dir, work) -> dict:
-    """`quantize --method gptq --rule lm_head=8` and `--method rtn`: {method: checkpoint}."""
+    """`quantize --method gptq --rule lm_head=8` and `--method rtn --block-size 32 --rule lm_head=keep` (a float
+    head, which the qnn target keeps; the default is the cpu layout's 8-bit one at block 64): {method: checkpoint}."""
     out = {}
-    for method, extra in (("gptq", ["--rule", "lm_head=8"]), ("rtn", [])):
+    for method, extra in (("gptq", ["--rule", "lm_head=8"]), ("rtn", ["--block-size", "32", "--rule", "lm_head=keep"])):
         out[method] = work / f"q-{method}"
         ok("quantize", tiny_qwen2_dir, "--scheme", "w4w2gateup", "--method", method, "--calibration", "4", *extra,
            "-o", out[method])
