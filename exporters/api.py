@@ -26,6 +26,7 @@ from edge_recover.contract import (DATA_FILE, MANIFEST, MODEL_FILE, PACKAGE_FORM
                                    read_manifest)
 from edge_recover.models import LoadedModel, check_architecture
 
+from . import adapter_export
 from .passes import LOW_MEMORY_BYTES, ExportOptions, ExportState, pass_list, save_graph  # noqa: F401
 
 __all__ = ["ExportOptions", "export", "export_package", "read_package_manifest"]
@@ -48,8 +49,6 @@ def export(model: "str | Path | LoadedModel", output: str | Path, options: Expor
         >>> export("smollm2", "out/pkg", ExportOptions(scheme="w4w2gateup", target="cpu"))  # doctest: +SKIP
         PosixPath('out/pkg')
     """
-    from . import adapter_export
-
     prof = options.profile()
     plan = (adapter_export.plan_adapter(options.adapter, options.adapter_mode, options.adapter_name, prof)
             if options.adapter is not None else None)

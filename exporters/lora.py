@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_recover.atomic import atomic_file
-from edge_recover.contract import file_sha256  # noqa: F401  (the contract's; importable here too)
+from edge_recover.contract import file_sha256, read_manifest, write_manifest  # noqa: F401  (file_sha256: importable here too)
 from edge_recover.errors import EdgeRecoverError, require
 
 ADAPTERS_DIR = "adapters"
@@ -316,12 +316,8 @@ def add_adapter(package: str | Path, adapter: str | Path, name: str, overwrite: 
         >>> add_adapter("out/pkg", "out/adapter-b", name="b")["file"]  # doctest: +SKIP
         'adapters/b.onnx_adapter'
     """
-    from edge_recover.contract import write_manifest
-
-    from .api import read_package_manifest
-
     pkg = Path(package).expanduser()
-    manifest = read_package_manifest(pkg)
+    manifest = read_manifest(pkg)
     lora = manifest.get("lora") or {}
     require(lora.get("mode") == "sidecar",
             f"package {str(pkg)!r} has no side-car adapter inputs; re-export it with `--adapter DIR --adapter-mode sidecar`")

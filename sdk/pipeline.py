@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .apply import QuantReport, quantize_model
+from .fetch import model_path
 from .models import LoadedModel, load_model
 from .scheme import Scheme
 
@@ -22,11 +23,7 @@ def resolve_model(spec: str | Path, base: "str | Path | LoadedModel | None" = No
 
     `base` is the source model of a slim checkpoint (a spec like `spec`, or a loaded model): where the
     checkpoint's kept weights come from when its recorded source path is not on this machine."""
-    from .fetch import fetch_model, model_names
-
-    if str(spec) in model_names():
-        spec = fetch_model(str(spec))
-    return load_model(spec, base=base)
+    return load_model(model_path(spec), base=base)
 
 
 def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0, scheme: Scheme | None = None,
