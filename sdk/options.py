@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional
 
 from .scheme import CPU_HEAD, BlockSizes, QuantConfig, Scheme, load_scheme, parse_block_sizes, parse_rule
@@ -120,11 +120,6 @@ class QuantOptions:
     def scheme_for(self, head: QuantConfig | None = LAYOUT.head, block_size: BlockSizes = LAYOUT.block_size) -> Scheme:
         """The scheme to quantize with for a target whose head is `head` and preferred blocks `block_size`."""
         return build_scheme(self.scheme, self.rules, self.block_size, head=head, target_block_size=block_size)
-
-    def with_defaults(self, command: str) -> "QuantOptions":
-        """These options with `command`'s quantizer defaults for method and calibration."""
-        d = defaults(command)
-        return replace(self, method=d.method, calibration=d.calibration)
 
 
 def build_scheme(spec: "str | Scheme | None", rules: Iterable[str] = (), block_size: "BlockSizes | str | None" = None, *,
