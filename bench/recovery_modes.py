@@ -166,6 +166,13 @@ def main(argv=None) -> dict:
         import traceback
 
         result["error"] = traceback.format_exc()[-2000:]
+    # the torch figures first, in a file of their own: a lease that ends while ONNX Runtime scores keeps them
+    Path(args.out).with_suffix(".torch.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "recovery_pct" in result:
+        code = f", code {result['code']['recovery_pct']:.1f} %" if "code" in result else ""
+        _say(f"{tag}: torch CE-gap recovery: prose {result['recovery_pct']:.1f} %{code} "
+             f"(ppl fp {result['ppl_fp']:.2f}, start {result.get('ppl_quant', float('nan')):.2f}, "
+             f"recovered {result['ppl_recovered']:.2f})")
     if args.ort_eval and "error" not in result:
         try:
             result["ort"] = _ort_rows(args, _ort_packages(args, out_dir, base_ckpt), lm)

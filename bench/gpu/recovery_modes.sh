@@ -53,6 +53,8 @@ R = Path("/tmp/rm"); out = Path(os.environ["OUT"])
 res = {}
 for tag in (R / "tags").read_text().split():
     f = R / "res" / f"{tag}.json"
+    if not f.exists():  # ONNX Runtime still scoring (or the run stopped there): its torch figures
+        f = R / "res" / f"{tag}.torch.json"
     log = (R / "res" / f"{tag}.log").read_text(errors="replace")[-3000:] if (R / "res" / f"{tag}.log").exists() else ""
     m = R / "work" / f"work-{tag}" / "metrics.jsonl"
     res[tag] = {"result": json.loads(f.read_text()) if f.exists() else None, "log_tail": log,
