@@ -184,6 +184,11 @@ def _describe_npu(m: dict) -> list[str]:
         for role, ctx in (v.get("contexts") or {}).items():
             lines.append(f"  {role} EPContext: {ctx['file']} + {', '.join(ctx['binaries'])} "
                          f"({ctx['binary_bytes'] / 1e6:.1f} MB), reloads in {ctx['load_seconds']:.2f} s")
+        cb = v.get("context_binaries")
+        if cb and not cb.get("weights_shared"):
+            lines.append(f"  context binaries: {cb['count']}, {cb['bytes'] / 1e6:.1f} MB; one shared binary would save up "
+                         f"to {cb['duplicate_bytes_at_most'] / 1e6:.1f} MB, but the HTP emulator cannot load one "
+                         "(docs/npu.md)")
         return lines
     note = m.get("npu_verification")
     return [note] if note else []

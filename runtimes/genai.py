@@ -16,7 +16,7 @@ from edge_recover.errors import EdgeRecoverError
 from .generate import GenerationResult
 from .sampling import Sampling
 
-__all__ = ["genai_available", "genai_generate"]
+__all__ = ["genai_available", "genai_generate", "register_qnn"]
 
 
 def genai_available() -> bool:
@@ -26,6 +26,48 @@ def genai_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _names_qnn(package: Path) -> bool:
+    """Whether the package's genai_config.json asks for the QNN provider (a qnn package's stages do)."""
+    import json
+
+    return '"qnn"' in json.dumps(json.loads((package / "genai_config.json").read_text()))
+
+
+def _max_length(package: Path, prompt: int, new: int) -> int:
+    """og's `max_length` for `new` tokens after `prompt`: a package with a sliding window (the static NPU
+    pipeline) counts the prompt padded to whole windows, so that is what the budget starts from, capped at the
+    context the graphs were built for."""
+    import json
+
+    model = json.loads((package / "genai_config.json").read_text())["model"]
+    window = (model["decoder"].get("sliding_window") or {}).get("window_size")
+    if not window:
+        return prompt + new
+    padded = -(-prompt // window) * window
+    return min(padded + new, int(model.get("context_length") or padded + new))
+
+
+def register_qnn(og) -> None:
+    """Register onnxruntime-qnn's plugin EP library with onnxruntime-genai (its wheels have no built-in QNN EP),
+    once per process; one line naming the fix when onnxruntime-qnn is not installed.
+
+    Example:
+        >>> import onnxruntime_genai as og; register_qnn(og); og.Model("out/npu")  # doctest: +SKIP
+    """
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise EdgeRecoverError("this package runs on the QNN provider, and onnxruntime-genai needs onnxruntime-qnn's "
+                               "plugin library for it: `pip install onnxruntime-qnn`, or run it with `--engine ort`"
+                               ) from None
+    try:
+        og.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    except RuntimeError as exc:
+        if "already registered" not in str(exc):
+            raise EdgeRecoverError(f"onnxruntime-genai could not register onnxruntime-qnn's library: "
+                                   f"{str(exc).splitlines()[0]}") from None
 
 
 def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
@@ -49,7 +91,14 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
     if provider != "cpu":
         config.clear_providers()
         config.append_provider(provider)
-    model = og.Model(config)
+    if provider == "qnn" or _names_qnn(path):
+        register_qnn(og)
+    try:
+        model = og.Model(config)
+    except RuntimeError as exc:  # one line: og's message names the provider or file it could not take
+        raise EdgeRecoverError(f"onnxruntime-genai could not load {str(path)!r}: {str(exc).splitlines()[0]}; "
+                               "run it with `--engine ort`, or see docs/npu.md 'Running the package in "
+                               "onnxruntime-genai'") from None
     tokenizer = og.Tokenizer(model)
     if chat:
         from .chat import render_chat
@@ -57,7 +106,7 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
         prompt = render_chat(path, [{"role": "user", "content": prompt}])
     ids = list(tokenizer.encode(prompt))
     params = og.GeneratorParams(model)
-    options = dict(max_length=len(ids) + max_new_tokens, do_sample=not sampling.greedy)
+    options = dict(max_length=_max_length(path, len(ids), max_new_tokens), do_sample=not sampling.greedy)
     if not sampling.greedy:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
                        random_seed=sampling.seed)
@@ -68,7 +117,8 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
     generator.append_tokens(ids)
     t1 = time.perf_counter()
     result = GenerationResult(len(ids), [], "max_new_tokens", prefill_s=t1 - t0, ttft_s=0.0)
-    while not generator.is_done():
+    while not generator.is_done() and len(result.tokens) < max_new_tokens:  # a pipeline model's is_done()
+        # stays false at max_length (og 0.18), and one more step raises
         ts = time.perf_counter()
         generator.generate_next_token()
         token = int(generator.get_next_tokens()[0])

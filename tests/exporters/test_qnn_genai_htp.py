@@ -102,3 +102,11 @@ def test_og_on_the_htp_emulator_generates_what_edge_recover_run_does(pkg, n):
     from tokenizers import Tokenizer
 
     assert Tokenizer.from_file(str(pkg / "tokenizer.json")).decode(theirs) in res.output
+    # the user's path: `run --engine genai` registers the plugin library itself (the tiny model's tokens are
+    # partial UTF-8, so the streamed text may be empty: the tokens are compared through the function it calls)
+    res = cli("run", pkg, "--engine", "genai", "-p", text, "--max-new-tokens", NEW)
+    assert res.exit_code == 0, res.output
+    assert f"{len(ids)} prompt tokens, {NEW} new" in res.output, res.output
+    from edge_recover.runtimes.genai import genai_generate
+
+    assert genai_generate(pkg, text, NEW).tokens == theirs

@@ -83,6 +83,7 @@ def test_every_node_on_the_htp_and_the_manifest_says_so(npu_pkg):
         assert not {n.op_type for n in graph.graph.node} & {"Shape", "Range", "ConstantOfShape", "Cos", "Sin"}
         assert g["parity_vs_cpu"]["top1_agreement"] == 1.0
     assert "100 % of nodes on the NPU" in output and "emulator time, not NPU speed" in output
+    assert "context binaries: 2, " in output and "one shared binary would save up to" in output
     # the qnn target's head is 4-bit MatMulNBits and the tied embedding gathers its integers with plain ops (the
     # HTP has no GatherBlockQuantized): no float [V, K] table left in any graph
     assert m["layers"]["lm_head"]["bits"] == 4 and m["embedding"] == "lm_head integers"
