@@ -16,7 +16,7 @@ from edge_recover.errors import EdgeRecoverError
 from .generate import GenerationResult
 from .sampling import Sampling
 
-__all__ = ["genai_available", "genai_generate", "register_qnn"]
+__all__ = ["genai_available", "genai_generate", "genai_max_length", "register_qnn"]
 
 
 def genai_available() -> bool:
@@ -35,8 +35,8 @@ def _names_qnn(package: Path) -> bool:
     return '"qnn"' in json.dumps(json.loads((package / "genai_config.json").read_text()))
 
 
-def _max_length(package: Path, prompt: int, new: int) -> int:
-    """og's `max_length` for `new` tokens after `prompt`: a package with a sliding window (the static NPU
+def genai_max_length(package: Path, prompt: int, new: int) -> int:
+    """og's `max_length` for `new` tokens after `prompt` tokens of `package`: a package with a sliding window (the static NPU
     pipeline) counts the prompt padded to whole windows, so that is what the budget starts from, capped at the
     context the graphs were built for."""
     import json
@@ -106,7 +106,7 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
         prompt = render_chat(path, [{"role": "user", "content": prompt}])
     ids = list(tokenizer.encode(prompt))
     params = og.GeneratorParams(model)
-    options = dict(max_length=_max_length(path, len(ids), max_new_tokens), do_sample=not sampling.greedy)
+    options = dict(max_length=genai_max_length(path, len(ids), max_new_tokens), do_sample=not sampling.greedy)
     if not sampling.greedy:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
                        random_seed=sampling.seed)

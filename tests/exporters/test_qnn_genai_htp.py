@@ -110,3 +110,15 @@ def test_og_on_the_htp_emulator_generates_what_edge_recover_run_does(pkg, n):
     from edge_recover.runtimes.genai import genai_generate
 
     assert genai_generate(pkg, text, NEW).tokens == theirs
+
+
+def test_the_app_example_chats_with_the_qnn_package_on_the_htp(pkg):
+    """examples/chat_genai.py, an app's loop over onnxruntime-genai, on the qnn package: it registers the plugin
+    library, answers greedily within the static context, and says how many tokens it made."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "chat_genai.py"
+    proc = subprocess.run([sys.executable, str(example), str(pkg), "--once", "hi", "--max-new-tokens", str(NEW),
+                           "--temperature", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bot> " in proc.stdout and f"[{NEW} tokens," in proc.stderr, proc.stderr[-2000:]  # (QNN logs a line first)

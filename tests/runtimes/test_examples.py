@@ -17,6 +17,18 @@ def test_chat_once(tiny_package):
     assert proc.stdout.startswith("bot> ") and "tok/s" in proc.stderr
 
 
+def test_chat_genai_once(tiny_w4w2, tiny_package):
+    """The onnxruntime-genai chat program on a cpu package (the qnn package: tests/exporters/test_qnn_genai_htp.py);
+    a folder without genai_config.json is one line, exit 2."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "chat_genai.py"), str(tiny_package), "--once", "hello"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "genai_config.json" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "chat_genai.py"), str(tiny_w4w2[0]), "--once", "hello",
+                           "--max-new-tokens", "6", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("bot> ") and "[6 tokens," in proc.stderr, proc.stderr
+
+
 def test_chat_bad_package(tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "chat.py"), str(tmp_path), "--once", "hi"],
                           capture_output=True, text=True, timeout=300)
