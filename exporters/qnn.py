@@ -96,11 +96,19 @@ def _logits_index(session) -> int:
 
 
 def _compare(cpu: np.ndarray, htp: np.ndarray) -> dict:
-    """HTP vs CPU EP logits [positions, V] (real positions only): the figures the parity gate reads."""
+    """HTP vs CPU EP logits [positions, V] (real positions only): the figures the parity gate reads.
+
+    `top1_or_fp16_tie` (what the gate reads) also counts a position whose HTP token is, on the CPU EP, within
+    one fp16 step (at the logit scale) of the CPU's top logit: a tie that fp16 logits cannot order, not a
+    disagreement (a random tiny Qwen3's decode step: top two 3.9e-5 apart, fp16 step 0.002, HTP off by 0.008)."""
     diff, scale = float(np.abs(cpu - htp).max()), float(np.abs(cpu).max())
+    top_cpu, top_htp = cpu.argmax(-1), htp.argmax(-1)
+    step = float(np.spacing(np.float16(min(scale, 65504.0))))
+    tie = cpu.max(-1) - np.take_along_axis(cpu, top_htp[:, None], -1)[:, 0] <= step
     return {"positions": int(cpu.shape[0]), "max_abs_diff": diff, "logit_scale": scale,
             "rel_max_abs_diff": diff / max(scale, 1e-12),
-            "top1_agreement": float((cpu.argmax(-1) == htp.argmax(-1)).mean())}
+            "top1_agreement": float((top_cpu == top_htp).mean()),
+            "top1_or_fp16_tie": float(((top_cpu == top_htp) | tie).mean())}
 
 
 def parity_tokens(tokenizer, window: int, text: str = PARITY_TEXT) -> np.ndarray:
@@ -124,11 +132,14 @@ def check_parity(parity: dict[str, dict], tol: HtpTolerance) -> None:
         >>> check_parity({"decode": {"positions": 1, "top1_agreement": 1.0, "max_abs_diff": 0.3,
         ...               "logit_scale": 20.0, "rel_max_abs_diff": 0.015}}, HtpTolerance())
     """
+    def top1(p: dict) -> float:  # ties within one fp16 step count as agreement (`_compare`)
+        return p.get("top1_or_fp16_tie", p["top1_agreement"])
+
     off = [(role, p) for role, p in parity.items()
-           if p["top1_agreement"] < tol.min_top1 or p["rel_max_abs_diff"] > tol.max_rel_diff]
+           if top1(p) < tol.min_top1 or p["rel_max_abs_diff"] > tol.max_rel_diff]
     if not off:
         return
-    figures = "; ".join(f"{role} graph: top-1 agreement {p['top1_agreement'] * 100:.1f} % over {p['positions']} "
+    figures = "; ".join(f"{role} graph: top-1 agreement {top1(p) * 100:.1f} % over {p['positions']} "
                         f"real position(s), max abs diff {p['max_abs_diff']:.3g} = {p['rel_max_abs_diff']:.3g} x "
                         f"the logit scale {p['logit_scale']:.3g}" for role, p in off)
     raise EdgeRecoverError(

@@ -139,3 +139,21 @@ def test_parity_figures_and_the_gate_on_arrays():
     flipped[:2] = -flipped[:2]  # two of ten positions pick another token: 80 % < 90 %
     with pytest.raises(EdgeRecoverError, match=r"decode graph: top-1 agreement 80.0 % over 10 real"):
         check_parity({"prefill": close, "decode": _compare(cpu, flipped)}, HtpTolerance(0.9, 10.0))
+
+
+def test_a_tie_within_one_fp16_step_is_not_a_disagreement():
+    """The HTP's fp16 logits cannot order two tokens closer than one fp16 step at the logit scale: a flip
+    between them is counted as agreement by the gate (`top1_or_fp16_tie`), a flip past that step is not (a
+    random tiny Qwen3's decode step had its top two 3.9e-5 apart and failed the gate at top-1 0 %)."""
+    from edge_recover.errors import EdgeRecoverError
+    from edge_recover.exporters.qnn import _compare, check_parity
+    from edge_recover.exporters.static_graph import HtpTolerance
+
+    cpu = np.array([[2.0187774, 2.0187385, 1.8411543]], np.float32)  # fp16 step at 2.02: 0.00195
+    tie = _compare(cpu, np.array([[2.013672, 2.0195315, 1.8408204]], np.float32))
+    assert tie["top1_agreement"] == 0.0 and tie["top1_or_fp16_tie"] == 1.0
+    check_parity({"decode": tie}, HtpTolerance())
+    apart = _compare(cpu - np.array([[0, 0.01, 0]], np.float32), np.array([[2.0, 2.02, 1.8]], np.float32))
+    assert apart["top1_or_fp16_tie"] == 0.0
+    with pytest.raises(EdgeRecoverError, match=r"decode graph: top-1 agreement 0.0 % over 1 real"):
+        check_parity({"decode": apart}, HtpTolerance())
