@@ -21,7 +21,8 @@ model.onnx.data, whose weights they share with identical offsets (`write_static_
 
 The passes, each `(graph, options) -> graph` with its picture above it, in the order `STATIC_PASSES` runs them:
 rotary tables (cos/sin looked up, not computed in fp16 from large angles), fixed shapes, the positional
-cache (present = past with the new entries at slot = position), constant folding,
+cache (present = past with the new entries at slot = position), constant folding, no empty tensors
+(the HTP refuses them),
 a finite attention-mask value (fp16 has no -3.4e38), an RMS norm that squares x / max|x| (x² overflows fp16).
 """
 
@@ -353,7 +354,60 @@ def fold_constants(graph, opts: StaticOptions):
     return folded
 
 
-# ─── pass 4: a finite mask value ──────────────────────────────────────────────────────────────────────
+# ─── pass 4: no empty tensors ─────────────────────────────────────────────────────────────────────────
+#
+#   q ─► Slice[.., :r] ─► rotate ─┐                      q ─► Slice[.., :r] ─► rotate ─► Concat(one input)
+#   q ─► Slice[.., r:] ──────────┴► Concat     ─►        (a partial rotary with r = head_dim: its pass-through
+#        ([.., 0] when r = head_dim)                      Slice is empty, and the HTP refuses an empty tensor)
+def drop_empty(graph, opts: StaticOptions):
+    """Concat inputs made by a Slice that come out empty (a 0 in their shape: they add nothing) are dropped, and
+    the Slices with them; a Concat left with one input becomes an Identity. Phi-3's partial-rotary pass-through
+    is the case. onnx's shape inference does not know com.microsoft's MatMulNBits, so the shapes are ONNX
+    Runtime's: the graph runs once on the CPU EP on zeros, with the candidates as extra outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    g = graph.graph
+    slices = {n.output[0] for n in g.node if n.op_type == "Slice"}
+    candidates = sorted({i for n in g.node if n.op_type == "Concat" for i in n.input if i in slices})
+    if not candidates:
+        return graph
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in candidates)
+    with tempfile.TemporaryDirectory(prefix="edge-recover-static-") as tmp:
+        src = Path(tmp) / "probe.onnx"
+        onnx.save_model(probe, str(src), save_as_external_data=True, location=f"probe-{uuid.uuid4().hex}.data",
+                        size_threshold=1024)
+        del probe
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in sess.get_inputs():
+            dtype = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float16)": np.float16}.get(
+                i.type, np.float32)
+            feeds[i.name] = np.zeros(i.shape, dtype)
+        shapes = dict(zip(candidates, (a.shape for a in sess.run(candidates, feeds))))
+        del sess
+    empty = {name for name, shape in shapes.items() if 0 in shape}
+    if not empty:
+        return graph
+    for node in g.node:
+        if node.op_type != "Concat" or not any(i in empty for i in node.input):
+            continue
+        keep = [i for i in node.input if i not in empty]
+        require(keep, f"Concat {node.name!r} has only empty inputs: the static graph cannot be built")
+        del node.input[:]
+        node.input.extend(keep)
+        if len(keep) == 1:
+            node.op_type = "Identity"
+            del node.attribute[:]
+    _prune(graph)
+    return graph
+
+
+# ─── pass 5: a finite mask value ──────────────────────────────────────────────────────────────────────
 #
 #   Where(allowed, 0, -inf | finfo.min) ─► Add(scores)   ─►   Where(allowed, 0, mask_value) ─► Add(scores)
 def finite_mask(graph, opts: StaticOptions):
@@ -369,7 +423,7 @@ def finite_mask(graph, opts: StaticOptions):
     return graph
 
 
-# ─── pass 5: a scale-safe RMS norm ────────────────────────────────────────────────────────────────────
+# ─── pass 6: a scale-safe RMS norm ────────────────────────────────────────────────────────────────────
 #
 #   x ─► Pow(2) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Div(x, ·) ─► Mul(weight)                    (before)
 #
@@ -454,6 +508,7 @@ STATIC_PASSES: tuple[tuple[str, Pass, bool], ...] = (
     ("fixed shapes", fix_shapes, True),
     ("positional cache", positional_cache, True),
     ("constant folding", fold_constants, False),
+    ("no empty tensors", drop_empty, False),
     ("finite mask", finite_mask, False),
     ("scale-safe RMS norm", safe_rms_norm, False),
 )
