@@ -19,6 +19,9 @@ The cost: a tied model comes out untied (its head carries g_final, its embedding
 whose head is quantized can no longer embed from the head's integers (exporters/embedding.py) and stores its
 embedding table in float. R is a seeded random orthogonal matrix (QR of a Gaussian, signs fixed), recorded
 in the rotated folder's `edge_recover_rotation.json` with the source hash.
+
+Which modules are the embedding, the norms, the readers and the writers comes from the family's layout
+(sdk/layouts.py), so a fused family rotates the same way: Phi-3's qkv_proj and gate_up_proj are readers.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from .apply import quantized_layers
 from .errors import EdgeRecoverError, require
 
 ROTATION_FILE = "edge_recover_rotation.json"
-_READERS = ("q_proj", "k_proj", "v_proj")
-_MLP_READERS = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -64,25 +65,48 @@ def random_orthogonal(k: int, seed: int = 0) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-def _decoder(model: nn.Module):
-    """The model's decoder (embed_tokens, layers, norm) or an error naming what is missing."""
-    inner = getattr(model, "model", None)
-    ok = inner is not None and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm"))
-    if ok:
-        layer = inner.layers[0]
-        ok = all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")) and \
-            all(hasattr(layer.self_attn, a) for a in (*_READERS, "o_proj")) and \
-            all(hasattr(layer.mlp, a) for a in (*_MLP_READERS, "down_proj"))
+@dataclass
+class _Decoder:
+    """The modules rotation touches, found through the model family's layout (sdk/layouts.py): the embedding,
+    the final norm, and per layer its two norms, the linears that read each norm's output (q/k/v or a fused qkv;
+    gate/up or a fused gate_up) and the two that write the residual stream (o, down)."""
+
+    embedding: nn.Module
+    final_norm: nn.Module
+    layers: list  # (input norm, attention readers, o, post-attention norm, MLP readers, down)
+
+
+def _decoder(model: nn.Module) -> _Decoder:
+    """The model's decoder by its family's layout, or one error line saying why it cannot be rotated."""
+    from .layouts import layout_for
+
     arch = type(model).__name__
-    require(ok, f"`rotate` needs a pre-norm Llama-style decoder (q/k/v/o_proj, gate/up/down_proj, RMSNorms); "
-                f"{arch} is not one; quantize this model without rotating it")
-    for norm in (inner.norm, inner.layers[0].input_layernorm):
+    try:
+        layout = layout_for(model.config)
+    except EdgeRecoverError as exc:
+        raise EdgeRecoverError(f"`rotate` needs a pre-norm decoder of a registered family: {exc}") from None
+    require(layout.norm == "rms", f"`rotate` needs an RMSNorm that scales by its weight; {arch}'s layout says "
+                                  f"{layout.norm!r}; quantize this model without rotating it")
+    at, mlp = layout.attention, layout.mlp
+    try:
+        layers = []
+        for layer in model.get_submodule(layout.layers):
+            attn, ffn = layer.get_submodule(at.module), layer.get_submodule(mlp.module)
+            layers.append((layer.get_submodule(layout.input_norm),
+                           [attn.get_submodule(n) for n in at.projections() if n != at.o], attn.get_submodule(at.o),
+                           layer.get_submodule(layout.post_attention_norm),
+                           [ffn.get_submodule(n) for n in mlp.projections() if n != mlp.down], ffn.get_submodule(mlp.down)))
+        dec = _Decoder(model.get_submodule(layout.embedding), model.get_submodule(layout.final_norm), layers)
+    except AttributeError as exc:
+        raise EdgeRecoverError(f"`rotate`: {arch} does not have the modules its {layout.model_type!r} layout names "
+                               f"({exc}); quantize this model without rotating it") from None
+    for norm in (dec.final_norm, layers[0][0]):
         name = type(norm).__name__
         # Gemma's RMSNorm scales by (1 + weight): folding `weight` alone would change the model
         if "RMSNorm" not in name or "Gemma" in name or getattr(norm, "bias", None) is not None:
             raise EdgeRecoverError(f"`rotate` needs an RMSNorm that scales by its weight, without bias; {arch} uses "
                                    f"{name}; quantize this model without rotating it")
-    return inner
+    return dec
 
 
 def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
@@ -109,28 +133,25 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> RotationInfo:
     Example:
         >>> info = rotate_residual(lm.model, seed=0)  # doctest: +SKIP
     """
-    inner = _decoder(model)
+    dec = _decoder(model)
     head = model.get_output_embeddings()
     require(type(head) is nn.Linear and not quantized_layers(model),
             "rotation works on a full-precision model; rotate first, then quantize")
-    r = random_orthogonal(inner.embed_tokens.weight.shape[1], seed).double()
-    was_tied = head.weight is inner.embed_tokens.weight
+    r = random_orthogonal(dec.embedding.weight.shape[1], seed).double()
+    was_tied = head.weight is dec.embedding.weight
     if was_tied:
         head.weight = nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        readers = [getattr(attn, n) for n in _READERS]
-        mlp_readers = [getattr(mlp, n) for n in _MLP_READERS]
-        _fold(layer.input_layernorm, readers)
-        _fold(layer.post_attention_layernorm, mlp_readers)
+    for input_norm, readers, o, post_norm, mlp_readers, down in dec.layers:
+        _fold(input_norm, readers)
+        _fold(post_norm, mlp_readers)
         for lin in readers + mlp_readers:
             _rotate_in(lin, r)
-        _rotate_out(attn.o_proj, r)
-        _rotate_out(mlp.down_proj, r)
-    _fold(inner.norm, [head])
+        _rotate_out(o, r)
+        _rotate_out(down, r)
+    _fold(dec.final_norm, [head])
     _rotate_in(head, r)
-    emb = inner.embed_tokens.weight
+    emb = dec.embedding.weight
     emb.data = (emb.detach().double() @ r).to(emb.dtype)
     return RotationInfo(seed, r.shape[0], was_tied)
 
