@@ -55,10 +55,16 @@ class _Stop(Exception):
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    """The decoder layers, where the family's layout (sdk/layouts.py) says they are."""
+    from edge_recover.layouts import layout_for
+
+    path = layout_for(model.config).layers
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        layers = None
     require(isinstance(layers, nn.ModuleList),
-            f"block reconstruction needs a Llama-family model with `model.model.layers`, got {type(model).__name__}")
+            f"block reconstruction needs the decoder layers at `{path}` (the model's layout), got {type(model).__name__}")
     return layers
 
 
