@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-ap-lr", type=float, default=1e-2)
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
     ap.add_argument("--latent-start", default="centre", choices=["nearest", "centre", "teacher"])
+    ap.add_argument("--latent-update", default="adamw", choices=["adamw", "layer-sgd"])
     ap.add_argument("--method", default=None)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="low-bit")
@@ -150,7 +151,8 @@ def main(argv=None) -> dict:
                         block_ap_rows=args.block_ap_rows, block_ap_lr=args.block_ap_lr,
                         method=args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20,
-                        chat_share=args.chat_share, latent_start=args.latent_start)
+                        chat_share=args.chat_share, latent_start=args.latent_start,
+                        latent_update=args.latent_update)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
     base_ckpt = work / f"base-{tag}"  # the integers the adapter or the qat run started from

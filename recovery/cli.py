@@ -60,6 +60,10 @@ def recover_cmd(
                                                      "point of its interval to the teacher weight (moves more codes, "
                                                      "ends worse: docs/recovery.md), or `teacher`: weight by weight, the "
                                                      "teacher's value where it rounds to the code, else the centre"),
+    latent_update: str = typer.Option("adamw", help="qat: how the latents move: `adamw` (each by about the learning "
+                                                     "rate a step), or `layer-sgd` (momentum, scaled so each layer's "
+                                                     "RMS move is the learning rate: a weight moves with its own "
+                                                     "gradient; recovery/optim.py)"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
@@ -91,7 +95,8 @@ def recover_cmd(
                         epochs=epochs, lr=lr, lr_scale=lr_scale, lr_norm=lr_norm, beta2=beta2, train_norms=train_norms,
                         train_head=train_head, lr_head=lr_head, block_ap_steps=block_ap_steps,
                         block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
-                        latent_units=latent_units, latent_start=latent_start, temperature=temperature, seed=seed, batch_size=batch_size,
+                        latent_units=latent_units, latent_start=latent_start, latent_update=latent_update,
+                        temperature=temperature, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=quant.method, calibration=quant.calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")

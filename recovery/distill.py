@@ -60,6 +60,7 @@ from edge_recover.shared_head import share_quantized_head
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
 from .modes import TRAIN_HEAD_QUANTIZED, mode_for, names
+from .optim import LATENT_UPDATES, RecoveryAdamW
 from .output import RunOutput
 from .run_state import read_checkpoint, trim_metrics, write_checkpoint
 from .student import load_student_checkpoint, quant_hash, quantize_student
@@ -121,6 +122,7 @@ class RecoverConfig:
     block_ap_lr: float = 1e-2  # qat: its peak LR of the latents (log-scales and norms at --lr-scale / --lr-norm)
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
     latent_start: str = "centre"  # qat: latents of integers the teacher does not round to (recovery/qat.py)
+    latent_update: str = "adamw"  # qat: AdamW, or layer-normalised momentum SGD for the latents (recovery/optim.py)
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0
@@ -150,6 +152,8 @@ class RecoverConfig:
                 object.__setattr__(self, name, getattr(mode, name))
         require(0 < self.beta2 < 1, f"`--beta2` must be in (0, 1), got {self.beta2!r}; try 0.95")
         require(self.latent_units in ("weight", "step"), f"`--latent-units` must be weight or step, got {self.latent_units!r}")
+        require(self.latent_update in LATENT_UPDATES,
+                f"`--latent-update` must be {' or '.join(LATENT_UPDATES)}, got {self.latent_update!r}")
         require(self.latent_start in ("nearest", "centre", "teacher"),
                 f"`--latent-start` must be nearest, centre or teacher, got {self.latent_start!r}")
         require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
@@ -481,7 +485,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
     # 3. the mode's student and the loop
     made = mode.student(plan, base, teacher_model, cfg, train_ids, dev, resume)
     student, groups = made.model, made.groups
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
+    optimizer = RecoveryAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
     params = [p for g in groups for p in g["params"]]
 
     work.mkdir(parents=True, exist_ok=True)

@@ -175,9 +175,11 @@ def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = Tr
     return QatStart(n_teacher, n_deq, n_near, n_mixed, at_teacher / max(total, 1))
 
 
-def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float, lr_head: float = 0.0) -> list[dict]:
-    """AdamW groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`, a trainable
-    float head at `lr_head`.
+def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float, lr_head: float = 0.0,
+                 latent_update: str = "adamw") -> list[dict]:
+    """Optimizer groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`, a trainable
+    float head at `lr_head`. `latent_update="layer-sgd"` marks the latents' group for recovery/optim.py's
+    layer-normalised momentum step (the others stay AdamW).
 
     Each group records its peak as `peak_lr`; the schedule scales every group by the same factor."""
     latents, scales = [], []
@@ -185,7 +187,10 @@ def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float, l
         latents.append(fq.latent)
         scales.append(fq.log_scale)
     norms = [p for p in norm_parameters(model).values() if p.requires_grad]
-    groups = [{"params": latents, "lr": lr, "peak_lr": lr}, {"params": scales, "lr": lr_scale, "peak_lr": lr_scale}]
+    latent_group = {"params": latents, "lr": lr, "peak_lr": lr}
+    if latent_update != "adamw":
+        latent_group.update(update=latent_update, weight_decay=0.0)
+    groups = [latent_group, {"params": scales, "lr": lr_scale, "peak_lr": lr_scale}]
     if norms:
         groups.append({"params": norms, "lr": lr_norm, "peak_lr": lr_norm, "weight_decay": 0.0})
     head = [p for p in head_parameters(model).values() if p.requires_grad]

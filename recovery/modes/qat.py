@@ -38,7 +38,8 @@ class QatMode:
         base = base.to(device)
         start = make_qat_student(base, teacher, train_norms=cfg.train_norms, units=cfg.latent_units,
                                  train_head=cfg.train_head, start=cfg.latent_start)
-        return Student(base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head), start.to_json())
+        return Student(base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head, cfg.latent_update),
+                       start.to_json())
 
     def finish(self, plan: Plan, model, report: dict):
         """The latents rounded to integers: from here on the student is exactly what ships."""

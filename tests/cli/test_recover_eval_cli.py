@@ -65,4 +65,16 @@ def test_recover_chat_share_and_latent_start(hf, work):
     assert ds.settings.chat_share == 0.5
     one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--latent-start", "middle", "--device", "cpu"),
                    "--latent-start")
+    one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--latent-update", "sgd", "--device", "cpu"),
+                   "--latent-update")
+
+
+def test_recover_latent_update_layer_sgd(hf, work):
+    """`recover --latent-update layer-sgd` (docs/recovery.md): the latents move by layer-normalised momentum; the
+    run trains (held-out KL falls) and records the setting."""
+    out = work / "rec-sgd"
+    ok("recover", hf, "-o", out, "--latent-update", "layer-sgd", "--method", "rtn", "--samples", "16",
+       "--seq-len", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu")
+    report = json.loads((out / "recovery_report.json").read_text())
+    assert report["config"]["latent_update"] == "layer-sgd" and report["kl_after"] < report["kl_before"]
     one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--chat-share", "2", "--device", "cpu"), "chat_share")
