@@ -7,11 +7,13 @@ loss pushes consistently (docs/recovery.md, the ninth study: the more codes Adam
 `latent_update="layer-sgd"` moves the latents of one layer along their momentum, scaled so that the layer's RMS
 move is `lr` (in quantization steps, `--latent-units step`):
 
-    m  <- 0.9 m + g                                 per weight (the momentum buffer)
-    u  <- u - lr * m / rms(m over the layer)        a weight moves in proportion to its own evidence
+    m  <- 0.9 m + g                                          per weight (the momentum buffer)
+    u  <- u - lr * clamp(m / rms(m over the layer), -3, 3)   a weight moves in proportion to its own evidence
 
 so a weight with a tenth of the layer's typical gradient moves a tenth as far, and the learning rate keeps its
-meaning across layers whose gradient scales differ by orders of magnitude. Every other group (log-scales, norms,
+meaning across layers whose gradient scales differ by orders of magnitude. The clamp bounds a step at 3 x lr:
+straight-through gradients are heavy-tailed, and unclamped, a weight at 300 x the layer's RMS moved three codes in
+one step and the README demo's recipe diverged at step 13 (measured). Every other group (log-scales, norms,
 a float head) keeps AdamW. With no group flagged this is `torch.optim.AdamW`, step for step and bit for bit.
 
 Example:
@@ -26,6 +28,7 @@ __all__ = ["LATENT_UPDATES", "RecoveryAdamW"]
 
 LATENT_UPDATES = ("adamw", "layer-sgd")
 _MOMENTUM = 0.9
+_CLIP = 3.0  # the most a weight moves in one step, in learning rates
 
 
 class RecoveryAdamW(torch.optim.AdamW):
@@ -53,7 +56,7 @@ class RecoveryAdamW(torch.optim.AdamW):
                 state["step"] += 1
                 m.mul_(_MOMENTUM).add_(p.grad)
                 rms = m.float().pow(2).mean().sqrt().clamp_min(1e-30)  # a zero m moves nothing either way
-                p.addcmul_(m, (-group["lr"] / rms).to(p.dtype))  # no host sync: the scale stays a tensor
+                p.add_((m / rms.to(m.dtype)).clamp_(-_CLIP, _CLIP), alpha=-group["lr"])  # no host sync
                 held.append((p, p.grad))
                 p.grad = None  # AdamW's step below skips what has no gradient
         super().step()
