@@ -7,6 +7,7 @@ held-out KL before -> after, minutes, steps, final loss, and the ONNX Runtime pe
 scored), and one `TAG.metrics.jsonl` per run.
 
     python bench/recovery_curves.py docs/results/recovery-qwen05-study-10 --title "Qwen2.5-Coder-0.5B, study 10"
+    python bench/recovery_curves.py docs/results/latent-update-cpu --run adamw=out/demo/recovered --run layer-sgd=out/ab/sgd
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from pathlib import Path
 
 _KL = re.compile(r"\[bench\] (\S+): ([\d.]+) min \(generate (\d+) s, train (\d+) s\); kl holdout ([\d.]+) -> ([\d.]+)")
 _ORT = re.compile(r"\[bench\] (\S+): (.+?): ([\d.]+)\s*$", re.M)
+
+
+def local_runs(specs: list[str]) -> dict:
+    """results.json's `runs` from local `recover` outputs, `TAG=OUTPUT_FOLDER` (its metrics and recovery report)."""
+    out = {}
+    for spec in specs:
+        tag, folder = spec.split("=", 1)
+        rep = json.loads((Path(folder) / "recovery_report.json").read_text())
+        out[tag] = {"metrics": (Path(folder) / "metrics.jsonl").read_text(),
+                    "log_tail": f"[bench] {tag}: {rep['train_seconds'] / 60:.2f} min (generate 0 s, train "
+                                f"{rep['train_seconds']:.0f} s); kl holdout {rep['kl_before']:.4f} -> {rep['kl_after']:.4f}",
+                    "codes_moved": rep.get("codes_moved"), "config": rep.get("config")}
+    return out
 
 
 def runs(study: Path) -> dict:
@@ -34,6 +48,8 @@ def runs(study: Path) -> dict:
         for m in _ORT.finditer(log):
             if m[1] == tag and "min (" not in m[2] and "torch" not in m[2]:
                 row["ort"][m[2]] = float(m[3])
+        if run.get("codes_moved") is not None:
+            row["codes_moved"] = run["codes_moved"]
         steps = [m for m in metrics if "loss" in m]
         if steps:
             row.update(steps=steps[-1]["step"], final_loss=steps[-1]["loss"])
@@ -45,18 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--title", default="")
+    ap.add_argument("--run", action="append", default=[], help="TAG=OUTPUT: a local `recover` output instead of a GPU "
+                                                                "study's results (written to STUDY/gpu-results.json)")
     args = ap.parse_args(argv)
+    if args.run:
+        args.study.mkdir(parents=True, exist_ok=True)
+        (args.study / "gpu-results.json").write_text(json.dumps({"runs": local_runs(args.run)}, indent=2) + "\n")
     table = runs(args.study)
     for tag, row in table.items():
         (args.study / f"{tag}.metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in row["metrics"]))
     slim = {t: {k: v for k, v in r.items() if k != "metrics"} for t, r in table.items()}
     (args.study / "kl.json").write_text(json.dumps(slim, indent=2) + "\n")
-    lines = [f"# {args.title}".rstrip(), "", "| run | held-out KL before -> after | steps | final loss | train s | minutes | ORT ppl (prose) |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = [f"# {args.title}".rstrip(), "", "| run | held-out KL before -> after | codes moved | steps | final loss | train s | "
+             "minutes | ORT ppl (prose) |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for tag, r in slim.items():
         ort = "; ".join(f"{k} {v:.2f}" for k, v in r["ort"].items()) or "not scored"
         kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_after" in r else "-"
-        lines.append(f"| `{tag}` | {kl} | {r.get('steps', '-')} | {r.get('final_loss', float('nan')):.4f} | "
+        moved = f"{100 * r['codes_moved']:.2f} %" if r.get("codes_moved") is not None else "-"
+        lines.append(f"| `{tag}` | {kl} | {moved} | {r.get('steps', '-')} | {r.get('final_loss', float('nan')):.4f} | "
                      f"{r.get('train_seconds', '-')} | {r.get('minutes', '-')} | {ort} |")
     (args.study / "kl.md").write_text("\n".join(lines) + "\n")
 
