@@ -172,7 +172,9 @@ def open_htp_session(model, soc: Soc, provider_options: Optional[Mapping[str, st
     why = next((ln.split("GetCapabilityImpl]")[-1].strip() for ln in log[0].splitlines()
                 if "Unsupported nodes" in ln), "")
     reasons = sorted({ln.split("REASON :")[-1].strip() for ln in log[0].splitlines() if "REASON :" in ln})
-    raise EdgeRecoverError(f"the QNN HTP does not take the whole graph {str(model)[:120]!r} "
+    # the graph by its file name: an export's working folder is gone by the time the user reads the line
+    label = "(in memory)" if isinstance(model, bytes) else repr(Path(model).name)
+    raise EdgeRecoverError(f"the QNN HTP does not take the whole graph {label} "
                            f"({(why or error)[:400]}{'; ' + '; '.join(reasons)[:300] if reasons else ''})")
 
 
