@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import onnxruntime_genai as og
 
 from edge_recover.errors import EdgeRecoverError
 from edge_recover.runtimes.chat import render_chat
-from edge_recover.runtimes.genai import genai_max_length, register_qnn
+from edge_recover.runtimes.genai import genai_max_length, names_qnn, read_genai_config, register_qnn
 
 
 def prompt_of(package: str, history: list[dict]) -> str:
@@ -41,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--once", help="ask one question and exit")
     args = ap.parse_args(argv)
-    config = Path(args.package, "genai_config.json")
-    if not config.is_file():
-        print(f"error: {args.package} has no genai_config.json: export it with edge-recover", file=sys.stderr)
+    try:
+        config = read_genai_config(args.package)
+    except EdgeRecoverError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if '"qnn"' in config.read_text():
+    if names_qnn(config):
         register_qnn(og)  # a qnn package: og's wheels have no QNN EP built in, onnxruntime-qnn's plugin library is it
     model = og.Model(args.package)
     tokenizer = og.Tokenizer(model)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"role": "user", "content": question})
         ids = tokenizer.encode(prompt_of(args.package, history))
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=genai_max_length(Path(args.package), len(ids), args.max_new_tokens),
+        params.set_search_options(max_length=genai_max_length(config, len(ids), args.max_new_tokens),
                                   do_sample=args.temperature > 0,
                                   temperature=max(args.temperature, 1e-5), top_p=args.top_p)
         generator = og.Generator(model, params)

@@ -16,7 +16,7 @@ from edge_recover.errors import EdgeRecoverError
 from .generate import GenerationResult
 from .sampling import Sampling
 
-__all__ = ["genai_available", "genai_generate", "genai_max_length", "register_qnn"]
+__all__ = ["genai_available", "genai_generate", "genai_max_length", "names_qnn", "read_genai_config", "register_qnn"]
 
 
 def genai_available() -> bool:
@@ -28,20 +28,29 @@ def genai_available() -> bool:
     return True
 
 
-def _names_qnn(package: Path) -> bool:
-    """Whether the package's genai_config.json asks for the QNN provider (a qnn package's stages do)."""
+def read_genai_config(package: str | Path) -> dict:
+    """The package's genai_config.json, or one line saying it has none."""
     import json
 
-    return '"qnn"' in json.dumps(json.loads((package / "genai_config.json").read_text()))
+    path = Path(package) / "genai_config.json"
+    if not path.is_file():
+        raise EdgeRecoverError(f"package {str(package)!r} has no genai_config.json; re-export it with a current "
+                               f"edge-recover")
+    return json.loads(path.read_text())
 
 
-def genai_max_length(package: Path, prompt: int, new: int) -> int:
-    """og's `max_length` for `new` tokens after `prompt` tokens of `package`: a package with a sliding window (the static NPU
-    pipeline) counts the prompt padded to whole windows, so that is what the budget starts from, capped at the
-    context the graphs were built for."""
-    import json
+def names_qnn(config: dict) -> bool:
+    """Whether a genai_config asks for the QNN provider anywhere (a qnn package's pipeline stages do)."""
+    if isinstance(config, dict):
+        return "qnn" in config or any(names_qnn(v) for v in config.values())
+    return isinstance(config, list) and any(names_qnn(v) for v in config)
 
-    model = json.loads((package / "genai_config.json").read_text())["model"]
+
+def genai_max_length(config: dict, prompt: int, new: int) -> int:
+    """og's `max_length` for `new` tokens after `prompt` tokens under genai_config `config`: a package with a sliding
+    window (the static NPU pipeline) counts the prompt padded to whole windows, so that is what the budget starts
+    from, capped at the context the graphs were built for."""
+    model = config["model"]
     window = (model["decoder"].get("sliding_window") or {}).get("window_size")
     if not window:
         return prompt + new
@@ -63,7 +72,7 @@ def register_qnn(og) -> None:
                                "plugin library for it: `pip install onnxruntime-qnn`, or run it with `--engine ort`"
                                ) from None
     try:
-        og.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        og.register_execution_provider_library(onnxruntime_qnn.EP_NAME, onnxruntime_qnn.get_library_path())
     except RuntimeError as exc:
         if "already registered" not in str(exc):
             raise EdgeRecoverError(f"onnxruntime-genai could not register onnxruntime-qnn's library: "
@@ -84,14 +93,12 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
         raise EdgeRecoverError("onnxruntime-genai is not installed; `pip install onnxruntime-genai` or use "
                                "`--engine ort`") from None
     path = Path(package)
-    if not (path / "genai_config.json").is_file():
-        raise EdgeRecoverError(f"package {str(path)!r} has no genai_config.json; re-export it with a current "
-                               f"edge-recover")
+    settings = read_genai_config(path)
     config = og.Config(str(path))
     if provider != "cpu":
         config.clear_providers()
         config.append_provider(provider)
-    if provider == "qnn" or _names_qnn(path):
+    if provider == "qnn" or names_qnn(settings):
         register_qnn(og)
     try:
         model = og.Model(config)
@@ -106,7 +113,7 @@ def genai_generate(package: str | Path, prompt: str, max_new_tokens: int = 64, s
         prompt = render_chat(path, [{"role": "user", "content": prompt}])
     ids = list(tokenizer.encode(prompt))
     params = og.GeneratorParams(model)
-    options = dict(max_length=genai_max_length(path, len(ids), max_new_tokens), do_sample=not sampling.greedy)
+    options = dict(max_length=genai_max_length(settings, len(ids), max_new_tokens), do_sample=not sampling.greedy)
     if not sampling.greedy:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
                        random_seed=sampling.seed)

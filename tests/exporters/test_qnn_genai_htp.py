@@ -22,6 +22,7 @@ import pytest
 from tests.exporters.test_qnn_genai import _text_of
 from tests.exporters.test_qnn_npu import cli
 from tests.fixtures.tiny_models import save_tiny_model
+from edge_recover.runtimes.genai import register_qnn
 
 import onnxruntime_genai as og  # noqa: E402  (test dependencies: CI must fail, not skip, without them)
 import onnxruntime_qnn  # noqa: E402
@@ -38,15 +39,6 @@ def pkg(tmp_path_factory):
               "--calibration", "0", "--context-length", C, "--prefill-window", W, "--soc", "SM8650")
     assert res.exit_code == 0, res.output
     return d / "pkg"
-
-
-def _register_qnn_with_og() -> None:
-    """Register onnxruntime-qnn's EP library with onnxruntime-genai, once per process."""
-    try:
-        og.register_execution_provider_library(onnxruntime_qnn.EP_NAME, onnxruntime_qnn.get_library_path())
-    except RuntimeError as exc:
-        if "already registered" not in str(exc):
-            raise
 
 
 def test_without_the_plugin_library_og_refuses_the_qnn_provider(pkg):
@@ -70,7 +62,7 @@ def test_og_on_the_htp_emulator_generates_what_edge_recover_run_does(pkg, n):
     assert [s["filename"] for s in stages] == ["prefill_ctx.onnx", "decode_ctx.onnx"]
     assert all(list(s["session_options"]["provider_options"][0]) == ["qnn"] for s in stages)
 
-    _register_qnn_with_og()
+    register_qnn(og)  # what `run --engine genai` and examples/chat_genai.py call
     text, ids = _text_of(pkg, n)
     model = og.Model(str(pkg))  # the shipped config, unchanged (backend_path "libQnnHtp.so")
     params = og.GeneratorParams(model)
