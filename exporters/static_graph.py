@@ -326,16 +326,23 @@ def _toposort(graph) -> None:
 #
 # ONNX Runtime's basic level (constant folding, redundant-node elimination; no EP-specific fusions) writes
 # the optimized graph through `optimized_model_filepath`.
+def _save_for_ort(graph, path: Path) -> Path:
+    """`graph` at `path` with its weights in an external file beside it, for an ONNX Runtime session; returns `path`."""
+    import onnx
+
+    # onnx refuses a `location` that exists relative to the working directory: a name nobody else has
+    onnx.save_model(graph, str(path), save_as_external_data=True, location=f"{path.stem}-{uuid.uuid4().hex}.data",
+                    size_threshold=1024)
+    return path
+
+
 def fold_constants(graph, opts: StaticOptions):
     """Fold every shape computation into constants with ONNX Runtime's basic graph optimizer."""
     import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="edge-recover-static-") as tmp:
-        src, dst = Path(tmp) / "fixed.onnx", Path(tmp) / "folded.onnx"
-        # onnx refuses a `location` that exists relative to the working directory: a name nobody else has
-        onnx.save_model(graph, str(src), save_as_external_data=True, location=f"fixed-{uuid.uuid4().hex}.data",
-                        size_threshold=1024)
+        src, dst = _save_for_ort(graph, Path(tmp) / "fixed.onnx"), Path(tmp) / "folded.onnx"
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(dst)
@@ -376,9 +383,7 @@ def drop_empty(graph, opts: StaticOptions):
     probe.CopyFrom(graph)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in candidates)
     with tempfile.TemporaryDirectory(prefix="edge-recover-static-") as tmp:
-        src = Path(tmp) / "probe.onnx"
-        onnx.save_model(probe, str(src), save_as_external_data=True, location=f"probe-{uuid.uuid4().hex}.data",
-                        size_threshold=1024)
+        src = _save_for_ort(probe, Path(tmp) / "probe.onnx")
         del probe
         so = ort.SessionOptions()
         so.log_severity_level = 3
