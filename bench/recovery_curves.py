@@ -22,15 +22,16 @@ _ORT = re.compile(r"\[bench\] (\S+): (.+?): ([\d.]+)\s*$", re.M)
 
 
 def local_runs(specs: list[str]) -> dict:
-    """results.json's `runs` from local `recover` outputs, `TAG=OUTPUT_FOLDER` (its metrics and recovery report)."""
+    """results.json's `runs` from local `recover` outputs, `TAG=OUTPUT_FOLDER`: its metrics and the figures of its
+    recovery report (where a GPU run's come from its log)."""
     out = {}
     for spec in specs:
         tag, folder = spec.split("=", 1)
         rep = json.loads((Path(folder) / "recovery_report.json").read_text())
         out[tag] = {"metrics": (Path(folder) / "metrics.jsonl").read_text(),
-                    "log_tail": f"[bench] {tag}: {rep['train_seconds'] / 60:.2f} min (generate 0 s, train "
-                                f"{rep['train_seconds']:.0f} s); kl holdout {rep['kl_before']:.4f} -> {rep['kl_after']:.4f}",
-                    "codes_moved": rep.get("codes_moved"), "config": rep.get("config")}
+                    "report": {"kl_before": rep["kl_before"], "kl_after": rep["kl_after"],
+                               "train_seconds": round(rep["train_seconds"]), "minutes": round(rep["train_seconds"] / 60, 2),
+                               "codes_moved": rep.get("codes_moved")}}
     return out
 
 
@@ -48,8 +49,7 @@ def runs(study: Path) -> dict:
         for m in _ORT.finditer(log):
             if m[1] == tag and "min (" not in m[2] and "torch" not in m[2]:
                 row["ort"][m[2]] = float(m[3])
-        if run.get("codes_moved") is not None:
-            row["codes_moved"] = run["codes_moved"]
+        row.update({k: v for k, v in run.get("report", {}).items() if v is not None})
         steps = [m for m in metrics if "loss" in m]
         if steps:
             row.update(steps=steps[-1]["step"], final_loss=steps[-1]["loss"])

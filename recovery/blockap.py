@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_recover.errors import EdgeRecoverError, require
+from edge_recover.layouts import layout_for
 
 from .qat import fake_quant_layers, param_groups
 
@@ -56,8 +57,6 @@ class _Stop(Exception):
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, where the family's layout (sdk/layouts.py) says they are."""
-    from edge_recover.layouts import layout_for
-
     path = layout_for(model.config).layers
     try:
         layers = model.get_submodule(path)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
 import secrets
 import sys
@@ -442,8 +443,6 @@ class Journal:
 
     def add(self, sample: dict) -> None:
         """Append `sample` and flush it to disk before the next problem starts."""
-        import os
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"key": self.key, "sample": sample}) + "\n")
