@@ -54,37 +54,51 @@ class TorchCodeGenerator:
         return code_prompt(problem, lambda m: self.tokenizer.apply_chat_template(m, tokenize=False,
                                                                                  add_generation_prompt=True))
 
-    @torch.no_grad()
     def __call__(self, problem: Problem, max_new_tokens: int) -> Completion:
+        return self.batch([problem], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def batch(self, problems: Sequence[Problem], max_new_tokens: int) -> list[Completion]:
+        """Greedy answers to `problems` in one `generate`: prompts left-padded to the longest, each row stopped on
+        its own (its code block closed, EOS), the batch when every row has stopped or at the token budget (the
+        longest prompt's room in the context). One problem is exactly the unpadded single answer."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        prompt = self.prompt(problem)
-        ids = self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
-        n = len(ids)
-        require(n < self.max_length, f"{problem.task_id}: the prompt of {n} tokens does not fit the model's context "
-                                     f"of {self.max_length} tokens")
-        budget = min(max_new_tokens, self.max_length - n)
-        tokenizer, ended = self.tokenizer, [False]
+        prompts = [self.prompt(p) for p in problems]
+        rows = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        for problem, row in zip(problems, rows):
+            require(len(row) < self.max_length, f"{problem.task_id}: the prompt of {len(row)} tokens does not fit the "
+                                                f"model's context of {self.max_length} tokens")
+        width = max(len(r) for r in rows)
+        budget = min(max_new_tokens, self.max_length - width)
+        pad = self.stops[0] if self.stops else int(self.tokenizer.pad_token_id or 0)
+        tokenizer, ended = self.tokenizer, [0] * len(rows)  # new tokens when the row's code block closed (0: not)
 
         class _CodeDone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                ended[0] = prompt.done(tokenizer.decode(input_ids[0, n:].tolist(), skip_special_tokens=True))
-                return torch.full((input_ids.shape[0],), ended[0], dtype=torch.bool, device=input_ids.device)
+                for i, prompt in enumerate(prompts):
+                    if not ended[i] and prompt.done(tokenizer.decode(input_ids[i, width:].tolist(), skip_special_tokens=True)):
+                        ended[i] = input_ids.shape[1] - width
+                return torch.tensor([bool(e) for e in ended], dtype=torch.bool, device=input_ids.device)
 
-        inp = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=budget,
+        inp = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device)
+        out = self.model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=budget,
                                   do_sample=False, temperature=None, top_p=None, top_k=None,
-                                  eos_token_id=self.stops or None,
-                                  pad_token_id=self.stops[0] if self.stops else None,
+                                  eos_token_id=self.stops or None, pad_token_id=pad,
                                   stopping_criteria=StoppingCriteriaList([_CodeDone()]))
-        new = out[0, n:].tolist()
-        if ended[0]:
-            stop = "code_block" if prompt.chat else "stop_sequence"
-        elif new and new[-1] in self.stops:
-            stop = "eos"
-        else:
-            stop = "max_new_tokens" if budget == max_new_tokens else "context"
-        return Completion(prompt, self.tokenizer.decode(new, skip_special_tokens=True), len(new), stop)
+        done = []
+        for i, prompt in enumerate(prompts):
+            new = out[i, width:].tolist()
+            eos = next((j for j, t in enumerate(new) if t in self.stops), None)
+            if ended[i] and (eos is None or ended[i] <= eos):
+                new, stop = new[:ended[i]], "code_block" if prompt.chat else "stop_sequence"
+            elif eos is not None:
+                new, stop = new[:eos + 1], "eos"
+            else:
+                stop = "max_new_tokens" if budget == max_new_tokens else "context"
+            done.append(Completion(prompt, self.tokenizer.decode(new, skip_special_tokens=True), len(new), stop))
+        return done
 
 
 def evaluate_code(model: str | Path, tasks: Sequence[CodeTask], scheme=None, *, quantized: str | Path | None = None,

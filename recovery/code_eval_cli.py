@@ -72,6 +72,8 @@ def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] =
         require(model is None, f"pass either MODEL ({model!r}) or `--package`, not both: a package is scored alone")
         require(adapter is None and quantized is None, "`--adapter` / `--quantized` are for torch models; a package "
                                                        "carries its own integers and adapters")
+        require(options.batch_size == 1, "`--batch-size` is for torch models; a package answers one problem at a "
+                                         "time: leave it out")
         gen = open_backend("package-code", package, provider, threads=threads)
         label = Path(package).name
         rows = [code_model_row(label, gen.describe(), score_code_tasks(task_list, gen, options, label=label, journal=journal))]

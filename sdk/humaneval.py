@@ -365,7 +365,10 @@ class Completion:
 
 
 class CodeGenerator(Protocol):
-    """Greedy generation for code tasks (runtimes/code_eval.py for packages, recovery/code_eval.py for torch)."""
+    """Greedy generation for code tasks (runtimes/code_eval.py for packages, recovery/code_eval.py for torch).
+    A generator that can answer several problems in one call (a torch model on a GPU) also has
+    `batch(problems, max_new_tokens) -> list[Completion]`, which `score_code` uses when the options'
+    `batch_size` is above 1."""
 
     def __call__(self, problem: Problem, max_new_tokens: int) -> Completion: ...
 
@@ -376,10 +379,13 @@ class CodeEvalOptions:
 
     max_new_tokens: int = 384
     limits: SandboxLimits = field(default_factory=SandboxLimits)
+    batch_size: int = 1  # problems generated together (generators with `batch`: torch models)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise EdgeRecoverError(f"`--max-new-tokens` must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise EdgeRecoverError(f"`--batch-size` must be >= 1, got {self.batch_size}")
 
 
 def pass_stderr(p: float, n: int) -> float:
@@ -476,12 +482,19 @@ def score_code(task: CodeTask, generate: CodeGenerator, options: CodeEvalOptions
     t0 = time.perf_counter()
     passed, samples = [], []
     counts = {s: 0 for s in STATUSES}
-    for problem in task.problems:
+    batched = options.batch_size > 1 and callable(getattr(generate, "batch", None))
+    ready: dict[str, tuple[Completion, float]] = {}  # answers generated ahead, in a batch, not yet scored
+    for at, problem in enumerate(task.problems):
         sample = journal.get(problem.task_id) if journal is not None else None
         if sample is None:
-            ts = time.perf_counter()
-            comp = generate(problem, options.max_new_tokens)
-            gen_s = time.perf_counter() - ts
+            if problem.task_id not in ready:
+                todo = [problem] if not batched else [p for p in task.problems[at:] if journal is None or
+                                                       journal.get(p.task_id) is None][:options.batch_size]
+                ts = time.perf_counter()
+                comps = generate.batch(todo, options.max_new_tokens) if batched else [generate(problem, options.max_new_tokens)]
+                share = (time.perf_counter() - ts) / len(todo)  # a batch's time, split evenly
+                ready.update({p.task_id: (c, share) for p, c in zip(todo, comps)})
+            comp, gen_s = ready.pop(problem.task_id)
             outcome = check_solution(problem, comp.prompt.solution(comp.text), options.limits)
             sample = {"task_id": problem.task_id, "status": outcome.status, "detail": outcome.detail,
                       "tokens": comp.tokens, "stop": comp.stop, "generate_s": round(gen_s, 3),

@@ -68,3 +68,25 @@ def test_cli_eval_torch_humaneval_fp_and_quantized(tiny_model, tmp_path):
         assert all(1 <= s["tokens"] <= 8 for s in res["samples"])
     assert sorted(p.name for p in report.iterdir()) == ["accuracy.png", "report.json", "report.md"]
     assert "humaneval_tiny" in out
+
+
+def test_cli_eval_torch_humaneval_batched_answers_equal_one_by_one(tiny_model, tmp_path):
+    """`--batch-size 3` (left-padded, each row stopped on its own) gives the very answers, token counts and
+    stops that one problem at a time gives on the tiny model in fp32, and the same pass@1."""
+    reports = {}
+    for b in ("1", "3"):
+        reports[b] = tmp_path / f"report-b{b}"
+        code, _, err = _cli("eval", tiny_model, "--tasks", FIXTURE, "--max-new-tokens", "12", "--batch-size", b,
+                            "--report", reports[b], "--device", "cpu")
+        assert code == 0, err
+    one, three = (json.loads((reports[b] / "report.json").read_text())["models"][0]["results"][0] for b in ("1", "3"))
+    assert one["problems"] == three["problems"] == len(load_problems(FIXTURE).problems) >= 3
+    key = lambda r: [(s["task_id"], s["completion"], s["tokens"], s["stop"], s["status"]) for s in r["samples"]]
+    assert key(one) == key(three) and one["pass_at_1"] == three["pass_at_1"]
+
+
+def test_cli_eval_batch_size_refused_for_packages_and_below_one(tiny_model, tmp_path):
+    code, _, err = _cli("eval", tiny_model, "--tasks", FIXTURE, "--batch-size", "0", "--device", "cpu")
+    assert code != 0 and "`--batch-size` must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _cli("eval", "--package", tmp_path, "--tasks", FIXTURE, "--batch-size", "4")
+    assert code != 0 and "`--batch-size` is for torch models" in err and len(err.strip().splitlines()) == 1
