@@ -158,6 +158,8 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(384, help="--tasks humaneval: most new tokens per answer (greedy)"),
     timeout: float = typer.Option(10.0, help="--tasks humaneval: wall-clock seconds for each answer's tests in the "
                                              "sandbox (docs/eval.md)"),
+    fp: bool = typer.Option(True, "--fp/--no-fp", help="--tasks on torch models: score the full-precision model too "
+                                                       "(--no-fp: the quantized / recovered rows alone)"),
     batch_size: int = typer.Option(1, help="--tasks humaneval on torch models: problems answered together, left-padded "
                                            "(a GPU: 32; answers can differ from one-by-one ones in float rounding)"),
 ) -> None:
@@ -175,7 +177,7 @@ def eval_cmd(
 
         eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit,
                       scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
-                      method=method, device=device, report=report, json_out=json_out, echo=typer.echo,
+                      method=method, device=device, report=report, json_out=json_out, echo=typer.echo, fp=fp,
                       options=CodeEvalOptions(max_new_tokens, SandboxLimits(timeout_s=timeout), batch_size))
         return
     if tasks is not None or package is not None:
@@ -183,7 +185,7 @@ def eval_cmd(
 
         eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit,
                        scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
-                       method=method, device=device, report=report, json_out=json_out, echo=typer.echo)
+                       method=method, device=device, report=report, json_out=json_out, echo=typer.echo, fp=fp)
         return
     require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`)")
 

@@ -90,3 +90,14 @@ def test_cli_eval_batch_size_refused_for_packages_and_below_one(tiny_model, tmp_
     assert code != 0 and "`--batch-size` must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
     code, _, err = _cli("eval", "--package", tmp_path, "--tasks", FIXTURE, "--batch-size", "4")
     assert code != 0 and "`--batch-size` is for torch models" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_eval_torch_humaneval_no_fp_scores_the_student_alone(tiny_model, tmp_path):
+    q = tmp_path / "q"
+    code, _, err = _cli("quantize", tiny_model, "--method", "rtn", "--calibration", "0", "-o", q)
+    assert code == 0, err
+    code, out, err = _cli("eval", tiny_model, "--tasks", FIXTURE, "--quantized", q, "--no-fp", "--limit", "1",
+                          "--max-new-tokens", "4", "--json", tmp_path / "r.json", "--device", "cpu")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["label"] for m in data["models"]] == ["quantized"] and data["models"][0]["results"][0]["problems"] == 1

@@ -169,6 +169,12 @@ def test_cli_eval_tasks_fp_and_quantized(tiny_model, teacher_task, tmp_path):
     assert fp["examples"] == 6 and fp["acc"] == 1.0  # a subset of the teacher's own picks
     assert json.loads((tmp_path / "r.json").read_text())["tasks"] == data["tasks"]
     assert "teacher_pick" in out and (report / "accuracy.png").is_file()
+    code, _, err = _cli("eval", tiny_model, "--tasks", teacher_task, "--method", "rtn", "--limit", "6", "--no-fp",
+                        "--json", tmp_path / "q.json")
+    assert code == 0, err
+    alone = json.loads((tmp_path / "q.json").read_text())["models"]
+    assert [m["label"] for m in alone] == ["quantized"] and [{k: v for k, v in r.items() if k != "seconds"} for r in alone[0]["results"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in data["models"][1]["results"]]
     code, _, err = _cli("eval", tiny_model, "--tasks", "no_such_task", "--report", tmp_path / "r2")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown task" in err
     assert not (tmp_path / "r2").exists()
