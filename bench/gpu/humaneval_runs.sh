@@ -1,0 +1,27 @@
+# HumanEval pass@1 of a recovery study's torch models on the GPU, beside bench/gpu/recovery_modes.sh's runs
+# (source bench/gpu/env_gguf.sh first). Usage, detached like the runs:
+#   setsid nohup bash bench/gpu/humaneval_runs.sh MODEL TAG... > /tmp/rm/extra/he.log 2>&1 &
+# The fp model and the first TAG's unrecovered start (WORK/base-TAG) as soon as its quantizer has written it,
+# then each TAG's recovered checkpoint (WORK/out-TAG) once its torch figures are written (TAG.torch.json),
+# fp left out; 164 problems at batch 32 in one `generate` each (docs/eval.md). Each report goes to
+# /tmp/rm/extra/he-NAME.json, which `recovery_modes.sh collect` brings back with the runs' results.
+# The recovered torch model is the package up to float rounding (docs/recovery.md: its exact graph equals the
+# student within 1e-4 of the logit scale), so these rows stand for the packages' own, which only ONNX
+# Runtime on a CPU can score (hours for a study, not minutes).
+set -u
+R=/tmp/rm; W=$R/work; mkdir -p $R/extra
+model=$1; shift
+he() {  # NAME, then `eval` arguments
+  name=$1; shift
+  echo "$(date +%T) humaneval $name: $*"
+  python3 -m edge_recover.cli eval "$model" --tasks humaneval --device cuda --batch-size 32 \
+    --json $R/extra/he-$name.json "$@" > $R/extra/he-$name.log 2>&1 || echo "  $name FAILED: $(tail -2 $R/extra/he-$name.log)"
+}
+first=$1
+until [ -f $W/base-$first/edge_recover_quantized.json ]; do sleep 10; done
+he start-$first --quantized $W/base-$first
+for tag in "$@"; do
+  until [ -f $R/res/$tag.torch.json ]; do sleep 15; done
+  he $tag --quantized $W/out-$tag --no-fp
+done
+echo "$(date +%T) humaneval done"
