@@ -38,7 +38,7 @@ from edge_recover.packing import pack_codes, unpack_codes, unpack_zero_points
 from edge_recover.quantizer import QuantizedWeight
 
 from .matmulnbits import MS_DOMAIN
-from .rewrite import RewrittenLayer, drop_unused_initializers
+from .rewrite import RewrittenLayer, drop_unused_initializers, node_name_for
 
 HEAD = "lm_head"
 
@@ -54,10 +54,12 @@ def _embedding_gather(g: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, st
     return [gather], gather.input[0], gather.output[0]
 
 
-def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_points: np.ndarray, lower: str = "contrib") -> str:
+def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_points: np.ndarray, lower: str = "contrib",
+                        *, embedding: str) -> str:
     """Replace the embedding's float Gather in `graph` by GatherBlockQuantized over the head's B (in place).
 
-    `zero_points` are the head's unpacked zero points [V, k_blocks] (uint8). Returns a line for the manifest.
+    `zero_points` are the head's unpacked zero points [V, k_blocks] (uint8); `embedding` the embedding's module
+    path (the family layout's, `model.embed_tokens`), which names the new nodes. Returns a line for the manifest.
     """
     inits = {i.name: i for i in graph.graph.initializer}
     n, k = head.shape
@@ -65,10 +67,11 @@ def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_point
     bits, block = head.storage_bits, head.block_size
     if lower == "ops":
         codes = unpack_codes(numpy_helper.to_array(inits[f"{HEAD}.qweight"]), bits, k)
-        table = _gather_dequantize(graph, codes, scales, zero_points, block, HEAD)
+        table = _gather_dequantize(graph, codes, scales, zero_points, block, HEAD, node_name_for(embedding))
         how = "uint8 codes, Gather, Sub, Mul"
     else:
-        table = _gather_block_quantized(graph, f"{HEAD}.qweight", scales, zero_points, bits, block, k, HEAD)
+        table = _gather_block_quantized(graph, f"{HEAD}.qweight", scales, zero_points, bits, block, k, HEAD,
+                                        node_name_for(embedding))
         how = "GatherBlockQuantized"
     return (f"embedding from the lm_head's {bits}-bit integers ({how}, block {block})"
             + ("" if table else "; float table still used elsewhere"))
@@ -76,37 +79,37 @@ def share_head_integers(graph: onnx.ModelProto, head: RewrittenLayer, zero_point
 
 #   input_ids ─► GatherBlockQuantized(embed_tokens.qweight [V, k_blocks, blob], its scales, its zero points)
 #             ─► Reshape [.., K] ─► layer 0
-def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight, lower: str = "contrib") -> str:
+def own_table_integers(graph: onnx.ModelProto, qw: QuantizedWeight, lower: str = "contrib", *, embedding: str) -> str:
     """Replace an untied embedding's float Gather in `graph` by GatherBlockQuantized (`lower="ops"`: plain ops) over
-    its own table's integers `qw` (`shared_head.table_quantization`; in place). Returns a line for the manifest."""
+    its own table's integers `qw` (`shared_head.table_quantization`; in place); `embedding` is the embedding's module
+    path (the family layout's), which names the initializers and nodes. Returns a line for the manifest."""
     cfg = qw.config
     v, k = qw.shape
-    name = "model.embed_tokens"
+    name = embedding
     codes, zero_points = qw.codes.cpu().numpy(), qw.zero_points.cpu().numpy()
     scales = qw.scales.detach().float().cpu().numpy().astype(np.float32).reshape(v, -1, 1)
     if lower == "ops":
-        table = _gather_dequantize(graph, codes, scales, zero_points, cfg.block_size, name)
+        table = _gather_dequantize(graph, codes, scales, zero_points, cfg.block_size, name, node_name_for(name))
         how = "uint8 codes, Gather, Sub, Mul"
     else:
         graph.graph.initializer.append(numpy_helper.from_array(pack_codes(codes, cfg.bits, cfg.block_size),
                                                                f"{name}.qweight"))
         table = _gather_block_quantized(graph, f"{name}.qweight", scales, zero_points, cfg.bits, cfg.block_size, k,
-                                        name)
+                                        name, node_name_for(name))
         how = "GatherBlockQuantized"
     return (f"embedding from its own {cfg.bits}-bit table ({how}, block {cfg.block_size})"
             + ("" if table else "; float table still used elsewhere"))
 
 
 def _gather_block_quantized(graph: onnx.ModelProto, data: str, scales: np.ndarray, zero_points: np.ndarray,
-                            bits: int, block: int, k: int, prefix: str) -> bool:
-    """The Gather (+ Transpose) that reads input_ids replaced by GatherBlockQuantized over the initializer `data`;
-    True when the float table it read is gone from the graph."""
+                            bits: int, block: int, k: int, prefix: str, p: str) -> bool:
+    """The Gather (+ Transpose) that reads input_ids replaced by GatherBlockQuantized over the initializer `data`,
+    its nodes named under `p` (the embedding's, `/model/embed_tokens`); True when the float table it read is gone."""
     g = graph.graph
     old, table, out = _embedding_gather(g)
     g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(scales), f"{prefix}.embed_scales"),
                           numpy_helper.from_array(zero_points.astype(np.uint8)[:, :, None], f"{prefix}.embed_zeros"),
-                          numpy_helper.from_array(np.array([0, 0, k], np.int64), "/model/embed_tokens/shape")])
-    p = "/model/embed_tokens"
+                          numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{p}/shape")])
     new = [helper.make_node("GatherBlockQuantized", [data, "input_ids", f"{prefix}.embed_scales",
                                                      f"{prefix}.embed_zeros"], [f"{p}/blocks"],
                             name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
@@ -116,9 +119,10 @@ def _gather_block_quantized(graph: onnx.ModelProto, data: str, scales: np.ndarra
 
 
 def _gather_dequantize(graph: onnx.ModelProto, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                       block: int, prefix: str) -> bool:
+                       block: int, prefix: str, p: str) -> bool:
     """The Gather (+ Transpose) that reads input_ids replaced by plain ops over uint8 `codes` [V, K] (one byte each),
-    `scales` [V, k_blocks, 1] and `zero_points` [V, k_blocks]; True when the float table it read is gone.
+    `scales` [V, k_blocks, 1] and `zero_points` [V, k_blocks], its nodes named under `p` (the embedding's); True
+    when the float table it read is gone.
 
     The codes become floats by a per-tensor DequantizeLinear (scale 1, zero point 0): the one form of a uint8 table
     the QNN HTP gathers from (a Gather of uint8 data, or a per-row or blockwise DequantizeLinear before it, are
@@ -128,7 +132,6 @@ def _gather_dequantize(graph: onnx.ModelProto, codes: np.ndarray, scales: np.nda
     old, table, out = _embedding_gather(g)
     v, k = codes.shape
     nb = k // block
-    p = "/model/embed_tokens"
     g.initializer.extend([
         numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.uint8)), f"{prefix}.embed_codes"),
         numpy_helper.from_array(np.asarray(1.0, np.float32), f"{p}/one"),

@@ -22,14 +22,17 @@ packed, as packed_qkv.py hands over the other families' stacked q/k/v:
 
 Anchors are names, not op patterns: the projection nodes `/model/layers.i/self_attn/{q,k,v,o}_proj/...` (the
 layout's names: `qkv_proj`, `o_proj` for Phi-3; MatMulNBits or MatMul), the graph inputs/outputs
-`past_key_values.i.*` / `present.i.*`, and the torch module's norm weights and rotary tables; everything Optimum had between them is dead code and is removed.
+`past_key_values.i.*` / `present.i.*`, and the torch module's norm weights and rotary tables; every module path
+comes from the family's layout (sdk/layouts.py: layers, attention, q/k norms, norms, rotary), so this module
+names none. Everything Optimum had between the anchors is dead code and is removed.
 Inputs and outputs keep their names and layouts ([batch, kv_heads, seq, head_dim]), so the graph runs with
 a cache that grows by concatenation, as Optimum's does, and also with one buffer bound as both past and
 present (`kv_share_buffer`: runtimes/session.py's default for fused graphs, onnxruntime-genai's
 `past_present_share_buffer`).
 
 Then each residual Add and the RMS norm after it become one SkipSimplifiedLayerNormalization
-(`fuse_skip_norms`, anchored on `/model/layers.i/{input,post_attention}_layernorm/` and `/model/norm/`):
+(`fuse_skip_norms`, anchored on `/model/layers.i/{input,post_attention}_layernorm/` and `/model/norm/`, the
+layout's norms):
 ONNX Runtime fuses the norms itself but not the Add before them.
 
 Projection biases (Qwen2's q/k/v, a Llama's `attention_bias`) need nothing: each is an Add after its projection
@@ -49,9 +52,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_recover.contract import kv_share_buffer  # noqa: F401  (the package contract's; importable here too)
 from edge_recover.errors import EdgeRecoverError, require
-from edge_recover.layouts import LAYOUTS, supported
+from edge_recover.layouts import LAYOUTS, Layout, supported
 
-from .rewrite import consumer_index, producer_index
+from .rewrite import consumer_index, node_name_for, producer_index
 
 MS = "com.microsoft"
 _SEQLENS = "/model/attn_mask/seqlens_k"
@@ -95,7 +98,7 @@ def _rotary_tables(model) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim / 2] from the model's own rotary module (rope scaling included)."""
     import torch
 
-    rot = model.model.rotary_emb
+    rot = model.get_submodule(LAYOUTS[model.config.model_type].rotary)
     n = int(model.config.max_position_embeddings)
     dim = _head_dim(model.config)
     with torch.no_grad():
@@ -113,13 +116,19 @@ def _head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def _proj(by_name: dict, layer: int, proj: str) -> onnx.NodeProto:
+def _attention_path(layout: Layout, layer: int) -> str:
+    """Layer `layer`'s attention module as the layout names it, e.g. 'model.layers.3.self_attn'."""
+    return f"{layout.layer(layer)}.{layout.attention.module}"
+
+
+def _proj(by_name: dict, layout: Layout, layer: int, proj: str) -> onnx.NodeProto:
+    prefix = node_name_for(f"{_attention_path(layout, layer)}.{proj}")  # /model/layers.i/self_attn/q_proj
     for op in ("MatMulNBits", "MatMul"):
-        node = by_name.get(f"/model/layers.{layer}/self_attn/{proj}/{op}")
+        node = by_name.get(f"{prefix}/{op}")
         if node is not None:
             return node
-    raise EdgeRecoverError(f"fusion: no node for layer {layer} {proj} (expected /model/layers.{layer}/self_attn/"
-                           f"{proj}/MatMulNBits or /MatMul); export with fuse=False")
+    raise EdgeRecoverError(f"fusion: no node for layer {layer} {proj} (expected {prefix}/MatMulNBits or /MatMul); "
+                           "export with fuse=False")
 
 
 def _projected(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
@@ -200,31 +209,33 @@ def fuse_attention(graph_model: onnx.ModelProto, model, kv_dtype: str = "float32
              numpy_helper.from_array(np.array([1], np.int64), "/model/attn_mask/axes"),
              numpy_helper.from_array(np.array(1, np.int64), "/model/attn_mask/one")]
     new_before: dict[str, list[onnx.NodeProto]] = {}  # o_proj node name -> nodes to insert before it
-    layers = model.model.layers
-    at = LAYOUTS[cfg.model_type].attention
+    layout = LAYOUTS[cfg.model_type]
+    at = layout.attention
+    layers = model.get_submodule(layout.layers)
     for i, layer in enumerate(layers):
-        attn = layer.self_attn
+        attn = layer.get_submodule(at.module)
         if at.qkv:  # one fused projection (Phi-3): GroupQueryAttention reads it packed, key and value ""
-            q, o = _proj(by_name, i, at.qkv), _proj(by_name, i, at.o)
+            q, o = _proj(by_name, layout, i, at.qkv), _proj(by_name, layout, i, at.o)
         else:
-            q, k, v, o = (_proj(by_name, i, p) for p in (at.q, at.k, at.v, at.o))
+            q, k, v, o = (_proj(by_name, layout, i, p) for p in (at.q, at.k, at.v, at.o))
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok_, ov_ = f"present.{i}.key", f"present.{i}.value"
         if not {ok_, ov_} <= outputs:
             raise EdgeRecoverError(f"fusion: graph outputs {ok_}/{ov_} missing; export with fuse=False")
-        prefix = f"/model/layers.{i}/self_attn"
+        prefix = node_name_for(_attention_path(layout, i))
         nodes: list[onnx.NodeProto] = []
         q_in, k_in, v_in = ((_projected(q, consumers), "", "") if at.qkv else
                             (_projected(p, consumers) for p in (q, k, v)))
-        for which, norm_mod in (("q", getattr(attn, "q_norm", None)), ("k", getattr(attn, "k_norm", None))):
+        for which, norm in (("q", at.q_norm), ("k", at.k_norm)):
+            norm_mod = getattr(attn, norm, None) if norm else None
             if norm_mod is None:
                 continue
-            w_name = f"model.layers.{i}.self_attn.{which}_norm.weight.fused"
+            w_name = f"{_attention_path(layout, i)}.{norm}.weight.fused"
             inits.append(numpy_helper.from_array(norm_mod.weight.detach().float().numpy(), w_name))
             n_heads = heads if which == "q" else kv_heads
             src = q_in if which == "q" else k_in
             nn_, ni, out = _head_norm(src, w_name, n_heads, dim, float(getattr(norm_mod, "variance_epsilon", eps)),
-                                      f"{prefix}/{which}_norm")
+                                      f"{prefix}/{norm}")
             nodes += nn_
             inits += ni
             if which == "q":
@@ -280,12 +291,14 @@ _NORM_OPS = {"Cast", "Constant", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Rec
 
 
 def _norm_modules(model) -> list[tuple[str, object]]:
-    """(ONNX name prefix, torch RMS norm module) of every decoder norm, in graph order."""
+    """(ONNX name prefix, torch RMS norm module) of every decoder norm, in graph order, where the layout puts them:
+    `/model/layers.i/input_layernorm`, `/model/layers.i/post_attention_layernorm`, ..., `/model/norm`."""
+    layout = LAYOUTS[model.config.model_type]
     out = []
-    for i, layer in enumerate(model.model.layers):
-        out += [(f"/model/layers.{i}/input_layernorm", layer.input_layernorm),
-                (f"/model/layers.{i}/post_attention_layernorm", layer.post_attention_layernorm)]
-    return out + [("/model/norm", model.model.norm)]
+    for i, layer in enumerate(model.get_submodule(layout.layers)):
+        out += [(node_name_for(f"{layout.layer(i)}.{name}"), layer.get_submodule(name))
+                for name in (layout.input_norm, layout.post_attention_norm)]
+    return out + [(node_name_for(layout.final_norm), model.get_submodule(layout.final_norm))]
 
 
 def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
@@ -306,6 +319,7 @@ def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
     g = graph_model.graph
     producers = producer_index(g)
     by_name = {n.name: n for n in g.node}
+    in_layers = node_name_for(LAYOUTS[model.config.model_type].layers) + "."  # a decoder layer's residual Add
     drop: set[str] = set()
     at: dict[str, onnx.NodeProto] = {}   # node name -> new node taking its place
     rename: dict[str, str] = {}          # tensor name -> name its readers use instead
@@ -334,7 +348,7 @@ def fuse_skip_norms(graph_model: onnx.ModelProto, model) -> tuple[int, int]:
         drop |= names
         if alias:
             rename[alias] = x
-        if add is not None and add.op_type == "Add" and add.name.startswith("/model/layers.") and add.name not in at:
+        if add is not None and add.op_type == "Add" and add.name.startswith(in_layers) and add.name not in at:
             at[add.name] = helper.make_node(
                 "SkipSimplifiedLayerNormalization", [rename.get(i, i) for i in add.input[:2]] + [gamma],
                 [y, "", "", x], name=f"{prefix}/SkipSimplifiedLayerNormalization", domain=MS, epsilon=eps)
@@ -406,7 +420,10 @@ def apply_fusions(graph: onnx.ModelProto, model, kv_dtype: str = "float32") -> l
         return [f"none: {reason}"]
     graph_kv = kv_dtype if kv_dtype in GRAPH_KV_DTYPES else "float32"  # int8: converted after calibration
     n = fuse_attention(graph, model, graph_kv)
-    extra = ", q_norm/k_norm as SimplifiedLayerNormalization" if hasattr(model.model.layers[0].self_attn, "q_norm") else ""
+    layout = LAYOUTS[model.config.model_type]
+    first = model.get_submodule(f"{_attention_path(layout, 0)}")
+    norms = [n for n in (layout.attention.q_norm, layout.attention.k_norm) if n and hasattr(first, n)]
+    extra = f", {'/'.join(norms)} as SimplifiedLayerNormalization" if norms else ""
     extra += f", {graph_kv} KV cache" if graph_kv != "float32" else ""
     done = [f"GroupQueryAttention x{n} (rotary inside{extra})"]
     skip, plain = fuse_skip_norms(graph, model)

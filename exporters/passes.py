@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from edge_recover.contract import DATA_FILE, MANIFEST, MODEL_FILE, PACKAGE_FORMAT_VERSION, PACKAGE_KIND, write_manifest  # noqa: F401
 from edge_recover.errors import require
+from edge_recover.layouts import layout_for
 from edge_recover.models import LoadedModel
 from edge_recover.options import DEFAULT_SCHEME, build_scheme, defaults
 from edge_recover.versions import library_versions, tool_version
@@ -301,9 +302,11 @@ def embedding(state: ExportState, options: ExportOptions) -> ExportState:
     lower = "contrib" if options.fused(state.target) else "ops"  # unfused targets (NPUs) have no GatherBlockQuantized
     if state.share_embedding and state.tied:
         head = state.rewritten[emb.HEAD]
-        state.fusions.append(emb.share_head_integers(state.graph, head, emb.head_zero_points(state.graph, head), lower))
+        state.fusions.append(emb.share_head_integers(state.graph, head, emb.head_zero_points(state.graph, head), lower,
+                                                     embedding=layout_for(model.config).embedding))
     elif state.share_embedding:
-        state.fusions.append(emb.own_table_integers(state.graph, table_quantization(model), lower))
+        state.fusions.append(emb.own_table_integers(state.graph, table_quantization(model), lower,
+                                                    embedding=layout_for(model.config).embedding))
     return state
 
 

@@ -38,6 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from edge_recover.errors import EdgeRecoverError
+from edge_recover.layouts import LAYOUTS
 from edge_recover.quantizer import QuantizedWeight, dequantize
 from edge_recover.scheme import QuantConfig
 
@@ -131,7 +132,13 @@ def untie_transposes(model: onnx.ModelProto) -> list[str]:
     return folded
 
 
-ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def _roles(model) -> dict[str, int]:
+    """A projection's local name -> its placeholder role, in the order of the family's layout (sdk/layouts.py: q, k,
+    v, o, gate, up, down for the split families; qkv, o, gate_up, down for Phi-3); a name the layout does not list
+    (lm_head) takes the next free role as it comes."""
+    layout = LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    names = layout.attention.projections() + layout.mlp.projections() if layout else ()
+    return {r: i for i, r in enumerate(names)}
 
 
 def _placeholder(shape: tuple[int, int], role: int) -> np.ndarray:
@@ -169,7 +176,7 @@ def low_memory_weights(model, restore: bool = True) -> Iterator[Placeholders]:
     layers = quantized_layers(model)
     shared: dict[tuple, torch.nn.Parameter] = {}
     keys: dict[str, tuple[tuple[int, int], int]] = {}
-    roles = {r: i for i, r in enumerate(ROLES)}
+    roles = _roles(model)
     for name, q in layers.items():
         role = roles.setdefault(name.rsplit(".", 1)[-1], len(roles))
         key = ((q.out_features, q.in_features), role)

@@ -13,9 +13,10 @@ per-head norms and biases the attention has, how the embedding and the head are 
 
 A new family needs one `register(Layout(...))` entry below and a tiny-model fixture
 (tests/fixtures/tiny_models.py) whose modules tests/sdk/test_layouts.py checks against the layout: Phi-3's entry
-(fused qkv and gate_up) is the worked example (docs/design.md, "Model families"). The module-name roles are read
-by the named schemes (`Scheme.for_layout`) and the fused attention; rotation still spells the Llama names and
-refuses other layouts in one line.
+(fused qkv and gate_up) is the worked example (docs/design.md, "Model families"). The module paths are read by
+the named schemes (`Scheme.for_layout`), rotation, block-wise reconstruction and the exporters (the fused
+attention and norms, the embedding's integers, the low-memory placeholders): this table is the one place that
+names them.
 
 Trade-off: a layout is a flat record of names, not a builder. A family whose math differs (Gemma's RMSNorm
 scales by 1 + weight) cannot be described by renaming alone, so it is refused with the reason until the
@@ -94,6 +95,7 @@ class Layout:
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"  # the module whose cos/sin tables the fused attention reads
     embedding: str = "model.embed_tokens"
     head: str = "lm_head"
     tie_key: str = "tie_word_embeddings"  # the config flag that ties the head to the embedding
