@@ -82,8 +82,6 @@ def recover_cmd(
     On several GPUs: `--num-processes N`, or `accelerate launch --multi_gpu --num_processes N -m edge_recover recover ...`."""
     from edge_recover.atomic import check_new_dir
     from edge_recover.errors import EdgeRecoverError, require
-    from edge_recover.options import DEFAULT_SCHEME
-    from edge_recover.scheme import load_scheme
 
     from .distill import RecoverConfig, recover
     from .distributed import check_split, cli_argv, launch, launched, record_failure
@@ -100,13 +98,8 @@ def recover_cmd(
                         grad_accum=grad_accum, method=quant.method, calibration=quant.calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")
-    require(not (quant.block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; "
-                                                  "quantize it with that block size, or leave `--quantized` out")
-    require(not (quant.rules and quantized), "`--rule` cannot change a `--quantized` checkpoint's scheme; quantize it "
-                                             "with that rule, or leave `--quantized` out")
-    sch = None  # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the cpu layout (distill.default_scheme)
-    if quant.given():  # a named scheme's stand-ins get the cpu layout (sdk/options.py); a JSON file keeps its blocks
-        sch = load_scheme(quant.scheme or DEFAULT_SCHEME) if quantized else quant.scheme_for()
+    # None: the `--quantized` checkpoint's scheme, or w4w2gateup at the cpu layout (distill.default_scheme)
+    sch = quant.student_scheme(quantized is not None)
     work = work_dir or output.with_name(output.name + ".work")
     if num_processes != 1:  # start the ranks, each of which runs this command with `--num-processes 1`
         require(num_processes > 1, f"`--num-processes` must be at least 1, got {num_processes!r}")
@@ -135,14 +128,14 @@ def recover_cmd(
     typer.echo(f"wrote {output}")
 
 
+@quant_options("eval")
 def eval_cmd(
     model: Optional[str] = typer.Argument(None, help="full-precision teacher: HF folder, .gguf file, or `smollm2` "
                                                      "(leave out with `--package`)"),
     text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: Hamlet + Macbeth, held out)"),
-    scheme: Optional[str] = typer.Option(None, help="scheme name or JSON file (default: the `--quantized` checkpoint's, else w4w2gateup)"),
     adapter: Optional[Path] = typer.Option(None, help="adapter folder written by `edge-recover recover`"),
     quantized: Optional[Path] = typer.Option(None, help="quantized checkpoint to use instead of quantizing MODEL"),
-    method: Optional[str] = typer.Option(None, help="quantizer method (default: the adapter's, else gptq)"),
+    quant: QuantOptions = QuantOptions(),  # --scheme --method --calibration --block-size --rule (sdk/options.py)
     seq_len: int = typer.Option(512, help="tokens per scored window"),
     max_windows: Optional[int] = typer.Option(None, help="score at most this many windows"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
@@ -167,32 +160,38 @@ def eval_cmd(
     With `--tasks`: multiple-choice accuracy per task (fp, quantized, recovered; or one `--package`);
     `--tasks humaneval`: pass@1 of greedy answers, each run against its tests in a sandboxed child process."""
     from edge_recover.errors import require
-    from edge_recover.scheme import load_scheme
 
     from .code_eval_cli import eval_code_cmd, has_code_task
 
+    typed = sorted(f"--{n.replace('_', '-')}" for n in quant.explicit)
+    require(package is None or not typed, f"{', '.join(typed)}: a package carries its own integers; leave "
+                                          f"{'them' if len(typed) > 1 else 'it'} out with `--package`")
+    scheme = quant.student_scheme(quantized is not None)  # None: the checkpoint's, the adapter's, or the default
+    method = quant.method if "method" in quant.explicit else None  # None: the adapter's, else the default
     if has_code_task(tasks):
         from edge_recover.humaneval import CodeEvalOptions
         from edge_recover.sandbox import SandboxLimits
 
-        eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit,
-                      scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
-                      method=method, device=device, report=report, json_out=json_out, echo=typer.echo, fp=fp,
+        require("calibration" not in quant.explicit, "`--calibration` is not passed to `--tasks humaneval` yet (it "
+                                                     f"quantizes with {quant.calibration} samples); leave it out")
+        eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
+                      quantized=quantized, method=method, device=device, report=report, json_out=json_out,
+                      echo=typer.echo, fp=fp,
                       options=CodeEvalOptions(max_new_tokens, SandboxLimits(timeout_s=timeout), batch_size))
         return
     if tasks is not None or package is not None:
         from .task_eval_cli import eval_tasks_cmd
 
-        eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit,
-                       scheme=load_scheme(scheme) if scheme else None, adapter=adapter, quantized=quantized,
-                       method=method, device=device, report=report, json_out=json_out, echo=typer.echo, fp=fp)
+        eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
+                       quantized=quantized, method=method, calibration=quant.calibration, device=device,
+                       report=report, json_out=json_out, echo=typer.echo, fp=fp)
         return
     require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`)")
 
     from .evaluation import evaluate_recovery
 
-    figs = evaluate_recovery(model, load_scheme(scheme) if scheme else None, text, adapter=adapter, quantized=quantized, method=method,
-                             seq_len=seq_len, max_windows=max_windows, device=device)
+    figs = evaluate_recovery(model, scheme, text, adapter=adapter, quantized=quantized, method=method,
+                             calibration=quant.calibration, seq_len=seq_len, max_windows=max_windows, device=device)
     rows = [("full precision", figs["ppl_fp"], figs["ce_fp"], None, None),
             ("quantized", figs["ppl_quant"], figs["ce_quant"], figs["kl_quant"], figs["top1_quant"])]
     if "ppl_recovered" in figs:

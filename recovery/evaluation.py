@@ -19,7 +19,8 @@ import torch
 from edge_recover.errors import require
 from edge_recover.evaluate import evaluate, recovery_share, token_windows
 from edge_recover.models import LoadedModel
-from edge_recover.scheme import named_scheme
+from edge_recover.options import build_scheme, defaults
+from edge_recover.scheme import Scheme
 
 
 @torch.no_grad()
@@ -53,8 +54,8 @@ def compare(teacher, student, windows: torch.Tensor, batch_size: int = 4, progre
 
 
 def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = None, *, adapter: str | Path | None = None,
-                      quantized: str | Path | None = None, method: str | None = None, calibration: int = 32,
-                      seed: int = 0, seq_len: int = 512, max_windows: int | None = None, device: str = "auto",
+                      quantized: str | Path | None = None, method: str | None = None,
+                      calibration: int = defaults("eval").calibration, seed: int = 0, seq_len: int = 512, max_windows: int | None = None, device: str = "auto",
                       batch_size: int = 4, progress: bool = True) -> dict:
     """Load the teacher `model`, quantize it under `scheme` (or load `quantized`), add `adapter`, compare.
 
@@ -62,7 +63,7 @@ def evaluate_recovery(model: str | Path, scheme, text_file: str | Path | None = 
     those the adapter was trained on; otherwise the adapter is refused.
 
     Example:
-        >>> evaluate_recovery("smollm2", named_scheme("w4w2gateup"), "hamlet.txt", adapter="out/adapter")  # doctest: +SKIP
+        >>> evaluate_recovery("smollm2", build_scheme("w4w2gateup"), "hamlet.txt", adapter="out/adapter")  # doctest: +SKIP
     """
     if text_file is None:  # the held-out default: Hamlet + Macbeth, never used in training
         from edge_recover.fetch import eval_text
@@ -100,10 +101,11 @@ class QuantRecipe:
 
 
 def load_teacher(model: str | Path, adapter: str | Path | None = None, method: str | None = None,
-                 calibration: int = 32, seed: int = 0) -> tuple[LoadedModel, QuantRecipe]:
+                 calibration: int = defaults("eval").calibration, seed: int = 0) -> tuple[LoadedModel, QuantRecipe]:
     """The full-precision teacher `model` and the recipe its student is quantized with: `method` (default the
-    adapter's, else gptq), and the adapter's own calibration when it records one, so the integers can match
-    those it was trained on. A quantized checkpoint as `model` is refused (it goes in `--quantized`).
+    adapter's, else `eval`'s default: sdk/options.py), and the adapter's own calibration when it records one, so
+    the integers can match those it was trained on. A quantized checkpoint as `model` is refused (it goes in
+    `--quantized`).
 
     Example:
         >>> lm, recipe = load_teacher("smollm2", adapter="out/adapter")  # doctest: +SKIP
@@ -113,7 +115,7 @@ def load_teacher(model: str | Path, adapter: str | Path | None = None, method: s
     from .student import read_adapter_metadata
 
     meta = read_adapter_metadata(adapter) if adapter else None
-    method = method or (meta["method"] if meta else "gptq")
+    method = method or (meta["method"] if meta else defaults("eval").method)
     if meta and meta.get("calibration"):  # re-make the integers the way the adapter's run made them
         calibration, seed = meta["calibration"]["samples"], meta["calibration"]["seed"]
     lm = resolve_model(model)
@@ -124,20 +126,22 @@ def load_teacher(model: str | Path, adapter: str | Path | None = None, method: s
 
 def load_student(lm: LoadedModel, scheme, recipe: QuantRecipe, *, quantized: str | Path | None = None,
                  adapter: str | Path | None = None, progress: bool = True):
-    """The student of teacher `lm`: the `quantized` checkpoint, or `lm` quantized again under `scheme`
-    (default w4w2gateup) by `recipe`; with `adapter` on it (refused unless trained on those very integers).
+    """The student of teacher `lm`: the `quantized` checkpoint, or `lm` quantized again under `scheme` (default:
+    the adapter's, else w4w2gateup at the cpu layout, as `quantize` makes it) by `recipe`; with `adapter` on it
+    (refused unless trained on those very integers).
     Returns (student model, its scheme, a short description of the quantized model).
 
     Example:
         >>> student, scheme, what = load_student(lm, None, recipe, quantized="out/q", adapter="out/a")  # doctest: +SKIP
     """
-    from .student import load_adapter, load_student_checkpoint, quantize_student
+    from .student import load_adapter, load_student_checkpoint, quantize_student, read_adapter_metadata
 
     if quantized is not None:
         base, _, scheme = load_student_checkpoint(quantized, lm, scheme)
         what = f"quantized checkpoint {quantized} ({scheme.name})"
     else:
-        scheme = scheme or named_scheme("w4w2gateup")
+        if scheme is None:  # the integers the adapter was trained on, or those `quantize` makes by default
+            scheme = Scheme.from_json(read_adapter_metadata(adapter)["scheme"]) if adapter else build_scheme(None)
         base, _ = quantize_student(lm, scheme, recipe.method, calibration=recipe.calibration, seed=recipe.seed,
                                    progress=progress)
         what = f"{scheme.name}, {recipe.method}, quantized now"

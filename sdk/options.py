@@ -1,5 +1,5 @@
-"""The quantization options, defined once: what `quantize`, `recover` and `export` (and bench/) are told about
-how a full-precision model becomes integers, with the same defaults everywhere.
+"""The quantization options, defined once: what `quantize`, `recover`, `export` and `eval` (and bench/) are told
+about how a full-precision model becomes integers, with the same defaults everywhere.
 
     --scheme        w4w2gateup                  a quantized checkpoint (`export Q`, `recover --quantized Q`) keeps its own
     --method        gptq                        export: mse (the one measured override, `OVERRIDES`)
@@ -7,6 +7,9 @@ how a full-precision model becomes integers, with the same defaults everywhere.
     --block-size    the target's layout         quantize, recover: the cpu target's, 64 for every width and the
                                                 8-bit head (`LAYOUT`); export --target T: T's; a JSON file keeps its own
     --rule          extra PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep, on top (a rule's own BLOCK stays)
+
+`eval` quantizes its student as `quantize` does (same defaults), but an `--adapter` brings its own recipe: its
+method (unless `--method` is given), calibration and scheme, so that its integers are made again exactly.
 
 Why these defaults (the measurements are in docs/):
 - gptq: at 2 bits the method decides whether the model is usable (docs/quantization.md, SmolLM2 W4/W2-GateUp
@@ -24,9 +27,11 @@ Why these defaults (the measurements are in docs/):
   1.28x, sd 10-20 %); 64 is also the qnn target's block. `--block-size 4:64,2:128` is the fastest 2-bit kernel.
   The 8-bit head costs no accuracy and reads a quarter of the float head's bytes (sdk/scheme.py, CPU_HEAD).
 
-`QuantOptions` carries the five options as one frozen value; `build_scheme` turns them into the `Scheme` each
-command quantizes with (the one order: target head, `--block-size`, `--rule`, the target's blocks for what is
-left); `quant_options(command)` declares them on a Typer command, with this module's defaults and help.
+`QuantOptions` carries the five options as one frozen value (and which of them the user typed); `build_scheme`
+turns them into the `Scheme` each command quantizes with (the one order: target head, `--block-size`, `--rule`,
+the target's blocks for what is left); `QuantOptions.student_scheme` is what `recover` and `eval` pass on beside a
+`--quantized` checkpoint; `quant_options(command)` declares them on a Typer command, with this module's defaults
+and help.
 No torch import here: the CLI imports it at start-up.
 
 Example:
@@ -40,16 +45,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional
 
+from .errors import require
 from .scheme import CPU_HEAD, BlockSizes, QuantConfig, Scheme, load_scheme, parse_block_sizes, parse_rule
 
 __all__ = ["COMMANDS", "DEFAULT_SCHEME", "LAYOUT", "OVERRIDES", "QuantDefaults", "QuantLayout", "QuantOptions",
            "build_scheme", "defaults", "quant_options"]
 
 DEFAULT_SCHEME = "w4w2gateup"
-COMMANDS = ("quantize", "recover", "export")
+COMMANDS = ("quantize", "recover", "export", "eval")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ LAYOUT = QuantLayout()
 
 
 def defaults(command: str) -> QuantDefaults:
-    """The quantizer defaults of `command` (`quantize`, `recover`, `export`): `DEFAULTS` unless `OVERRIDES` says.
+    """The quantizer defaults of `command` (`quantize`, `recover`, `export`, `eval`): `DEFAULTS` unless `OVERRIDES`
+    says.
 
     Example:
         >>> defaults("recover").calibration
@@ -100,7 +107,9 @@ class QuantOptions:
     """The quantization options of one command, as the user gave them (None: the default).
 
     `scheme` a name or JSON file (None: `DEFAULT_SCHEME`, or a quantized checkpoint's own); `rules` extra
-    `PATTERN=BITS[:BLOCK][:sym]` / `PATTERN=keep` strings; `block_size` `64` or `4:64,2:128` (None: the target's).
+    `PATTERN=BITS[:BLOCK][:sym]` / `PATTERN=keep` strings; `block_size` `64` or `4:64,2:128` (None: the target's);
+    `explicit` the options the user typed (`method`, ...), beside their values (`eval`: an adapter's own method
+    stands unless `--method` is typed).
 
     Example:
         >>> QuantOptions(rules=("lm_head=4",)).scheme_for().resolve("lm_head").bits
@@ -112,10 +121,23 @@ class QuantOptions:
     calibration: int = DEFAULTS.calibration
     block_size: str | None = None
     rules: tuple[str, ...] = ()
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     def given(self) -> bool:
         """Whether the user chose the scheme (`--scheme`, `--block-size` or `--rule`)."""
         return bool(self.scheme or self.block_size or self.rules)
+
+    def student_scheme(self, quantized: bool) -> Scheme | None:
+        """The scheme `recover` and `eval` quantize a teacher with, or check a `--quantized` checkpoint against:
+        None when the user chose none (the checkpoint's own, or `DEFAULT_SCHEME` at the cpu layout); the scheme
+        as named beside a checkpoint (which keeps its blocks: `--block-size` and `--rule` are refused with one)."""
+        require(not (self.block_size and quantized), "`--block-size` cannot re-block a `--quantized` checkpoint; "
+                                                     "quantize it with that block size, or leave `--quantized` out")
+        require(not (self.rules and quantized), "`--rule` cannot change a `--quantized` checkpoint's scheme; quantize "
+                                                "it with that rule, or leave `--quantized` out")
+        if not self.given():
+            return None
+        return load_scheme(self.scheme or DEFAULT_SCHEME) if quantized else self.scheme_for()
 
     def scheme_for(self, head: QuantConfig | None = LAYOUT.head, block_size: BlockSizes = LAYOUT.block_size) -> Scheme:
         """The scheme to quantize with for a target whose head is `head` and preferred blocks `block_size`."""
@@ -150,15 +172,20 @@ def build_scheme(spec: "str | Scheme | None", rules: Iterable[str] = (), block_s
 def _help(command: str) -> dict[str, str]:
     d = defaults(command)
     override = f" ({command}'s own default: {d.why})" if command in OVERRIDES else f" ({d.why})"
+    # eval makes an adapter's integers again: its recipe stands where the user typed nothing
+    adapter = {k: f"; with `--adapter`, the adapter's own{w}" for k, w in
+               (("scheme", " (without `--quantized`)"), ("method", " unless this is given"), ("calibration", ""))
+               } if command == "eval" else {}
     blocks = ("the target's: a scheme name gets `--target`'s preferred block (cpu: 64, and its 8-bit head), a "
               "JSON file keeps its own" if command == "export" else
               f"{LAYOUT.why}; a JSON file keeps its own")
     return {
         "scheme": f"scheme name or JSON file (see `edge-recover schemes`; default {DEFAULT_SCHEME}); a quantized "
-                  "checkpoint keeps its own",
+                  f"checkpoint keeps its own{adapter.get('scheme', '')}",
         "method": "quantizer: gptq (error feedback through the input Hessian), mse (clipping search + least "
-                  f"squares, activation-weighted) or rtn (min-max reference){override}",
-        "calibration": "teacher-sampled sequences for the quantizer's statistics (0: none; rtn needs none)",
+                  f"squares, activation-weighted) or rtn (min-max reference){override}{adapter.get('method', '')}",
+        "calibration": "teacher-sampled sequences for the quantizer's statistics (0: none; rtn needs none)"
+                       f"{adapter.get('calibration', '')}",
         "block_size": f"block size: 64 (every width) or per bit width as 4:64,2:128 (the fastest 2-bit kernel); "
                       f"default: {blocks}",
         "rule": "extra scheme rule PATTERN=BITS[:BLOCK][:sym] or PATTERN=keep, e.g. lm_head=4:32 (repeatable; "
@@ -179,6 +206,17 @@ def _parameters(command: str) -> list[inspect.Parameter]:
         ("rule", List[str], typer.Option([], help=h["rule"])),
     ]
     return [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=o, annotation=t) for n, t, o in specs]
+
+
+def _typed(names: list[str]) -> frozenset[str]:
+    """Which of the parameters `names` the user gave (on the command line or in the environment), not defaults."""
+    from typer.main import get_current_context  # Typer's own Context (it carries its own copy of click)
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:  # called as a plain function: only its arguments, no command line
+        return frozenset()
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return frozenset(n for n, src in sources.items() if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"))
 
 
 def quant_options(command: str) -> Callable:
@@ -206,7 +244,8 @@ def quant_options(command: str) -> Callable:
         def command_fn(*args, **kwargs):
             given = {n: kwargs.pop(n) for n in names}
             quant = QuantOptions(scheme=given["scheme"], method=given["method"], calibration=given["calibration"],
-                                 block_size=given["block_size"], rules=tuple(given["rule"] or ()))
+                                 block_size=given["block_size"], rules=tuple(given["rule"] or ()),
+                                 explicit=_typed(names))
             return fn(*args, quant=quant, **kwargs)
 
         new = sig.replace(parameters=params[:at] + extra + params[at + 1:])
