@@ -6,7 +6,7 @@
 Writes docs/results/npu-smollm2.json and .md. Emulator times are Qualcomm's x86 emulator of the HTP, not NPU
 speed. The layer study runs one decode step (the cache filled by the CPU run of the prompt) on the HTP and the
 CPU EP with the residual stream after every decoder layer exposed as graph outputs, once per numerics variant
-of the static graph (exporters/static_graph.py NUMERICS), so it shows in which layer the error enters and
+of the static graph (exporters/static_options.py NUMERICS), so it shows in which layer the error enters and
 what each fp16 fix removes.
 """
 
@@ -27,7 +27,7 @@ PROMPT = "What is the capital of France?"
 
 def _export(out: Path, context: int, window: int, soc: str) -> float:
     from edge_recover.exporters.api import export_package
-    from edge_recover.exporters.static_graph import StaticOptions
+    from edge_recover.exporters.static_options import StaticOptions
 
     t = time.time()
     export_package("smollm2", out, scheme="w4w2gateup", target="qnn", method="rtn", calibration=0,
@@ -72,7 +72,8 @@ def _layer_study(pkg: Path, ids: list[int], variants: dict, soc: str, role: str 
     import onnxruntime as ort
     from onnx import helper
 
-    from edge_recover.exporters.static_graph import StaticOptions, static_graph
+    from edge_recover.exporters.static_graph import static_graph
+    from edge_recover.exporters.static_options import StaticOptions
     from edge_recover.qnn import open_htp_session, resolve_soc
     from edge_recover.runtimes.static_session import StaticCausalLM
 
@@ -171,7 +172,7 @@ def main() -> None:
 
 
 def _variants(text: str) -> dict:
-    from edge_recover.exporters.static_graph import NUMERICS
+    from edge_recover.exporters.static_options import NUMERICS
 
     out = {}
     for item in text.split(";"):

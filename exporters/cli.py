@@ -152,7 +152,7 @@ def _static_options(prof, context_length: Optional[int], window: Optional[int], 
         return None
     from edge_recover.qnn import resolve_soc
 
-    from .static_graph import HtpTolerance, StaticOptions
+    from .static_options import HtpTolerance, StaticOptions
 
     soc_name = resolve_soc(soc).name  # an unknown SoC or a bad tolerance is refused here, before the model loads
     tol = HtpTolerance.parse(tolerance) if tolerance is not None else HtpTolerance()

@@ -69,7 +69,7 @@ class ExportOptions:
     `pack_qkv`: q/k/v as one MatMulNBits (fused graphs); `unit_attention_scale`: GroupQueryAttention at
     scale 1 with the scale in the query (fused graphs; False keeps it in the node, for A/B runs); `adapter` (+ `adapter_mode` sidecar /
     merge, `adapter_name`, and for merge `merge_method`, `merge_calibration`, `eval_text`); `verify`: ORT vs torch parity gates the export; `static`
-    (`static_graph.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
+    (`static_options.StaticOptions`, qnn) the static graphs' shapes; `base`: the source model of a slim
     checkpoint whose recorded path is not on this machine.
 
     Example:
@@ -97,7 +97,7 @@ class ExportOptions:
     merge_calibration: int | None = None
     eval_text: str | None = None
     verify: bool = True
-    static: Any = None  # static_graph.StaticOptions | None
+    static: Any = None  # static_options.StaticOptions | None
     base: Any = None  # str | Path | LoadedModel | None
     overwrite: bool = False
 
@@ -461,7 +461,7 @@ def _static_genai_config(folder, section: dict, opts) -> None:
 
     from .genai import static_pipeline_config
     from .qnn import CONTEXT_FILES
-    from .static_graph import GRAPH_FILES
+    from .static_options import GRAPH_FILES
 
     soc = resolve_soc(opts.soc)
     files = CONTEXT_FILES if opts.compile_contexts else GRAPH_FILES

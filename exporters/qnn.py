@@ -31,7 +31,8 @@ from edge_recover.contract import STATIC_CACHE, static_window
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.qnn import QNN_EP, open_htp_session, placement, resolve_soc
 
-from .static_graph import GRAPH_FILES, HtpTolerance, StaticOptions, static_graph, write_static_graphs
+from .static_graph import static_graph, write_static_graphs
+from .static_options import GRAPH_FILES, HtpTolerance, StaticOptions
 
 __all__ = ["check_layers", "preflight", "export_static", "default_static", "parity_tokens", "check_parity",
            "PARITY_TEXT", "CONTEXT_FILES", "MAX_CONTEXT", "SHARED_CONTEXT_NOTE"]

@@ -1,5 +1,5 @@
 """An empty tensor on the HTP: the refusal names the graph by its file and the node (sdk/qnn.py), and the static
-graphs' "no empty tensors" pass (exporters/static_graph.py) removes the cause, with the same result on the CPU EP.
+graphs' "no empty tensors" pass (exporters/static_passes.py) removes the cause, with the same result on the CPU EP.
 
     x [1, 4, 16] ─► Slice[..., 16:] (empty) ─┐
                  └──────────────────────────┴─► Concat(axis -1) ─► Mul(2) ─► y      (Optimum's partial-rotary tail)
@@ -15,7 +15,8 @@ from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
 from edge_recover.errors import EdgeRecoverError
-from edge_recover.exporters.static_graph import StaticOptions, drop_empty
+from edge_recover.exporters.static_options import StaticOptions
+from edge_recover.exporters.static_passes import drop_empty
 from edge_recover.qnn import open_htp_session, resolve_soc
 
 import onnxruntime_qnn  # noqa: F401  (a test dependency: CI must fail, not skip, without it)

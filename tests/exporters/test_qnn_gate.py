@@ -73,7 +73,7 @@ def test_only_the_real_positions_of_a_padded_window_are_compared(gated_pkg, tmp_
     from transformers import AutoTokenizer
 
     from edge_recover.exporters.qnn import export_static, parity_tokens
-    from edge_recover.exporters.static_graph import StaticOptions
+    from edge_recover.exporters.static_options import StaticOptions
 
     pkg, _ = gated_pkg
     folder = tmp_path / "pkg"
@@ -129,7 +129,7 @@ def test_parity_figures_and_the_gate_on_arrays():
     """`check_parity` reads the figures `_compare` makes: near-equal logits pass, a flipped argmax fails."""
     from edge_recover.errors import EdgeRecoverError
     from edge_recover.exporters.qnn import _compare, check_parity
-    from edge_recover.exporters.static_graph import HtpTolerance
+    from edge_recover.exporters.static_options import HtpTolerance
 
     cpu = np.random.default_rng(0).normal(0, 5, size=(10, 50)).astype(np.float32)
     close = _compare(cpu, cpu + 0.01)
@@ -147,7 +147,7 @@ def test_a_tie_within_one_fp16_step_is_not_a_disagreement():
     random tiny Qwen3's decode step had its top two 3.9e-5 apart and failed the gate at top-1 0 %)."""
     from edge_recover.errors import EdgeRecoverError
     from edge_recover.exporters.qnn import _compare, check_parity
-    from edge_recover.exporters.static_graph import HtpTolerance
+    from edge_recover.exporters.static_options import HtpTolerance
 
     cpu = np.array([[2.0187774, 2.0187385, 1.8411543]], np.float32)  # fp16 step at 2.02: 0.00195
     tie = _compare(cpu, np.array([[2.013672, 2.0195315, 1.8408204]], np.float32))

@@ -1,4 +1,4 @@
-"""The static graphs' scale-safe RMS norm (exporters/static_graph.py, pass 5) on the QNN HTP emulator.
+"""The static graphs' scale-safe RMS norm (exporters/static_passes.py, pass 6) on the QNN HTP emulator.
 
 Real residual streams carry a few huge channels (SmolLM2: 1.74e4 from layer 11 on the first token). The norm
 divides by m = max|x| so that x² cannot overflow fp16; the HTP divides by multiplying with the reciprocal, and
@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from edge_recover.exporters.static_graph import StaticOptions, safe_rms_norm
+from edge_recover.exporters.static_options import StaticOptions
+from edge_recover.exporters.static_passes import safe_rms_norm
 from edge_recover.qnn import open_htp_session, resolve_soc
 
 import onnxruntime_qnn  # noqa: F401  (a test dependency: CI must fail, not skip, without it)
