@@ -15,9 +15,9 @@ only, not through the whole model and the vocabulary-sized KL.
 
 What trains: EfficientQAT's Block-AP trains all parameters of the block (weights and quantization
 parameters); here those are, per layer, the `FakeQuantLinear` latents and log-scales (sdk/fakequant.py)
-and the layer's RMSNorm weights (when `make_qat_student` left them trainable). Zero points stay the
-integers they start as, so after this stage the student is still exactly a MatMulNBits function of its
-codes: `freeze_qat_student` gives the same logits, bit for bit, and the end-to-end stage
+and the layer's RMSNorm weights (when `make_qat_student` left them trainable), and its zero points with
+`--train-zero-points` (rounded and clamped latents). Zero points are integers in range either way, so after
+this stage the student is still exactly a MatMulNBits function of its codes: `freeze_qat_student` gives the same logits, bit for bit, and the end-to-end stage
 (recovery/distill.py) continues from these latents and scales with the requires_grad flags it set up.
 
 Memory: the layer inputs of all `ids` live on `device` in float32, two buffers of N x T x hidden floats
@@ -186,6 +186,7 @@ def _train_layer(i: int, s_layer, x_all, y_all, kwargs, dtype, groups, steps, ba
 
 def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, *, steps: int = 200,
                       batch_size: int = 8, lr: float = 1e-2, lr_scale: float = 1e-2, lr_norm: float = 1e-3,
+                      lr_zero: float = 1e-2,
                       device=None, autocast: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """Fit the QAT `student`'s decoder layers to the fp `teacher`'s, one layer at a time (Block-AP), in place.
 
@@ -253,7 +254,7 @@ def block_reconstruct(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
             _advance(t_layer, fp, t_kwargs[i], t_dtype, batch_size, amp)  # fp now holds the targets y_i
             before, power = _mse(s_layer, qs[:eval_rows], fp[:eval_rows], s_kwargs[i], s_dtype, batch_size, amp)
             # the layer's trainable tensors as make_qat_student left them: latents, log-scales, trained norms
-            groups = [g for g in param_groups(s_layer, lr, lr_scale, lr_norm) if g["params"]]
+            groups = [g for g in param_groups(s_layer, lr, lr_scale, lr_norm, lr_zero=lr_zero) if g["params"]]
             params = [p for g in groups for p in g["params"]]
             saved = [p.detach().clone() for p in params]
             try:

@@ -123,6 +123,8 @@ class RecoverConfig:
     latent_units: str = "step"  # qat: `step` or `weight` (sdk/fakequant.py)
     latent_start: str = "centre"  # qat: latents of integers the teacher does not round to (recovery/qat.py)
     latent_update: str = "adamw"  # qat: AdamW, or layer-normalised momentum SGD for the latents (recovery/optim.py)
+    train_zero_points: bool = False  # qat: zero points train too (rounded, clamped latents: integers in range)
+    lr_zero: float = 1e-2  # qat: their peak LR, in integer units
     warmup: float = 0.05  # share of optimizer steps with linear warm-up
     min_lr: float = 0.05  # cosine floor, as a share of `lr`
     weight_decay: float = 0.0
@@ -157,6 +159,7 @@ class RecoverConfig:
         require(self.latent_start in ("nearest", "centre", "teacher"),
                 f"`--latent-start` must be nearest, centre or teacher, got {self.latent_start!r}")
         require(self.lr_head > 0, f"`--lr-head` must be positive, got {self.lr_head!r}; try 2e-5")
+        require(self.lr_zero > 0, f"`--lr-zero` must be positive, got {self.lr_zero!r}; try 1e-2")
         require(self.block_ap_steps >= 0 and self.block_ap_rows > 0 and self.block_ap_lr > 0,
                 f"`--block-ap-steps` must be >= 0 and `--block-ap-rows`, `--block-ap-lr` positive, got "
                 f"{self.block_ap_steps!r}, {self.block_ap_rows!r}, {self.block_ap_lr!r}; try 200, 1024, 1e-2")
@@ -506,7 +509,7 @@ def recover(teacher, scheme: "Scheme | None", output: str | Path, cfg: RecoverCo
         from .blockap import block_reconstruct
 
         block_ap = block_reconstruct(student, teacher_model, train_ids[: cfg.block_ap_rows], steps=cfg.block_ap_steps,
-                                     batch_size=cfg.batch_size, lr=cfg.block_ap_lr, lr_scale=cfg.lr_scale,
+                                     batch_size=cfg.batch_size, lr=cfg.block_ap_lr, lr_scale=cfg.lr_scale, lr_zero=cfg.lr_zero,
                                      lr_norm=cfg.lr_norm, device=dev, progress=progress and ranks.is_main, seed=cfg.seed)
         student.eval()
         block_ap["kl_after"] = mean_kl(student, teacher_model, hold_ids, cfg.eval_batch_size, dev, acc.autocast, ranks)

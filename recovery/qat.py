@@ -9,7 +9,8 @@ What ships is a checkpoint in the format `edge-recover quantize` writes, so `edg
 integers unchanged: the package has the nodes and weight bytes of an unrecovered one, no side-car, and
 decodes at the same speed. What trains:
 - every quantized layer's latent weights and block scales (through the fake quantizer, `sdk/fakequant.py`);
-  zero points stay the integers they start as (in range, uint8), which is what MatMulNBits and QNN read;
+  zero points stay the integers they start as (in range, uint8), which is what MatMulNBits and QNN read, or
+  (`train_zero_points`) train as rounded, clamped latents: integers in range at every step all the same;
 - the latent in weight units or in units of the quantization step (`units`, see sdk/fakequant.py);
 - optionally (`train_norms`, default on) the RMSNorm weights, which ship as floats anyway: no new bytes;
 - optionally (`train_head`) the float output head (with a tied input embedding, the one shared tensor: SmolLM2,
@@ -122,13 +123,13 @@ FROZEN_BITS = 8
 
 
 def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = True, units: str = "weight",
-                     train_head: bool = False, start: str = "centre") -> QatStart:
+                     train_head: bool = False, start: str = "centre", train_zero_points: bool = False) -> QatStart:
     """Turn every `QuantLinear` of `base` (in place) into a `FakeQuantLinear` that starts at its integers.
 
     `start` places the latents of integers the teacher weight does not round to (module docstring).
 
-    Only the latents, log-scales, (with `train_norms`) norm weights and (with `train_head`) a float head are
-    left trainable.
+    Only the latents, log-scales, (with `train_zero_points`) zero points, (with `train_norms`) norm weights and
+    (with `train_head`) a float head are left trainable.
 
     Example:
         >>> start = make_qat_student(student_model, teacher_model)  # doctest: +SKIP
@@ -165,6 +166,8 @@ def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = Tr
             if fq is None:  # centre, or a nearest start that float rounding moved off its code
                 fq = FakeQuantLinear.from_quant_linear(q, units=units)
                 n_deq += 1
+        if train_zero_points:
+            fq.train_zero_points()
         _set_module(base, name, fq)
     if train_norms:
         for p in norm_parameters(base).values():
@@ -176,21 +179,25 @@ def make_qat_student(base: nn.Module, teacher: nn.Module, train_norms: bool = Tr
 
 
 def param_groups(model: nn.Module, lr: float, lr_scale: float, lr_norm: float, lr_head: float = 0.0,
-                 latent_update: str = "adamw") -> list[dict]:
-    """Optimizer groups: latents at `lr`, log-scales at `lr_scale`, trainable norm weights at `lr_norm`, a trainable
-    float head at `lr_head`. `latent_update="layer-sgd"` marks the latents' group for recovery/optim.py's
+                 latent_update: str = "adamw", lr_zero: float = 1e-2) -> list[dict]:
+    """Optimizer groups: latents at `lr`, log-scales at `lr_scale`, trainable zero points at `lr_zero` (integer
+    units), trainable norm weights at `lr_norm`, a trainable float head at `lr_head`. `latent_update="layer-sgd"` marks the latents' group for recovery/optim.py's
     layer-normalised momentum step (the others stay AdamW).
 
     Each group records its peak as `peak_lr`; the schedule scales every group by the same factor."""
-    latents, scales = [], []
+    latents, scales, zeros = [], [], []
     for fq in fake_quant_layers(model).values():
         latents.append(fq.latent)
         scales.append(fq.log_scale)
+        if fq.zero_latent is not None:
+            zeros.append(fq.zero_latent)
     norms = [p for p in norm_parameters(model).values() if p.requires_grad]
     latent_group = {"params": latents, "lr": lr, "peak_lr": lr}
     if latent_update != "adamw":
         latent_group.update(update=latent_update, weight_decay=0.0)
     groups = [latent_group, {"params": scales, "lr": lr_scale, "peak_lr": lr_scale}]
+    if zeros:
+        groups.append({"params": zeros, "lr": lr_zero, "peak_lr": lr_zero, "weight_decay": 0.0})
     if norms:
         groups.append({"params": norms, "lr": lr_norm, "peak_lr": lr_norm, "weight_decay": 0.0})
     head = [p for p in head_parameters(model).values() if p.requires_grad]

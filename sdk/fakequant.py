@@ -1,7 +1,9 @@
 """`FakeQuantLinear`: a trainable linear layer whose forward is exactly the MatMulNBits function of its codes.
 
 Quantization-aware training keeps, per weight, a float *latent* w and, per block, a trainable log-scale
-log s; the zero point z stays the integer it started as (in [0, 2**bits), uint8, what the kernel reads).
+log s; the zero point z stays the integer it started as (in [0, 2**bits), uint8, what the kernel reads), unless
+`train_zero_points()` makes it trainable too: a float latent z_l, z = clamp(round(z_l), 0, 2**bits - 1) with the
+straight-through gradient (EfficientQAT's Block-AP), still an integer in range at every step.
 The forward computes
 
     q     = clamp(round(w / s) + z, 0, 2**bits - 1)        the codes (integers)
@@ -80,6 +82,8 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, latent, s, z, block_size: int, step: bool, levels: int):
+        # z: the integer zero points as floats; its gradient (trainable zero points) is d W_hat / dz =
+        # s * (inside - 1): a zero point moves the clamping window, so only clamped weights see it
         s_b, z_b = s[:, :, None], z[:, :, None]
         _, _, q = _FakeQuant._codes(_blocked(latent, block_size), s_b, z_b, step, levels)
         ctx.save_for_backward(latent, s, z)
@@ -98,7 +102,8 @@ class _FakeQuant(torch.autograd.Function):
             g_latent, g_s = g_in * s_b, (g * (q - z_b)).sum(-1)
         else:
             g_latent, g_s = g_in, (g * (q - z_b) - g_in * u).sum(-1)
-        return _unblocked(g_latent, k), g_s, None, None, None, None
+        g_z = (g_in - g).sum(-1) * s if ctx.needs_input_grad[2] else None
+        return _unblocked(g_latent, k), g_s, g_z, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
@@ -122,6 +127,7 @@ class FakeQuantLinear(nn.Module):
         self.latent = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float32, device=device))
         self.log_scale = nn.Parameter(torch.zeros(out_features, nb, dtype=torch.float32, device=device))
         self.register_buffer("zero_points", torch.zeros(out_features, nb, dtype=torch.uint8, device=device))
+        self.zero_latent: nn.Parameter | None = None  # trainable zero points (`train_zero_points`)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -144,6 +150,18 @@ class FakeQuantLinear(nn.Module):
                 layer.bias.copy_(q.bias.detach().float())
         return layer
 
+    def train_zero_points(self) -> None:
+        """Make the zero points trainable: a float latent starting at the integers, rounded and clamped to
+        [0, 2**bits) in every forward (straight-through gradient), so they stay integers in range."""
+        if self.zero_latent is None:
+            self.zero_latent = nn.Parameter(self.zero_points.float().clone())
+
+    def zeros(self) -> torch.Tensor:
+        """The zero points of the forward as floats [N, nb]: the integers, or the rounded trainable latent."""
+        if self.zero_latent is None:
+            return self.zero_points.float()
+        return torch.clamp(round_ste(self.zero_latent), 0, self.config.levels - 1)
+
     def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
         """[N, nb] -> [N, K]: each column gets its block's value."""
         idx = torch.arange(self.in_features, device=per_block.device) // self.config.block_size
@@ -159,19 +177,19 @@ class FakeQuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """W_hat [N, K] = (q - z) * s in fp32, differentiable in the latent and the scales (STE)."""
-        return _FakeQuant.apply(self.latent, self.scales(), self.zero_points.float(), self.config.block_size,
+        return _FakeQuant.apply(self.latent, self.scales(), self.zeros(), self.config.block_size,
                                 self.units == "step", self.config.levels)
 
     def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """W_hat[rows] (the output rows `rows`, e.g. the tokens of a tied embedding's lookup), computed for those
         rows only: blocks run along K, so a row's codes depend on that row's latents and scales alone."""
-        return _FakeQuant.apply(self.latent[rows], self.scales()[rows], self.zero_points[rows].float(),
+        return _FakeQuant.apply(self.latent[rows], self.scales()[rows], self.zeros()[rows],
                                 self.config.block_size, self.units == "step", self.config.levels)
 
     def dequantized_reference(self) -> torch.Tensor:
         """The same W_hat written as a plain autograd expression (what `dequantized`'s gradients must equal)."""
         s_full = self._expand(self.scales())
-        z_full = self._expand(self.zero_points.float())
+        z_full = self._expand(self.zeros())
         return (self._codes_float(s_full, z_full) - z_full) * s_full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,11 +200,11 @@ class FakeQuantLinear(nn.Module):
     def to_quantized(self) -> QuantizedWeight:
         """The integers of the forward: codes uint8 [N, K], scales fp32 [N, nb], zero points uint8 [N, nb]."""
         s = self.scales()
-        bs, z = self.config.block_size, self.zero_points.float()
+        bs, z = self.config.block_size, self.zeros()
         _, _, q = _FakeQuant._codes(_blocked(self.latent, bs), s[:, :, None], z[:, :, None], self.units == "step",
                                     self.config.levels)  # the forward's own function of the latents
         codes = _unblocked(q, self.in_features)
-        return QuantizedWeight(codes.to(torch.uint8).contiguous(), s.contiguous(), self.zero_points.clone(), self.config)
+        return QuantizedWeight(codes.to(torch.uint8).contiguous(), s.contiguous(), z.to(torch.uint8).contiguous(), self.config)
 
     def to_quant_linear(self, dtype: torch.dtype = torch.float32) -> QuantLinear:
         """A frozen `QuantLinear` holding `to_quantized()` (the layer to export or evaluate)."""

@@ -37,8 +37,10 @@ class QatMode:
         require(not cfg.train_head or bool(head_parameters(base)), TRAIN_HEAD_QUANTIZED)  # a --quantized one's
         base = base.to(device)
         start = make_qat_student(base, teacher, train_norms=cfg.train_norms, units=cfg.latent_units,
-                                 train_head=cfg.train_head, start=cfg.latent_start)
-        return Student(base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head, cfg.latent_update),
+                                 train_head=cfg.train_head, start=cfg.latent_start,
+                                 train_zero_points=cfg.train_zero_points)
+        return Student(base, param_groups(base, cfg.lr, cfg.lr_scale, cfg.lr_norm, cfg.lr_head, cfg.latent_update,
+                                          cfg.lr_zero),
                        start.to_json())
 
     def finish(self, plan: Plan, model, report: dict):

@@ -70,6 +70,36 @@ def test_fused_fake_quant_has_the_gradients_of_the_plain_expression(units, k, bi
     assert gl1.eq(0).any() and gl1.ne(0).any()  # some weights clamped (no gradient), others not
 
 
+@pytest.mark.parametrize("units", ["weight", "step"])
+def test_trainable_zero_points_are_integers_in_range_with_the_plain_gradient(units):
+    """`train_zero_points`: the forward still equals the QuantLinear of `to_quantized()` bit for bit after the
+    zero-point latents move (rounded and clamped: uint8 in [0, 2^bits)), and the fused backward gives the zero
+    points the plain expression's gradient, nonzero only in blocks with clamped weights."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(80, 12, bias=False)
+    q = QuantLinear.from_quantized(quantize_weight(lin.weight, QuantConfig(bits=2, block_size=32), "rtn"), None)
+    fq = FakeQuantLinear.from_quant_linear(q, latent=lin.weight, units=units)
+    fq.train_zero_points()
+    assert torch.equal(fq.to_quantized().zero_points, q.zero_points)  # starts at the integers
+    with torch.no_grad():
+        fq.zero_latent.add_(1.4 * torch.randn_like(fq.zero_latent))  # some past the ends: clamped to [0, 3]
+        fq.latent.add_(2.0 * torch.randn_like(fq.latent) * (1.0 if units == "step" else fq.scales().mean()))
+    qw = fq.to_quantized()
+    assert qw.zero_points.dtype == torch.uint8 and int(qw.zero_points.max()) <= 3
+    assert not torch.equal(qw.zero_points, q.zero_points)
+    assert (fq.zero_latent.detach() < -0.5).any() or (fq.zero_latent.detach() > 3.5).any()  # the clamp is exercised
+    x = torch.randn(5, 80)
+    assert torch.equal(fq(x), fq.to_quant_linear()(x))
+    g = torch.randn(12, 80)
+    grads = []
+    for fn in (fq.dequantized, fq.dequantized_reference):
+        fq.zero_grad()
+        (fn() * g).sum().backward()
+        grads.append(fq.zero_latent.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].ne(0).any()
+
+
 def test_fake_quant_from_integers_not_made_by_rounding():
     torch.manual_seed(1)
     w = torch.randn(16, 64)
@@ -199,7 +229,8 @@ def test_train_head_trains_the_tied_float_head_and_it_ships(run, tiny_model, tmp
 
 
 @pytest.mark.parametrize("extra", [{}, {"block_ap_steps": 10, "block_ap_rows": 64, "block_ap_lr": 1e-3},
-                                   {"latent_update": "layer-sgd"}], ids=["e2e", "block-ap-first", "layer-sgd"])
+                                   {"latent_update": "layer-sgd"}, {"train_zero_points": True, "lr_zero": 0.5}],
+                         ids=["e2e", "block-ap-first", "layer-sgd", "zero-points"])
 def test_resume_is_bit_exact(run, tiny_model, tmp_path, extra):
     root, res = run
     dataset = root / "rec.work" / "dataset.safetensors"
@@ -217,8 +248,16 @@ def test_resume_is_bit_exact(run, tiny_model, tmp_path, extra):
                     progress=False).report
         if "block_ap_steps" in extra:
             assert r["block_ap"]["kl_after"] < r["kl_before"] and len(r["block_ap"]["layers"]) == 2
-        else:  # the layer-normalised latent step trains too
+        elif "latent_update" in extra:  # the layer-normalised latent step trains too
             assert r["kl_after"] < r["kl_before"] and r["config"]["latent_update"] == "layer-sgd"
+        else:  # trainable zero points: integers in range, and some moved off the start's
+            assert r["kl_after"] < r["kl_before"]
+            start = load_model(root / "start")
+            moved = 0
+            for name, q in quantized_layers(load_model(whole_dir).model).items():
+                assert q.zero_points.dtype == torch.uint8 and int(q.zero_points.max()) < q.config.levels
+                moved += int((q.zero_points != quantized_layers(start.model)[name].zero_points).sum())
+            assert moved > 0
     resumed, whole = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(whole_dir / "model.safetensors"))
     assert resumed.keys() == whole.keys()
     diff = [k for k in whole if not torch.equal(resumed[k], whole[k])]
@@ -274,13 +313,14 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
                                 "--lr", "3e-2", "--lr-scale", "1e-2", "--lr-norm", "1e-3", "--beta2", "0.95",
                                 "--rule", "lm_head=keep", "--train-head", "--lr-head", "1e-4",  # a float head that trains
                                 "--block-ap-steps", "20", "--block-ap-rows", "32",
-                                "--block-ap-lr", "1e-2",
+                                "--block-ap-lr", "1e-2", "--train-zero-points", "--lr-zero", "0.2",
                                 "--block-size", "4:32,2:32", "--gen-batch-size", "32", "--device", "cpu",
                                 "--save-quantized", str(tmp_path / "start")], capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
     assert "held-out teacher samples" in rec.stdout and "codes moved" in rec.stdout
     report = json.loads((tmp_path / "rec" / "recovery_report.json").read_text())
     assert report["block_ap"]["kl_after"] < report["kl_before"] and report["config"]["train_head"]
+    assert report["config"]["train_zero_points"] and report["config"]["lr_zero"] == 0.2
     pkgs = {}
     for name in ("rec", "start"):
         out = subprocess.run(exe + ["export", str(tmp_path / name), "-o", str(tmp_path / f"pkg-{name}"), "--target",
@@ -303,6 +343,9 @@ def test_cli_recover_then_export_packs_the_trained_integers(tiny_model, tmp_path
                                 "--seq-len", "32", "--gen-batch-size", "16", "--device", "cpu", "--method", "rtn",
                                 "--block-size", "4:32,2:32,8:32"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--rule lm_head=keep" in bad.stderr and "Traceback" not in bad.stderr  # 8-bit head
+    bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--train-zero-points",
+                                "--lr-zero", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: `--lr-zero` must be positive, got 0.0; try 1e-2"
     bad = subprocess.run(exe + ["recover", str(tiny_model), "-o", str(tmp_path / "z"), "--mode", "qlora"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "`--mode`" in bad.stderr and "Traceback" not in bad.stderr
