@@ -175,10 +175,8 @@ def eval_cmd(
         from edge_recover.humaneval import CodeEvalOptions
         from edge_recover.sandbox import SandboxLimits
 
-        require("calibration" not in quant.explicit, "`--calibration` is not passed to `--tasks humaneval` yet (it "
-                                                     f"quantizes with {quant.calibration} samples); leave it out")
         eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
-                      quantized=quantized, method=method, device=device, report=report, json_out=json_out,
+                      quantized=quantized, method=method, calibration=quant.calibration, device=device, report=report, json_out=json_out,
                       echo=typer.echo, fp=fp,
                       options=CodeEvalOptions(max_new_tokens, SandboxLimits(timeout_s=timeout), batch_size))
         return

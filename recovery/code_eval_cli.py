@@ -41,6 +41,7 @@ def _identity(package: Optional[Path]) -> str:
 def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] = None, provider: str = "cpu",
                   threads: Optional[int] = None, limit: Optional[int] = None, scheme=None,
                   adapter: Optional[Path] = None, quantized: Optional[Path] = None, method: Optional[str] = None,
+                  calibration: int = 32,
                   device: str = "auto", report: Optional[Path] = None, json_out: Optional[Path] = None,
                   options=None, fp: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Resolve the code tasks (before loading anything), generate and test an answer per problem on the package
@@ -87,9 +88,10 @@ def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] =
         from .code_eval import evaluate_code
 
         data = evaluate_code(model, task_list, scheme, quantized=quantized, adapter=adapter, method=method,
+                             calibration=calibration,
                              device=device, options=options, fp=fp, journal=journal and journal.scoped(
                                  f"{model} | scheme={scheme} | quantized={quantized} | adapter={adapter} | "
-                                 f"method={method}"))
+                                 f"method={method} | calibration={calibration}"))
         data["settings"].update(settings)
     for line in format_code_table(data):
         echo(line)

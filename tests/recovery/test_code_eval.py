@@ -101,3 +101,16 @@ def test_cli_eval_torch_humaneval_no_fp_scores_the_student_alone(tiny_model, tmp
     assert code == 0, err
     data = json.loads((tmp_path / "r.json").read_text())
     assert [m["label"] for m in data["models"]] == ["quantized"] and data["models"][0]["results"][0]["problems"] == 1
+
+
+def test_cli_eval_torch_humaneval_quantizes_with_the_calibration_given(tiny_model, tmp_path):
+    """`--calibration` reaches the quantizer of the code path: GPTQ on 1 vs 4 calibration samples gives
+    students of their own; the row says how it was quantized."""
+    rows = {}
+    for n in ("1", "4"):
+        code, _, err = _cli("eval", tiny_model, "--tasks", FIXTURE, "--method", "gptq", "--calibration", n, "--no-fp",
+                            "--limit", "1", "--max-new-tokens", "2", "--json", tmp_path / f"c{n}.json", "--device", "cpu")
+        assert code == 0, err
+        rows[n] = json.loads((tmp_path / f"c{n}.json").read_text())["models"][0]
+    assert rows["1"]["what"] == "w4w2gateup, gptq on 1 calibration samples, quantized now", rows["1"]["what"]
+    assert rows["4"]["what"] == "w4w2gateup, gptq on 4 calibration samples, quantized now", rows["4"]["what"]
