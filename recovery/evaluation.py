@@ -144,6 +144,9 @@ def load_student(lm: LoadedModel, scheme, recipe: QuantRecipe, *, quantized: str
             scheme = Scheme.from_json(read_adapter_metadata(adapter)["scheme"]) if adapter else build_scheme(None)
         base, _ = quantize_student(lm, scheme, recipe.method, calibration=recipe.calibration, seed=recipe.seed,
                                    progress=progress)
+        from edge_recover.shared_head import share_quantized_head
+
+        share_quantized_head(base)  # a tied quantized head embeds too, as the package and a loaded checkpoint do
         calib = f" on {recipe.calibration} calibration samples" if recipe.method != "rtn" else ""
         what = f"{scheme.name}, {recipe.method}{calib}, quantized now"
     student = load_adapter(base, adapter, lm.source_hash, scheme) if adapter else base
