@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edge_recover.errors import require
+from edge_recover.options import defaults
 
 __all__ = ["eval_code_cmd", "has_code_task"]
 
@@ -41,7 +42,7 @@ def _identity(package: Optional[Path]) -> str:
 def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] = None, provider: str = "cpu",
                   threads: Optional[int] = None, limit: Optional[int] = None, scheme=None,
                   adapter: Optional[Path] = None, quantized: Optional[Path] = None, method: Optional[str] = None,
-                  calibration: int = 32,
+                  calibration: int = defaults("eval").calibration,
                   device: str = "auto", report: Optional[Path] = None, json_out: Optional[Path] = None,
                   options=None, fp: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Resolve the code tasks (before loading anything), generate and test an answer per problem on the package

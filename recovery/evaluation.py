@@ -21,6 +21,7 @@ from edge_recover.evaluate import evaluate, recovery_share, token_windows
 from edge_recover.models import LoadedModel
 from edge_recover.options import build_scheme, defaults
 from edge_recover.scheme import Scheme
+from edge_recover.shared_head import share_quantized_head
 
 
 @torch.no_grad()
@@ -144,8 +145,6 @@ def load_student(lm: LoadedModel, scheme, recipe: QuantRecipe, *, quantized: str
             scheme = Scheme.from_json(read_adapter_metadata(adapter)["scheme"]) if adapter else build_scheme(None)
         base, _ = quantize_student(lm, scheme, recipe.method, calibration=recipe.calibration, seed=recipe.seed,
                                    progress=progress)
-        from edge_recover.shared_head import share_quantized_head
-
         share_quantized_head(base)  # a tied quantized head embeds too, as the package and a loaded checkpoint do
         calib = f" on {recipe.calibration} calibration samples" if recipe.method != "rtn" else ""
         what = f"{scheme.name}, {recipe.method}{calib}, quantized now"
