@@ -23,6 +23,7 @@ checkpoint folder with `python bench/gpu/join_checkpoint.py SAVE_DIR OUT_DIR` an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -182,6 +183,11 @@ def main(argv=None) -> dict:
         _say(f"{tag}: torch CE-gap recovery: prose {result['recovery_pct']:.1f} %{code} "
              f"(ppl fp {result['ppl_fp']:.2f}, start {result.get('ppl_quant', float('nan')):.2f}, "
              f"recovered {result['ppl_recovered']:.2f})")
+    if use_cuda:  # ONNX Runtime scores on the CPU: hand the GPU memory to the runs and HumanEval beside this one
+        del res
+        lm.model.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.ort_eval and "error" not in result:
         try:
             result["ort"] = _ort_rows(args, _ort_packages(args, out_dir, base_ckpt), lm)

@@ -1,10 +1,10 @@
 # HumanEval pass@1 of a recovery study's torch models on the GPU, beside bench/gpu/recovery_modes.sh's runs
 # (source bench/gpu/env_gguf.sh first). Usage, detached like the runs:
 #   setsid nohup bash bench/gpu/humaneval_runs.sh MODEL TAG... > /tmp/rm/extra/he.log 2>&1 &
-# The fp model and the first TAG's unrecovered start (WORK/base-TAG) as soon as its quantizer has written it,
-# then each TAG's recovered checkpoint (WORK/out-TAG) once its torch figures are written (TAG.torch.json),
-# fp left out; 164 problems at batch 32 in one `generate` each (docs/eval.md). Each report goes to
-# /tmp/rm/extra/he-NAME.json, which `recovery_modes.sh collect` brings back with the runs' results.
+# Once every TAG's training is over (its torch figures written, TAG.torch.json): the fp model and the first TAG's
+# unrecovered start (WORK/base-TAG), then each TAG's recovered checkpoint (WORK/out-TAG), fp left out; 164
+# problems at batch 32 in one `generate` each (docs/eval.md). Each report goes to /tmp/rm/extra/he-NAME.json,
+# which `recovery_modes.sh collect` brings back with the runs' results.
 # The recovered torch model is the package up to float rounding (docs/recovery.md: its exact graph equals the
 # student within 1e-4 of the logit scale), so these rows stand for the packages' own, which only ONNX
 # Runtime on a CPU can score (hours for a study, not minutes).
@@ -18,10 +18,13 @@ he() {  # NAME, then `eval` arguments
     --json $R/extra/he-$name.json "$@" > $R/extra/he-$name.log 2>&1 || echo "  $name FAILED: $(tail -2 $R/extra/he-$name.log)"
 }
 first=$1
-until [ -f $W/base-$first/edge_recover_quantized.json ]; do sleep 10; done
+# after every run's training (TAG.torch.json; each run then frees its GPU memory for ONNX Runtime's CPU scoring):
+# beside two training runs an 80 GB card had no room for the fp model and the start (study 11, out of memory)
+for tag in "$@"; do
+  until [ -f $R/res/$tag.torch.json ] || grep -q -e Traceback -e '^error:' $R/res/$tag.log; do sleep 15; done
+done
 he start-$first --quantized $W/base-$first
 for tag in "$@"; do
-  until [ -f $R/res/$tag.torch.json ]; do sleep 15; done
-  he $tag --quantized $W/out-$tag --no-fp
+  [ -f $R/res/$tag.torch.json ] && he $tag --quantized $W/out-$tag --no-fp
 done
 echo "$(date +%T) humaneval done"
