@@ -156,6 +156,8 @@ def eval_cmd(
                                              "sandbox (docs/eval.md)"),
     fp: bool = typer.Option(True, "--fp/--no-fp", help="--tasks on torch models: score the full-precision model too "
                                                        "(--no-fp: the quantized / recovered rows alone)"),
+    fp_only: bool = typer.Option(False, "--fp-only", help="--tasks on torch models: score the full-precision model "
+                                                          "alone (no quantizer runs; the fp row of a table)"),
     batch_size: int = typer.Option(1, help="--tasks humaneval on torch models: problems answered together, left-padded "
                                            "(a GPU: 32; answers can differ from one-by-one ones in float rounding)"),
 ) -> None:
@@ -169,6 +171,11 @@ def eval_cmd(
     typed = sorted(f"--{n.replace('_', '-')}" for n in quant.explicit)
     require(package is None or not typed, f"{', '.join(typed)}: a package carries its own integers; leave "
                                           f"{'them' if len(typed) > 1 else 'it'} out with `--package`")
+    if fp_only:
+        given = [f for f, v in (("--no-fp", not fp), ("--quantized", quantized), ("--adapter", adapter),
+                                ("--package", package)) if v] + typed
+        require(tasks is not None, "`--fp-only` is for `--tasks`: plain `eval` scores the fp model beside its student")
+        require(not given, f"`--fp-only` scores the full-precision model alone: leave out {', '.join(given)}")
     scheme = quant.student_scheme(quantized is not None)  # None: the checkpoint's, the adapter's, or the default
     method = quant.method if "method" in quant.explicit else None  # None: the adapter's, else the default
     if has_code_task(tasks):
@@ -177,7 +184,7 @@ def eval_cmd(
 
         eval_code_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
                       quantized=quantized, method=method, calibration=quant.calibration, device=device, report=report, json_out=json_out,
-                      echo=typer.echo, fp=fp,
+                      echo=typer.echo, fp=fp, student=not fp_only,
                       options=CodeEvalOptions(max_new_tokens, SandboxLimits(timeout_s=timeout), batch_size))
         return
     if tasks is not None or package is not None:
@@ -185,7 +192,7 @@ def eval_cmd(
 
         eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
                        quantized=quantized, method=method, calibration=quant.calibration, device=device,
-                       report=report, json_out=json_out, echo=typer.echo, fp=fp)
+                       report=report, json_out=json_out, echo=typer.echo, fp=fp, student=not fp_only)
         return
     require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`)")
 

@@ -104,8 +104,8 @@ class TorchCodeGenerator:
 def evaluate_code(model: str | Path, tasks: Sequence[CodeTask], scheme=None, *, quantized: str | Path | None = None,
                   adapter: str | Path | None = None, method: str | None = None, calibration: int = 32,
                   seed: int = 0, device: str = "auto", fp: bool = True, options: CodeEvalOptions = CodeEvalOptions(),
-                  progress: bool = True, labels: Optional[dict] = None, journal=None) -> dict:
-    """pass@1 of the teacher `model` (if `fp`), the quantized student and (with `adapter`) the recovered one on
+                  progress: bool = True, labels: Optional[dict] = None, journal=None, student: bool = True) -> dict:
+    """pass@1 of the teacher `model` (if `fp`), the quantized student (if `student`) and (with `adapter`) the recovered one on
     the code `tasks`; returns a code report (`edge_recover.code_report.code_report`).
 
     Example:
@@ -118,7 +118,7 @@ def evaluate_code(model: str | Path, tasks: Sequence[CodeTask], scheme=None, *, 
         model, scheme, lambda m, tok, dev, n: TorchCodeGenerator(m, tok, dev, max_length=n),
         lambda scorer, name: score_code_tasks(tasks, scorer, options, progress, name, journal), quantized=quantized,
         adapter=adapter, method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress,
-        labels=labels)
+        labels=labels, student=student)
     rows = [code_model_row(*row) for row in rows]
     prompt_style = "chat template" if gen.chat else "raw completion (no chat template)"
     return code_report(tasks, rows, options, settings={"backend": "torch", "prompt": prompt_style})

@@ -44,7 +44,7 @@ def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] =
                   adapter: Optional[Path] = None, quantized: Optional[Path] = None, method: Optional[str] = None,
                   calibration: int = defaults("eval").calibration,
                   device: str = "auto", report: Optional[Path] = None, json_out: Optional[Path] = None,
-                  options=None, fp: bool = True, echo: Callable[[str], None] = print) -> dict:
+                  options=None, fp: bool = True, student: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Resolve the code tasks (before loading anything), generate and test an answer per problem on the package
     or the torch models, print the table and write the report; returns the report dict."""
     from edge_recover.atomic import check_new_dir, write_json_atomic
@@ -90,7 +90,7 @@ def eval_code_cmd(model: Optional[str], tasks: str, *, package: Optional[Path] =
 
         data = evaluate_code(model, task_list, scheme, quantized=quantized, adapter=adapter, method=method,
                              calibration=calibration,
-                             device=device, options=options, fp=fp, journal=journal and journal.scoped(
+                             device=device, options=options, fp=fp, student=student, journal=journal and journal.scoped(
                                  f"{model} | scheme={scheme} | quantized={quantized} | adapter={adapter} | "
                                  f"method={method} | calibration={calibration}"))
         data["settings"].update(settings)

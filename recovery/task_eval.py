@@ -87,10 +87,11 @@ def _device(device: str) -> torch.device:
 
 def score_torch_models(model: str | Path, scheme, make: Callable, score: Callable, *, quantized=None, adapter=None,
                        method: str | None = None, calibration: int = 32, seed: int = 0, device: str = "auto",
-                       fp: bool = True, progress: bool = True, labels: Optional[dict] = None):
-    """The teacher `model` (if `fp`), its quantized student and (with `adapter`) the recovered one, each scored:
+                       fp: bool = True, progress: bool = True, labels: Optional[dict] = None, student: bool = True):
+    """The teacher `model` (if `fp`), its quantized student (if `student`) and (with `adapter`) the recovered one, each scored:
     `make(model, tokenizer, device, max_length)` builds a scorer, `score(scorer, name)` runs it. Returns
-    ([(name, description, result)], names, the student's scorer); the multiple-choice and the code paths share it.
+    ([(name, description, result)], names, the student's scorer, or the teacher's without a student); the
+    multiple-choice and the code paths share it.
     """
     from .evaluation import load_student, load_teacher
 
@@ -101,10 +102,12 @@ def score_torch_models(model: str | Path, scheme, make: Callable, score: Callabl
     if fp:
         teacher = make(lm.model.to(dev), lm.tokenizer, dev, None)
         rows.append((names["fp"], f"{lm.source} (full precision)", score(teacher, names["fp"])))
-    student, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
-    student = student.to(dev)
-    scorer = make(student, lm.tokenizer, dev, lm.model.config.max_position_embeddings)
-    with student.disable_adapter() if adapter else contextlib.nullcontext():
+        if not student:  # the teacher alone: no quantizer runs
+            return rows, names, teacher
+    quant, scheme, what = load_student(lm, scheme, recipe, quantized=quantized, adapter=adapter, progress=progress)
+    quant = quant.to(dev)
+    scorer = make(quant, lm.tokenizer, dev, lm.model.config.max_position_embeddings)
+    with quant.disable_adapter() if adapter else contextlib.nullcontext():
         rows.append((names["quantized"], what, score(scorer, names["quantized"])))
     if adapter:
         rows.append((names["recovered"], f"{what} + adapter {adapter}", score(scorer, names["recovered"])))
@@ -114,7 +117,7 @@ def score_torch_models(model: str | Path, scheme, make: Callable, score: Callabl
 def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, quantized: str | Path | None = None,
                    adapter: str | Path | None = None, method: str | None = None, calibration: int = 32,
                    seed: int = 0, device: str = "auto", fp: bool = True, progress: bool = True,
-                   labels: Optional[dict] = None) -> dict:
+                   labels: Optional[dict] = None, student: bool = True) -> dict:
     """Score `tasks` on the teacher `model` (if `fp`), the quantized student and (with `adapter`) the recovered
     one; return a task report (`edge_recover.tasks_report.task_report`), with the recovery share per task when all three are scored.
 
@@ -127,7 +130,8 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, qua
     rows, names, _ = score_torch_models(
         model, scheme, lambda m, tok, dev, n: TorchLoglikelihood(m, tok, dev, max_length=n),
         lambda scorer, name: score_tasks(tasks, scorer, progress, name), quantized=quantized, adapter=adapter,
-        method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress, labels=labels)
+        method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress, labels=labels,
+        student=student)
     models = [model_row(*row) for row in rows]
     return task_report(tasks, models, recoveries=[(names["fp"], names["quantized"], names["recovered"])]
-                       if (fp and adapter) else [])
+                       if (fp and student and adapter) else [])

@@ -43,7 +43,8 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
                    provider: str = "cpu", threads: Optional[int] = None, limit: Optional[int] = None, scheme=None,
                    adapter: Optional[Path] = None, quantized: Optional[Path] = None, method: Optional[str] = None,
                    calibration: int = defaults("eval").calibration, device: str = "auto", report: Optional[Path] = None,
-                   json_out: Optional[Path] = None, fp: bool = True, echo: Callable[[str], None] = print) -> dict:
+                   json_out: Optional[Path] = None, fp: bool = True, student: bool = True,
+                   echo: Callable[[str], None] = print) -> dict:
     """Resolve the tasks (before loading anything), score them on the package or on the torch models, print the
     table and write the report; returns the report dict."""
     from edge_recover.atomic import check_new_dir, write_json_atomic
@@ -69,7 +70,8 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
         from .task_eval import evaluate_tasks
 
         data = evaluate_tasks(model, task_list, scheme, quantized=quantized, adapter=adapter, method=method,
-                              calibration=calibration, device=device, fp=fp)
+                              calibration=calibration, device=device, fp=fp,
+                              student=student)
         data["settings"].update({"limit": limit, "backend": "torch"})
     for line in format_table(data):
         echo(line)

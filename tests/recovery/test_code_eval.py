@@ -103,6 +103,27 @@ def test_cli_eval_torch_humaneval_no_fp_scores_the_student_alone(tiny_model, tmp
     assert [m["label"] for m in data["models"]] == ["quantized"] and data["models"][0]["results"][0]["problems"] == 1
 
 
+def test_cli_eval_torch_humaneval_fp_only_scores_the_teacher_alone(tiny_model, tmp_path):
+    """`--fp-only`: the fp row alone, with the same answers as the fp row of a full run; no quantizer runs.
+    Combined with a student's options, or without `--tasks`, it is one line and exit 2."""
+    args = ("--tasks", FIXTURE, "--limit", "2", "--max-new-tokens", "4", "--device", "cpu")
+    code, _, err = _cli("eval", tiny_model, *args, "--method", "rtn", "--json", tmp_path / "both.json")
+    assert code == 0, err
+    code, _, err = _cli("eval", tiny_model, *args, "--fp-only", "--json", tmp_path / "fp.json")
+    assert code == 0, err
+    both, alone = (json.loads((tmp_path / f"{n}.json").read_text())["models"] for n in ("both", "fp"))
+    assert [m["label"] for m in alone] == ["fp"] and "quantize" not in err
+    answers = lambda rs: [(r["pass_at_1"], [(a["task_id"], a["status"], a["completion"]) for a in r["samples"]])  # noqa: E731
+                          for r in rs]
+    assert answers(alone[0]["results"]) == answers(both[0]["results"])
+    for extra, named in ((("--no-fp",), "--no-fp"), (("--method", "rtn"), "--method"),
+                         (("--quantized", tmp_path),  "--quantized")):
+        code, _, err = _cli("eval", tiny_model, *args, "--fp-only", *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
+    code, _, err = _cli("eval", tiny_model, "--fp-only")
+    assert code == 2 and "`--fp-only` is for `--tasks`" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_eval_torch_humaneval_quantizes_with_the_calibration_given(tiny_model, tmp_path):
     """`--calibration` reaches the quantizer of the code path: GPTQ on 1 vs 4 calibration samples gives
     students of their own; the row says how it was quantized."""

@@ -175,6 +175,13 @@ def test_cli_eval_tasks_fp_and_quantized(tiny_model, teacher_task, tmp_path):
     alone = json.loads((tmp_path / "q.json").read_text())["models"]
     assert [m["label"] for m in alone] == ["quantized"] and [{k: v for k, v in r.items() if k != "seconds"} for r in alone[0]["results"]] == \
         [{k: v for k, v in r.items() if k != "seconds"} for r in data["models"][1]["results"]]
+    code, out, err = _cli("eval", tiny_model, "--tasks", teacher_task, "--limit", "6", "--fp-only",
+                          "--json", tmp_path / "fp.json")
+    assert code == 0, err
+    fp_alone = json.loads((tmp_path / "fp.json").read_text())["models"]  # the fp row, the same figures, no quantizer
+    assert [m["label"] for m in fp_alone] == ["fp"] and "quantize" not in err
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in fp_alone[0]["results"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in data["models"][0]["results"]]
     code, _, err = _cli("eval", tiny_model, "--tasks", "no_such_task", "--report", tmp_path / "r2")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown task" in err
     assert not (tmp_path / "r2").exists()
