@@ -73,13 +73,19 @@ class TorchCodeGenerator:
         budget = min(max_new_tokens, self.max_length - width)
         pad = self.stops[0] if self.stops else int(self.tokenizer.pad_token_id or 0)
         tokenizer, ended = self.tokenizer, [0] * len(rows)  # new tokens when the row's code block closed (0: not)
+        stops, finished = set(self.stops), [False] * len(rows)  # a row is over once its block closed or EOS came
 
         class _CodeDone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                last = input_ids[:, -1].tolist()
                 for i, prompt in enumerate(prompts):
-                    if not ended[i] and prompt.done(tokenizer.decode(input_ids[i, width:].tolist(), skip_special_tokens=True)):
-                        ended[i] = input_ids.shape[1] - width
-                return torch.tensor([bool(e) for e in ended], dtype=torch.bool, device=input_ids.device)
+                    if finished[i]:
+                        continue  # nothing more to decode: only padding follows
+                    if last[i] in stops:
+                        finished[i] = True
+                    elif prompt.done(tokenizer.decode(input_ids[i, width:].tolist(), skip_special_tokens=True)):
+                        ended[i], finished[i] = input_ids.shape[1] - width, True
+                return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)
 
         inp = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device)
