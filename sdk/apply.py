@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -73,8 +74,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
-                   hessians: dict[str, torch.Tensor] | None = None, progress: bool = True) -> QuantReport:
-    """Quantize `model` in place under `scheme`; returns the per-layer report.
+                   hessians: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                   names: Iterable[str] | None = None) -> QuantReport:
+    """Quantize `model` in place under `scheme`; returns the per-layer report. `names`: only these linear layers
+    (the others stay as they are and out of the report; pipeline.py's grouped GPTQ quantizes a model in parts).
 
     `hessians` maps a layer name to E[x x^T] of its inputs (see `calibration.input_hessians`): `gptq` needs
     it; `mse` uses its diagonal to weight errors by how much each input channel matters, and takes the
@@ -88,6 +91,9 @@ def quantize_model(model: nn.Module, scheme: Scheme, method: str = "rtn",
     # a named scheme's gate/up rule as this family names the layers (Phi-3: the fused gate_up_proj)
     scheme = scheme.for_layout(LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None)))
     scheme.check_matches(layers)
+    if names is not None:
+        wanted = set(names)
+        layers = {n: m for n, m in layers.items() if n in wanted}
     if method == "gptq":  # refused before minutes of work, naming the layer (not after, deep in the quantizer)
         missing = [n for n, m in layers.items() if scheme.resolve(n) != KEEP and not isinstance(m, QuantLinear)
                    and (hessians is None or n not in hessians)]
