@@ -78,3 +78,18 @@ def test_recover_latent_update_layer_sgd(hf, work):
     report = json.loads((out / "recovery_report.json").read_text())
     assert report["config"]["latent_update"] == "layer-sgd" and report["kl_after"] < report["kl_before"]
     one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--chat-share", "2", "--device", "cpu"), "chat_share")
+
+
+def test_eval_batch_size_scores_the_same_windows(hf, q_gptq, text_file, work):
+    """`eval --batch-size 1` (perplexity: windows scored together; one a batch holds less memory) gives the
+    figures of the default batch of 4 up to float rounding; 0 is one line, exit 2."""
+    figs = {}
+    for b in ("1", None):
+        out = work / f"eval-b{b}.json"
+        ok("eval", hf, "--quantized", q_gptq, "--text", text_file, "--seq-len", "32", "--max-windows", "3",
+           "--device", "cpu", "--json", out, *(("--batch-size", b) if b else ()))
+        figs[b] = json.loads(out.read_text())
+    for key in ("ce_fp", "ce_quant", "kl_quant"):
+        assert abs(figs["1"][key] - figs[None][key]) < 1e-4, (key, figs["1"][key], figs[None][key])
+    assert figs["1"]["tokens"] == figs[None]["tokens"]
+    one_line_error(cli("eval", hf, "--quantized", q_gptq, "--batch-size", "0", "--device", "cpu"), "--batch-size")
