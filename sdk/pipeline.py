@@ -27,6 +27,13 @@ def resolve_model(spec: str | Path, base: "str | Path | LoadedModel | None" = No
     return load_model(model_path(spec), base=base)
 
 
+def calibration_samples(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0):
+    """The `n` teacher-written sequences every calibration reads (`calibration.teacher_samples`)."""
+    from .calibration import teacher_samples
+
+    return teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed)
+
+
 def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0, scheme: Scheme | None = None,
               diagonal: bool = False):
     """Input Hessians E[x x^T] from `n` teacher samples (None when n == 0): of every linear layer `scheme`
@@ -35,11 +42,11 @@ def calibrate(lm: LoadedModel, n: int = 32, seq_len: int = 128, seed: int = 0, s
     if n <= 0:
         return None
     from .apply import linear_layers
-    from .calibration import input_hessians, teacher_samples
+    from .calibration import input_hessians
     from .scheme import KEEP
 
     layers = None if scheme is None else [name for name in linear_layers(lm.model) if scheme.resolve(name) != KEEP]
-    ids = teacher_samples(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed)
+    ids = calibration_samples(lm, n, seq_len=seq_len, seed=seed)
     return input_hessians(lm.model, ids, layers=layers, diagonal=diagonal)
 
 
@@ -75,11 +82,11 @@ def _quantize_gptq_grouped(lm: LoadedModel, scheme: Scheme, groups: list[list[st
     """`gptq` group by group (see HESSIAN_BUDGET_BYTES): one set of teacher samples, then per group its
     Hessians and its layers; the kept layers last; the report in model order, as one pass writes it."""
     from .apply import QuantReport, linear_layers
-    from .calibration import input_hessians, teacher_samples
+    from .calibration import input_hessians
 
     order = list(linear_layers(lm.model))
-    ids = teacher_samples(lm.model, lm.tokenizer, n=calibration, seq_len=128, seed=seed)
-    done = [n for g in groups for n in g]
+    ids = calibration_samples(lm, calibration, seed=seed)  # the samples `calibrate` would take, once for all groups
+    done = {n for g in groups for n in g}
     parts = []
     for i, group in enumerate(groups):
         if progress:
@@ -88,7 +95,7 @@ def _quantize_gptq_grouped(lm: LoadedModel, scheme: Scheme, groups: list[list[st
         hessians = input_hessians(lm.model, ids, layers=group)
         parts.append(quantize_model(lm.model, scheme, "gptq", hessians, progress=progress, names=group))
         del hessians
-    rest = [n for n in order if n not in set(done)]
+    rest = [n for n in order if n not in done]
     if rest:
         parts.append(quantize_model(lm.model, scheme, "gptq", None, progress=False, names=rest))
     report = QuantReport(scheme=parts[0].scheme, method="gptq")
