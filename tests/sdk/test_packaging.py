@@ -7,14 +7,15 @@ once: `edge_recover.recovery.modes` was left out and every recovery run there di
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_source_package_is_listed_in_pyproject():
-    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    from setuptools.config.pyprojecttoml import read_configuration  # the reader the wheel is built with (3.10 too)
+
+    setup = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]
     listed = {name: REPO / folder for name, folder in setup["package-dir"].items()}
     assert set(setup["packages"]) == set(listed), "`packages` and `package-dir` name different packages"
     roots = {name: folder for name, folder in listed.items() if name.count(".") <= 1}
