@@ -3,9 +3,14 @@
 #   setsid nohup bash bench/gpu/humaneval_model.sh MODEL NAME > /tmp/rm/extra/he-NAME.log 2>&1 &
 # writes /tmp/rm/extra/he-NAME-w4.json (fp and W4 rows) and he-NAME-w4w2gateup.json (W4/W2-GateUp alone, fp
 # left out: the first report has it), which `recovery_modes.sh collect` brings back. 164 problems at batch 32.
+# It starts once every run of /tmp/rm/tags has finished training (TAG.torch.json, or its log shows it failed):
+# beside two training runs an 80 GB card has no room for a second model (study 11).
 set -u
 R=/tmp/rm; mkdir -p $R/extra
 model=$1; name=$2
+for tag in $(cat $R/tags 2>/dev/null); do
+  until [ -f $R/res/$tag.torch.json ] || grep -q -e Traceback -e '^error:' $R/res/$tag.log; do sleep 15; done
+done
 run() {  # SCHEME, then `eval` arguments
   scheme=$1; shift
   echo "$(date +%T) humaneval $name $scheme"

@@ -2,7 +2,8 @@
 #   bash bench/gpu/recovery_modes.sh start "TAG:VARIANT OPTIONS" ...   # runs side by side, detached
 #   bash bench/gpu/recovery_modes.sh wait SECONDS                      # poll until all are done or time is up
 #   bash bench/gpu/recovery_modes.sh collect [TAG|none]                # results + a qat checkpoint -> $OUT
-#                                                        (TAG's, or the best one's; none: the results alone)
+#                                                        (TAG's, or the best one's; none: the results alone),
+#                                                        and each teacher-sample file of 16 MiB or less -> $OUT/data
 #   bash bench/gpu/recovery_modes.sh profile [PROFILE OPTIONS]         # `edge-recover profile` of every package
 #                                                        the runs exported, on this machine's CPU -> $OUT/profile
 # e.g. start "q-w5e-5:qat --lr 5e-5" "lora:lora" "w4:w4" (options go to bench/recovery_modes.py).
@@ -73,6 +74,9 @@ for name, tag in bring:  # at most 8 files come back, 16 MiB each
         d = out / name; d.mkdir()
         for f in sorted((R / f"save-{tag}").iterdir()):
             shutil.copy(f, d / f.name)
+for f in sorted((R / "work").glob("dataset*.safetensors")):  # teacher samples a later lease can carry back in
+    if f.stat().st_size <= 16 << 20:                             # (one file each; larger ones stay there)
+        (out / "data").mkdir(exist_ok=True); shutil.copy(f, out / "data" / f.name)
 print("best:", best, {t: round(r["recovery_pct"], 2) for t, r in ok.items()})
 EOF
   ;;
