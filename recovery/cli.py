@@ -160,8 +160,10 @@ def eval_cmd(
                                                           "alone (no quantizer runs; the fp row of a table)"),
     batch_size: Optional[int] = typer.Option(None, help="--tasks humaneval on torch models: problems answered together, "
                                                         "left-padded (default 1; a GPU: 32; answers can differ from "
-                                                        "one-by-one ones in float rounding); perplexity: windows scored "
-                                                        "together (default 4; 1 holds less memory: the 1.5B on 24 GB)"),
+                                                        "one-by-one ones in float rounding); multiple-choice --tasks: "
+                                                        "questions scored together (default 1; a GPU: 16); perplexity: "
+                                                        "windows scored together (default 4; 1 holds less memory: the "
+                                                        "1.5B on 24 GB)"),
 ) -> None:
     """Perplexity, cross-entropy, KL and top-1 agreement vs the teacher; with an adapter, the recovery share.
     With `--tasks`: multiple-choice accuracy per task (fp, quantized, recovered; or one `--package`);
@@ -195,7 +197,8 @@ def eval_cmd(
 
         eval_tasks_cmd(model, tasks, package=package, provider=provider, limit=limit, scheme=scheme, adapter=adapter,
                        quantized=quantized, method=method, calibration=quant.calibration, device=device,
-                       report=report, json_out=json_out, echo=typer.echo, fp=fp, student=not fp_only)
+                       report=report, json_out=json_out, echo=typer.echo, fp=fp, student=not fp_only,
+                       batch_size=1 if batch_size is None else batch_size)
         return
     require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`)")
 

@@ -117,11 +117,12 @@ def score_torch_models(model: str | Path, scheme, make: Callable, score: Callabl
 def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, quantized: str | Path | None = None,
                    adapter: str | Path | None = None, method: str | None = None, calibration: int = 32,
                    seed: int = 0, device: str = "auto", fp: bool = True, progress: bool = True,
-                   labels: Optional[dict] = None, student: bool = True) -> dict:
+                   labels: Optional[dict] = None, student: bool = True, questions_per_call: int = 1) -> dict:
     """Score `tasks` on the teacher `model` (if `fp`), the quantized student and (with `adapter`) the recovered
     one; return a task report (`edge_recover.tasks_report.task_report`), with the recovery share per task when all three are scored.
 
-    `labels` renames the rows ({"fp": ..., "quantized": ..., "recovered": ...}).
+    `labels` renames the rows ({"fp": ..., "quantized": ..., "recovered": ...}); `questions_per_call` questions
+    go through the model as one right-padded batch (the same scores up to float rounding; faster on a GPU).
 
     Example:
         >>> rep = evaluate_tasks("smollm2", resolve_tasks("default"), quantized="out/q", adapter="out/a")  # doctest: +SKIP
@@ -129,7 +130,7 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[Task], scheme=None, *, qua
     """
     rows, names, _ = score_torch_models(
         model, scheme, lambda m, tok, dev, n: TorchLoglikelihood(m, tok, dev, max_length=n),
-        lambda scorer, name: score_tasks(tasks, scorer, progress, name), quantized=quantized, adapter=adapter,
+        lambda scorer, name: score_tasks(tasks, scorer, progress, name, questions_per_call), quantized=quantized, adapter=adapter,
         method=method, calibration=calibration, seed=seed, device=device, fp=fp, progress=progress, labels=labels,
         student=student)
     models = [model_row(*row) for row in rows]

@@ -43,7 +43,7 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
                    provider: str = "cpu", threads: Optional[int] = None, limit: Optional[int] = None, scheme=None,
                    adapter: Optional[Path] = None, quantized: Optional[Path] = None, method: Optional[str] = None,
                    calibration: int = defaults("eval").calibration, device: str = "auto", report: Optional[Path] = None,
-                   json_out: Optional[Path] = None, fp: bool = True, student: bool = True,
+                   json_out: Optional[Path] = None, fp: bool = True, student: bool = True, batch_size: int = 1,
                    echo: Callable[[str], None] = print) -> dict:
     """Resolve the tasks (before loading anything), score them on the package or on the torch models, print the
     table and write the report; returns the report dict."""
@@ -53,6 +53,7 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
     from edge_recover.tasks_score import open_backend, score_tasks
 
     require(tasks is not None, "`--package` scores multiple-choice tasks; pass `--tasks` (names, JSON files or `default`)")
+    require(batch_size >= 1, f"`--batch-size` must be >= 1, got {batch_size}; try 1 (a GPU: 16)")
     if report is not None:
         check_new_dir(report)
     task_list = [t.subset(limit) for t in resolve_tasks(tasks)]
@@ -62,7 +63,7 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
                                                        "carries its own integers and adapters")
         ll = open_backend("package", package, provider, threads=threads)
         rows = [model_row(Path(package).name, f"package {package} through ONNX Runtime ({ll.lm.choice.describe()})",
-                          score_tasks(task_list, ll, label=Path(package).name))]
+                          score_tasks(task_list, ll, label=Path(package).name, questions_per_call=batch_size))]
         data = task_report(task_list, rows, settings={"limit": limit, "backend": "onnxruntime", "provider": provider})
     else:
         require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`) "
@@ -71,7 +72,7 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
 
         data = evaluate_tasks(model, task_list, scheme, quantized=quantized, adapter=adapter, method=method,
                               calibration=calibration, device=device, fp=fp,
-                              student=student)
+                              student=student, questions_per_call=batch_size)
         data["settings"].update({"limit": limit, "backend": "torch"})
     for line in format_table(data):
         echo(line)

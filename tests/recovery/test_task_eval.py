@@ -182,6 +182,13 @@ def test_cli_eval_tasks_fp_and_quantized(tiny_model, teacher_task, tmp_path):
     assert [m["label"] for m in fp_alone] == ["fp"] and "quantize" not in err
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in fp_alone[0]["results"]] == \
         [{k: v for k, v in r.items() if k != "seconds"} for r in data["models"][0]["results"]]
+    code, _, err = _cli("eval", tiny_model, "--tasks", teacher_task, "--limit", "6", "--fp-only", "--batch-size", "4",
+                        "--json", tmp_path / "fp4.json")  # 4 questions a forward: the same outcomes
+    assert code == 0, err
+    batched = json.loads((tmp_path / "fp4.json").read_text())["models"][0]["results"]
+    assert [r["correct"] for r in batched] == [r["correct"] for r in fp_alone[0]["results"]]
+    code, _, err = _cli("eval", tiny_model, "--tasks", teacher_task, "--fp-only", "--batch-size", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--batch-size" in err
     code, _, err = _cli("eval", tiny_model, "--tasks", "no_such_task", "--report", tmp_path / "r2")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown task" in err
     assert not (tmp_path / "r2").exists()
