@@ -13,7 +13,7 @@
 (`Mode.finish` and `Mode.write`, output.py). Nothing here names a mode: `mode_for(cfg.mode)` is the handler.
 
 The loss is the token-level KL divergence over the full vocabulary, computed in fp32 from bf16-autocast
-logits. The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
+logits, slice by slice (recovery/kl.py: the fp32 copies of [tokens, vocabulary] never all sit in memory). The teacher runs on the fly: for a model this size a teacher forward costs about a third of a
 student step, cheaper than reading cached top-k logits back from disk, and exact.
 
 Runs go through `accelerate` (CPU or one GPU, bf16 autocast on CUDA). Gradient accumulation is explicit:
@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from edge_recover.errors import EdgeRecoverError, require
 from edge_recover.layouts import LAYOUTS
@@ -59,6 +58,7 @@ from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
+from .kl import kd_loss
 from .modes import TRAIN_HEAD_QUANTIZED, mode_for, names
 from .optim import LATENT_UPDATES, RecoveryAdamW
 from .output import RunOutput
@@ -236,20 +236,6 @@ def lr_at(step: int, cfg: RecoverConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) of softmax(logits / τ), times τ² (Hinton); logits [B, T, V].
-
-    Example:
-        >>> x = torch.randn(2, 3, 5)
-        >>> float(kd_loss(x, x))
-        0.0
-    """
-    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    return kl.mean() * temperature * temperature
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
