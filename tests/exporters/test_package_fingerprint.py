@@ -12,8 +12,8 @@ exported through the CLI and reduced to a fingerprint:
 
 and compared with tests/fixtures/package_fingerprints.json: nodes, inputs, outputs and integer bytes exactly, float
 tensors' statistics within a relative 1e-5. The export is deterministic on one machine (two runs, in one process and
-in two, gave the same bytes), but not every byte across CPUs: on an Intel Xeon (AVX512-FP16) the block scales of the
-recording machine (an AMD EPYC) came out different in their last bits (12 of 45 initializers, every code the same),
+in two, gave the same bytes), but not every byte across CPUs: on the fourteenth session's Intel Xeon (AVX512-FP16)
+the block scales came out different from the recorded ones in their last bits (12 of 45 initializers, every code the same),
 so float bytes are compared up to that rounding; a real change to a scale moves these sums far more than 1e-5.
 The integers equal those of the same exports at 252f963 (the commit issue 30 was filed against).
 
