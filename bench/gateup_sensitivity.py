@@ -25,7 +25,7 @@ import torch
 def _kl(teacher_logits: list[torch.Tensor], model, windows: torch.Tensor, batch: int) -> float:
     """Mean KL(teacher || model) per token over `windows` (the recovery's `kd_loss` at temperature 1), the
     teacher's logits computed once and given per batch (`mean_kl` would run the teacher again for every layer)."""
-    from edge_recover.recovery.distill import kd_loss
+    from edge_recover.recovery.kl import kd_loss
 
     total, n = 0.0, 0
     with torch.no_grad():

@@ -79,6 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--latent-update", default="adamw", choices=["adamw", "layer-sgd"])
     ap.add_argument("--train-zero-points", action="store_true", help="qat: the zero points train too (integers in range)")
     ap.add_argument("--lr-zero", type=float, default=1e-2)
+    ap.add_argument("--loss", default="kl", help="the divergence: kl, rkl or cakld (recovery/kl.py)")
     ap.add_argument("--method", default=defaults("recover").method,
                     help="the start's quantizer (default: recover's, sdk/options.py: %(default)s)")
     ap.add_argument("--rank", type=int, default=64)
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
                         gen_batch_size=args.gen_batch_size, checkpoint_every=100_000, log_every=20,
                         chat_share=args.chat_share, latent_start=args.latent_start,
                         latent_update=args.latent_update, train_zero_points=args.train_zero_points,
-                        lr_zero=args.lr_zero)
+                        lr_zero=args.lr_zero, loss=args.loss)
     out_dir = work / f"out-{tag}"
     t0 = time.perf_counter()
     base_ckpt = work / f"base-{tag}"  # the integers the adapter or the qat run started from

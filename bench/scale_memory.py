@@ -106,7 +106,7 @@ def measure() -> dict:
                       "bytes_per_token_per_kv": coef[3],
                       "max_fit_error": max(abs(p - y) / y for p, y in zip(pred, ys)), "points": len(ys)}
         print(mode, json.dumps(fits[mode]), file=sys.stderr)
-    from edge_recover.recovery.distill import kd_loss
+    from edge_recover.recovery.kl import kd_loss
 
     v, n = 4096, 256
     s = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)

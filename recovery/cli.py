@@ -68,6 +68,10 @@ def recover_cmd(
                                                       "clamped every step, so they stay integers in [0, 2^bits)"),
     lr_zero: float = typer.Option(1e-2, help="qat: peak learning rate of trainable zero points (integer units)"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
+    loss: str = typer.Option("kl", help="the divergence: `kl` (forward KL(teacher || student), covers the teacher's "
+                                        "distribution), `rkl` (reverse, mode-seeking) or `cakld` (both, the reverse "
+                                        "weighted by the teacher's confidence in its text, as BitDistiller; "
+                                        "recovery/kl.py)"),
     batch_size: int = typer.Option(16, help="sequences per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
     seed: int = typer.Option(0, help="seed for sampling, LoRA init and data order"),
@@ -97,7 +101,7 @@ def recover_cmd(
                         train_head=train_head, lr_head=lr_head, block_ap_steps=block_ap_steps,
                         block_ap_rows=block_ap_rows, block_ap_lr=block_ap_lr,
                         latent_units=latent_units, latent_start=latent_start, latent_update=latent_update,
-                        train_zero_points=train_zero_points, lr_zero=lr_zero, temperature=temperature, seed=seed, batch_size=batch_size,
+                        train_zero_points=train_zero_points, lr_zero=lr_zero, temperature=temperature, loss=loss, seed=seed, batch_size=batch_size,
                         grad_accum=grad_accum, method=quant.method, calibration=quant.calibration, checkpoint_every=checkpoint_every,
                         gen_batch_size=gen_batch_size, chat_share=chat_share)
     require(gen_batch_size > 0, f"`--gen-batch-size` must be positive, got {gen_batch_size!r}; try 512")

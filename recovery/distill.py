@@ -58,7 +58,7 @@ from edge_recover.shared_head import share_quantized_head
 
 from .data import SampleSettings, SyntheticDataset, load_dataset, split_holdout
 from .distributed import Ranks, check_split, sample_dataset
-from .kl import kd_loss
+from .kl import LOSSES, kd_loss, reverse_weight
 from .modes import TRAIN_HEAD_QUANTIZED, mode_for, names
 from .optim import LATENT_UPDATES, RecoveryAdamW
 from .output import RunOutput
@@ -131,6 +131,7 @@ class RecoverConfig:
     beta2: float | None = None  # AdamW's second-moment decay; None: the mode's (0.95 for qat's noisy STE gradients)
     grad_clip: float = 1.0
     temperature: float = 1.0
+    loss: str = "kl"  # the divergence (recovery/kl.py): kl (forward), rkl (reverse) or cakld (mixed by the teacher's confidence)
     seed: int = 0
     batch_size: int = 16
     grad_accum: int = 1
@@ -172,6 +173,7 @@ class RecoverConfig:
         require(self.epochs > 0, f"`--epochs` must be positive, got {self.epochs!r}")
         require(self.lr > 0, f"`--lr` must be positive, got {self.lr!r}; try 1e-3")
         require(self.temperature > 0, f"`--temperature` must be positive, got {self.temperature!r}; try 1.0")
+        require(self.loss in LOSSES, f"`--loss` must be one of {', '.join(LOSSES)}, got {self.loss!r}; try kl")
         require(self.batch_size > 0 and self.grad_accum > 0,
                 f"`--batch-size` and `--grad-accum` must be positive, got {self.batch_size!r} and {self.grad_accum!r}")
         require(self.init in INITS, f"`--init` must be one of {', '.join(INITS)}, got {self.init!r}")
@@ -330,6 +332,7 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
         bar = tqdm(total=total, initial=step, desc=f"recover ({cfg.mode})", unit="step")
     t_train = time.perf_counter()
     tokens_since, t_log = 0, time.perf_counter()
+    w_since, w_n = 0.0, 0  # reverse-KL weights of the micro-batches since the last log line (`--loss cakld`)
     pending = False  # a checkpoint is due for the current weights
     high = 0  # steps in a row with a loss above `limit`
 
@@ -357,11 +360,13 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
                 with sync:
                     with torch.no_grad(), autocast():
                         t_logits = teacher_model(input_ids=batch).logits
+                    w = reverse_weight(cfg.loss, t_logits, batch, cfg.temperature)
                     with autocast():
                         s_logits = model(input_ids=batch).logits
-                    loss = kd_loss(s_logits, t_logits, cfg.temperature) / cfg.grad_accum
+                    loss = kd_loss(s_logits, t_logits, cfg.temperature, w) / cfg.grad_accum
                     acc.backward(loss)
                 loss_sum += loss.item()
+                w_since, w_n = w_since + w, w_n + 1
                 tokens_since += batch.numel() * ranks.world
                 del t_logits, s_logits, loss
             (loss_sum,) = ranks.reduce([loss_sum])  # the global batch's loss: every rank decides alike
@@ -390,10 +395,12 @@ def _train(student, teacher_model, optimizer, train_ids, cfg: RecoverConfig, ste
                 rec = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "tokens_per_s": tokens_since / max(now - t_log, 1e-9), "seconds": now - t_train}
+                if cfg.loss == "cakld":  # the mean weight of the reverse KL since the last line
+                    rec["reverse_weight"] = w_since / max(w_n, 1)
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                tokens_since, t_log = 0, now
+                tokens_since, t_log, w_since, w_n = 0, now, 0.0, 0
             if step == stop_at:
                 save()
             elif step % cfg.checkpoint_every == 0:

@@ -80,6 +80,20 @@ def test_recover_latent_update_layer_sgd(hf, work):
     one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--chat-share", "2", "--device", "cpu"), "chat_share")
 
 
+def test_recover_loss_cakld(hf, work):
+    """`recover --loss cakld` (docs/recovery.md): forward and reverse KL mixed by the teacher's confidence in its
+    own text; the run trains (held-out KL falls), logs the weight (a probability) and records the setting; an
+    unknown loss is one line."""
+    out = work / "rec-cakld"
+    ok("recover", hf, "-o", out, "--loss", "cakld", "--method", "rtn", "--samples", "16", "--seq-len", "32",
+       "--epochs", "1", "--batch-size", "8", "--device", "cpu")
+    report = json.loads((out / "recovery_report.json").read_text())
+    assert report["config"]["loss"] == "cakld" and report["kl_after"] < report["kl_before"]
+    rows = [json.loads(line) for line in (work / "rec-cakld.work" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(0 < r["reverse_weight"] < 1 for r in rows)
+    one_line_error(cli("recover", hf, "-o", work / "rec-bad", "--loss", "js", "--device", "cpu"), "--loss")
+
+
 def test_eval_batch_size_scores_the_same_windows(hf, q_gptq, text_file, work):
     """`eval --batch-size 1` (perplexity: windows scored together; one a batch holds less memory) gives the
     figures of the default batch of 4 up to float rounding; 0 is one line, exit 2."""

@@ -279,10 +279,10 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint(run, tiny_model, tmp_path, mo
     root, _ = run
     calls, real = [], distill.kd_loss
 
-    def nan_from_the_fourth_step(s, t, temperature=1.0):
+    def nan_from_the_fourth_step(s, t, temperature=1.0, reverse=0.0):
         if torch.is_grad_enabled():  # training steps (the held-out KL runs without gradients)
             calls.append(1)
-        loss = real(s, t, temperature)
+        loss = real(s, t, temperature, reverse)
         return loss * float("nan") if len(calls) >= 4 else loss
 
     monkeypatch.setattr(distill, "kd_loss", nan_from_the_fourth_step)
