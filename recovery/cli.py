@@ -164,8 +164,9 @@ def eval_cmd(
                                                           "alone (no quantizer runs; the fp row of a table)"),
     batch_size: Optional[int] = typer.Option(None, help="--tasks humaneval on torch models: problems answered together, "
                                                         "left-padded (default 1; a GPU: 32; answers can differ from "
-                                                        "one-by-one ones in float rounding); multiple-choice --tasks: "
-                                                        "questions scored together (default 1; a GPU: 16); perplexity: "
+                                                        "one-by-one ones in float rounding); multiple-choice --tasks on "
+                                                        "torch models: questions scored together (default 1; a GPU: "
+                                                        "16); perplexity: "
                                                         "windows scored together (default 4; 1 holds less memory: the "
                                                         "1.5B on 24 GB)"),
 ) -> None:

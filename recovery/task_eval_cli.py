@@ -61,9 +61,11 @@ def eval_tasks_cmd(model: Optional[str], tasks: Optional[str], *, package: Optio
         require(model is None, f"pass either MODEL ({model!r}) or `--package`, not both: a package is scored alone")
         require(adapter is None and quantized is None, "`--adapter` / `--quantized` are for torch models; a package "
                                                        "carries its own integers and adapters")
+        require(batch_size == 1, "`--batch-size` is for torch models; a package scores one question's choices at a "
+                                 "time: leave it out")
         ll = open_backend("package", package, provider, threads=threads)
         rows = [model_row(Path(package).name, f"package {package} through ONNX Runtime ({ll.lm.choice.describe()})",
-                          score_tasks(task_list, ll, label=Path(package).name, questions_per_call=batch_size))]
+                          score_tasks(task_list, ll, label=Path(package).name))]
         data = task_report(task_list, rows, settings={"limit": limit, "backend": "onnxruntime", "provider": provider})
     else:
         require(model is not None, "MODEL is missing; pass the full-precision teacher (HF folder, .gguf or `smollm2`) "

@@ -137,3 +137,5 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_package, tmp_path):
                                                                            "answer": 1}]}))
     code, _, err = _cli("eval", "--package", not_pkg, "--tasks", ok)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "manifest" in err, err
+    code, _, err = _cli("eval", "--package", tiny_package, "--tasks", ok, "--batch-size", "4")  # no batching there
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--batch-size" in err, err
